@@ -1,0 +1,78 @@
+"""Result values of projections and diagnoses: closed status vocabulary, frozen dataclasses.
+
+Like scipy's ``OptimizeResult`` the repr shows ``success``, ``status`` and ``message`` first; unlike it,
+every field is always present.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+
+from torch import Tensor
+
+__all__ = ["Status", "ProjectionResult", "DiagnosisResult"]
+
+
+class Status(enum.IntEnum):
+    """Closed per-row status vocabulary (values stored in ``LongTensor`` fields)."""
+
+    OPTIMAL = 0  #: KKT residual within tolerance
+    RELAXED = 1  #: the row's set was empty; solved on the least-relaxed set (see ``relaxation``)
+    MAX_ITER = 2  #: iteration limit hit; a feasible fallback (cvxpy reference) was used for the row
+    INFEASIBLE = 3  #: the set is empty (diagnosis only)
+    NUMERICAL = 4  #: numerical trouble; result could not be verified
+
+
+def _short(value: object) -> str:
+    if isinstance(value, Tensor):
+        if value.numel() <= 6:
+            return f"tensor({value.tolist()})"
+        return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    return repr(value)
+
+
+class _ReprMixin:
+    def __repr__(self) -> str:
+        body = ",\n  ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in fields(self))  # type: ignore[arg-type]
+        return f"{type(self).__name__}(\n  {body})"
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class ProjectionResult(_ReprMixin):
+    """Per-row outcome of :func:`solvers.project` (all tensors share the batch shape ``[...]`` of ``v``).
+
+    ``kkt_residual`` = max(|Σw−1|, bound violation, max_r |min(μ_r, b_r − a_r·w)|) on the (relaxed) set.
+    """
+
+    success: bool
+    status: Tensor  #: LongTensor[...] of Status values
+    message: str
+    kkt_residual: Tensor  #: [...]
+    active: Tensor  #: BoolTensor[..., m]  rows with positive multiplier
+    active_lower: Tensor  #: BoolTensor[..., K]
+    active_upper: Tensor  #: BoolTensor[..., K]
+    iterations: Tensor  #: LongTensor[...]
+    relaxation: Tensor  #: [...]  uniform relaxation t ≥ 0 of the halfspace (and box) bounds; 0 unless RELAXED
+    multipliers: Tensor  #: [..., m]  row multipliers μ ≥ 0
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class DiagnosisResult(_ReprMixin):
+    """Outcome of :func:`solvers.diagnose`.
+
+    For a batched set the first empty batch element (``index``) is diagnosed; ``feasible`` holds every element.
+    ``conflict`` is an irreducible subset of named constraints that cannot hold together (empty when feasible).
+    ``interior_point`` maximises the Slater margin ``slack`` (``slack > 0``: strictly interior point exists).
+    """
+
+    success: bool
+    status: Status
+    message: str
+    conflict: tuple[str, ...]
+    index: tuple[int, ...] | None
+    feasible: Tensor  #: BoolTensor[batch_shape]
+    interior_point: Tensor | None  #: [K] for the first batch element (or None when empty)
+    slack: float | None  #: Slater margin s* of the first batch element
+    raw_status: int | None  #: HiGHS/linprog status of the last LP solved
+
+
