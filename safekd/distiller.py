@@ -1,0 +1,681 @@
+"""`SafeDistiller`: a torch.optim-style wrapper running one safety-constrained distillation step per batch.
+
+Per step (``step(batch) -> StepRecord``):
+
+1. teacher logits (cached in the batch, or teacher forwards under ``no_grad``) → log p_k = log_softmax(z_k / T_k);
+2. student forward; NaN/inf in teacher or student logits raise :class:`NonFiniteError` before anything changes;
+3. per-scale weights (weighting operators, stop-gradient) composed by normalised product;
+4. projection of each unmasked token's weights onto its feasible set W_t (static caps/floors/groups/order plus
+   per-token ``unsafe_mass`` / ``exclude`` rows); tokens whose W_t is empty are solved on the least-relaxed set
+   and, if their pooled unsafe mass exceeds ε, the target itself is corrected (unsafe mass moved onto safe tokens
+   in proportion);
+5. pooled target q_t = G(p_1..p_K; w_t) and the divergence L_KD = Σ_t D(q_t ‖ p_θ) / #tokens;
+6. Lagrangian ℒ = L_KD + Σ_j λ_j ĝ_j (+ (ρ_j/2)·max(0, ĝ_j)² for the augmented Lagrangian), with ĝ_j the
+   signed residual of constraint j's differentiable proxy (g ≤ 0 convention);
+7. backward, primal step, then the dual step λ_j ← rule(λ_j, g_j) with the TRUE measured residual g_j written to
+   λ_j.grad (every ``spec.dual.every`` steps, from sums and counts accumulated over the window).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import warnings
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import solvers
+from safekd import constraints as C
+from safekd.distributed import assert_states_identical, get_world_size, global_token_mean, is_rank_zero, unwrap
+from safekd.measurement import ConstraintMeter, reduce_sums_counts
+from safekd.signals import Signals
+from safekd.spec import Spec
+from safekd.weighting.compose import SCALES, compose
+
+__all__ = ["SafeDistiller", "StepRecord", "NonFiniteError", "ProjectionCheckError", "MultiplierAlarm"]
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, Any]
+TeacherFn = Callable[[Any], Tensor]
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN/inf in teacher logits, student logits, the loss or the gradients; raised before any state changes."""
+
+
+class ProjectionCheckError(solvers.SolverError):
+    """The batched projection disagrees with the cvxpy reference beyond tolerance."""
+
+
+class MultiplierAlarm(UserWarning):
+    """A multiplier keeps growing while its constraint's violation does not shrink."""
+
+
+@dataclass
+class StepRecord:
+    """What one step did. ``constraints[name]`` = {sense, value, threshold, residual, multiplier, count};
+    ``weights[scale][teacher]`` = mean weight over unmasked tokens for each scale, ``composed`` and ``projected``;
+    ``projection`` = {tokens (unmasked), projected_tokens (outside their set, sent to the solver), active (per
+    constraint name), relaxed_tokens, corrected_tokens, max_kkt_residual};
+    ``alarms`` = [{constraint, message}]."""
+
+    step: int
+    loss: float
+    kd_loss: float
+    penalty: float
+    constraints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    projection: dict[str, Any] = field(default_factory=dict)
+    alarms: list[dict[str, str]] = field(default_factory=list)
+    dual_updated: bool = False
+    reference_check: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (floats, ints, strings, lists, dicts)."""
+        return asdict(self)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """One reduction instead of an elementwise mask (25× cheaper): a sum is NaN/inf iff some entry is, barring an
+    overflow of the sum itself (|Σ| > 3e38 in float32; half precision is summed in float32)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32 if t.element_size() < 4 else None)))
+
+
+def _require_finite(what: str, t: Tensor, detail: Callable[[Tensor], str] | None = None) -> None:
+    if not _all_finite(t):
+        extra = detail(t) if detail is not None else ""
+        raise NonFiniteError(f"{what} contain NaN or inf{extra}; the step was stopped before any parameter changed")
+
+
+def _broadcast_tokens(w: Tensor, token_shape: torch.Size) -> Tensor:
+    """Per-scale weights ``[..., K]`` (e.g. per sequence ``[B, K]``) broadcast to ``[*token_shape, K]``."""
+    while w.dim() - 1 < len(token_shape):
+        w = w.unsqueeze(-2)
+    return w.expand(*token_shape, w.shape[-1])
+
+
+class SafeDistiller:
+    """Safety-constrained multi-teacher distillation as an optimizer wrapper (``step``, ``zero_grad``,
+    ``state_dict``, ``load_state_dict``).
+
+    Args:
+        student: module mapping ``batch["inputs"]`` to logits ``[..., V]``.
+        teachers: ``{name: module or callable}`` returning logits ``[..., V]`` (names = ``spec.teachers``), or
+            None when every batch carries cached ``teacher_logits [..., K, V]`` (teacher order = spec order).
+        optimizer: the student's ``torch.optim`` optimizer (primal step).
+        spec: the :class:`~safekd.spec.Spec` (teachers, constraints, dual rule, checks).
+        weighting: a token-scale operator, or ``{"token": op, "task": op, "context": op}``; None = uniform.
+        pool: ``pool(teacher_logprobs [..., K, V], w [..., K]) -> target_logp [..., V]`` (default linear pool).
+        divergence: ``divergence(target_logp, student_logits, mask, temperature)`` with ``.sum``/``.count``
+            (default forward KL).
+        order: ``"primal_first"`` (default, alternating: primal step with λ_t, then dual step) or
+            ``"dual_first"`` (dual step from this batch's measurement, then the primal step with λ_{t+1}).
+        log: a :class:`~safekd.steplog.StepLog` receiving every record (rank 0 only).
+
+    Batch keys: ``inputs``; optional ``teacher_logits``, ``labels``, ``mask`` (bool), ``task_ids``, ``context``.
+
+    Raises:
+        solvers.InfeasibleError: the static teacher-weight constraints (caps, floors, groups, order) are empty;
+            the message names the conflicting constraints.
+    """
+
+    def __init__(self, student: nn.Module, teachers: Mapping[str, TeacherFn] | None, optimizer: torch.optim.Optimizer,
+                 spec: Spec, *, weighting: nn.Module | Mapping[str, nn.Module] | None = None,
+                 pool: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 divergence: Callable[..., Any] | None = None,
+                 order: Literal["primal_first", "dual_first"] = "primal_first",
+                 log: Any | None = None) -> None:
+        if not isinstance(spec, Spec):
+            raise TypeError(f"spec must be a safekd.Spec (see safekd.load_spec), got {type(spec).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if order not in ("primal_first", "dual_first"):
+            raise ValueError(f"order must be 'primal_first' or 'dual_first', got {order!r}")
+        self.student, self.optimizer, self.spec, self.order, self.log = student, optimizer, spec, order, log
+        self.teacher_names = spec.teacher_names
+        self.teacher_index = spec.teacher_index
+        self.K = len(self.teacher_names)
+        self.teachers = self._check_teachers(teachers)
+        self.weighting = self._check_weighting(weighting)
+        self.pool = pool if pool is not None else _default_pool()
+        self.divergence = divergence if divergence is not None else _default_divergence()
+        self.static_constraints = tuple(c for c in spec.teacher_weight_constraints if not c.per_token)
+        self.token_constraints = tuple(c for c in spec.teacher_weight_constraints if c.per_token)
+        self.unsafe_mass_constraints = tuple(c for c in self.token_constraints if isinstance(c, C.UnsafeMass))
+        self.student_constraints = spec.student_constraints
+        self._static_sets: dict[tuple[torch.dtype, torch.device], solvers.FeasibleSet] = {}
+        self.static_diagnosis = solvers.require_feasible(self._static_set(torch.float64, torch.device("cpu")))
+        names = [c.name for c in self.student_constraints]
+        self.multipliers: dict[str, Tensor] = {n: torch.full((), float(spec.dual.init), dtype=torch.float64)
+                                                for n in names}
+        self.dual_optimizer = self._make_dual_optimizer()
+        self.meter = ConstraintMeter(names, sync=False)
+        self.alarm_history: dict[str, deque[tuple[float, float]]] = {
+            n: deque(maxlen=max(spec.checks.alarm_window, 1)) for n in names}
+        self._alarm_active: set[str] = set()
+        self.step_count = 0
+        self.events = {"relaxed_tokens": 0, "corrected_tokens": 0, "alarms": 0}
+
+    # ---------------------------------------------------------------------------------------------- set-up
+    def _check_teachers(self, teachers: Mapping[str, TeacherFn] | None) -> tuple[TeacherFn, ...] | None:
+        if teachers is None:
+            return None
+        if not isinstance(teachers, Mapping):
+            raise TypeError("teachers must be a dict {name: module or callable} (or None for cached logits)")
+        unknown = [n for n in teachers if n not in self.teacher_index]
+        if unknown:
+            raise ValueError(f"unknown teacher name(s) {unknown}; the spec's teachers are {list(self.teacher_names)}")
+        missing = [n for n in self.teacher_names if n not in teachers]
+        if missing:
+            raise ValueError(f"teachers lacks {missing}; the spec's teachers are {list(self.teacher_names)}")
+        for n, t in teachers.items():
+            if not callable(t):
+                raise TypeError(f"teacher {n!r} must be an nn.Module or callable, got {type(t).__name__}")
+        return tuple(teachers[n] for n in self.teacher_names)
+
+    @staticmethod
+    def _check_weighting(weighting: nn.Module | Mapping[str, nn.Module] | None) -> dict[str, nn.Module]:
+        if weighting is None:
+            return {}
+        ops = dict(weighting) if isinstance(weighting, Mapping) else {"token": weighting}
+        for scale, op in ops.items():
+            if scale not in SCALES:
+                raise ValueError(f"weighting has unknown scale {scale!r}; scales are {list(SCALES)}")
+            if not callable(op):
+                raise TypeError(f"weighting[{scale!r}] must be a weight operator, got {type(op).__name__}")
+            declared = getattr(op, "scale", scale)
+            if declared != scale:
+                raise ValueError(f"weighting[{scale!r}] is a {declared!r}-scale operator ({type(op).__name__})")
+        return ops
+
+    def _static_set(self, dtype: torch.dtype, device: torch.device) -> solvers.FeasibleSet:
+        key = (dtype, device)
+        if key not in self._static_sets:
+            fs = solvers.FeasibleSet.simplex(self.K, dtype=dtype, device=device)
+            safety = self.spec.safety_scores(dtype=dtype, device=device)
+            for c in self.static_constraints:
+                fs = c.apply_static(fs, self.teacher_index, safety)
+            self._static_sets[key] = fs
+        return self._static_sets[key]
+
+    def _make_dual_optimizer(self) -> torch.optim.Optimizer | None:
+        if not self.multipliers:
+            return None
+        from solvers import multipliers as M
+
+        d, params = self.spec.dual, list(self.multipliers.values())
+        if d.rule == "gradient_ascent":
+            return M.GradientAscent(params, lr=d.lr)
+        if d.rule == "nupi":
+            return M.NuPI(params, lr=d.lr, kp=d.kp, ki=d.ki, ema_nu=d.ema_nu)
+        return M.AugmentedLagrangian(params, penalty=d.penalty, growth=d.growth, max_penalty=d.max_penalty)
+
+    # ---------------------------------------------------------------------------------------------- protocol
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the student's and the multipliers' gradients."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        if self.dual_optimizer is not None:
+            self.dual_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, batch: Batch) -> StepRecord:
+        """One primal–dual step on ``batch`` (see the module docstring); returns the :class:`StepRecord`."""
+        if not isinstance(batch, Mapping) or "inputs" not in batch:
+            raise ValueError("batch must be a dict with at least 'inputs' (see SafeDistiller)")
+        teacher_logits = self._teacher_logits(batch)
+        self.zero_grad()
+        student_logits = self.student(batch["inputs"])
+        if not isinstance(student_logits, Tensor):
+            raise TypeError(f"the student must return a logits tensor, got {type(student_logits).__name__}")
+        _require_finite("student logits", student_logits.detach())
+        if student_logits.shape[:-1] != teacher_logits.shape[:-2] or student_logits.shape[-1] != teacher_logits.shape[-1]:
+            raise ValueError(f"student logits {tuple(student_logits.shape)} do not match teacher logits "
+                             f"{tuple(teacher_logits.shape)} (expected [..., V] and [..., K, V])")
+        token_shape = student_logits.shape[:-1]
+        mask = self._mask(batch, token_shape, student_logits.device)
+
+        with torch.no_grad():
+            temps = self.spec.teacher_temperatures()
+            scaled = teacher_logits if all(t == 1.0 for t in temps) else \
+                teacher_logits / teacher_logits.new_tensor(temps).unsqueeze(-1)
+            teacher_logp = F.log_softmax(scaled, dim=-1)
+            per_scale, composed = self._weights(batch, teacher_logits, teacher_logp, student_logits, mask)
+            ctx = C.MeasureContext(student_logits=student_logits, batch=batch, teacher_logprobs=teacher_logp,
+                                   teacher_index=self.teacher_index, unsafe=self.spec.unsafe)
+            weights, proj = self._project(composed, ctx, mask)
+            target = self.pool(teacher_logp, weights)
+            relaxed = proj.pop("_relaxed_mask")
+            target, corrected = self._correct(target, relaxed, batch)
+        proj["corrected_tokens"] = corrected
+        ctx.target_logp = target
+
+        div = self.divergence(target, student_logits, mask=mask, temperature=self.spec.temperature)
+        kd_loss = global_token_mean(div.sum, div.count)
+        penalty, states = self._constraint_terms(ctx, kd_loss)
+        loss = kd_loss + penalty
+        _require_finite("the loss", loss.detach())
+
+        dual_updated = False
+        if self.order == "dual_first":
+            dual_updated = self._dual_step(states)
+            penalty, loss = self._reweigh(states, kd_loss)
+        self._primal_step(loss)
+        if self.order == "primal_first":
+            dual_updated = self._dual_step(states)
+        self.step_count += 1
+        self.events["relaxed_tokens"] += proj["relaxed_tokens"]
+        self.events["corrected_tokens"] += corrected
+
+        record = StepRecord(step=self.step_count, loss=float(loss.detach()), kd_loss=float(kd_loss.detach()),
+                            penalty=float(penalty.detach()) if isinstance(penalty, Tensor) else float(penalty),
+                            constraints=self._constraint_report(states), dual_updated=dual_updated,
+                            weights=self._weight_report(per_scale, composed, weights, mask), projection=proj)
+        record.alarms = self._alarms(states) if dual_updated else self._standing_alarms()
+        every = self.spec.checks.reference_every
+        if every and self.token_constraints + self.static_constraints and self.step_count % every == 0:
+            record.reference_check = self._reference_check(composed, ctx, mask, weights, relaxed)
+        if self.log is not None and is_rank_zero():
+            self.log.write(record)
+        return record
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def _teacher_logits(self, batch: Batch) -> Tensor:
+        cached = batch.get("teacher_logits")
+        if cached is not None:
+            t = torch.as_tensor(cached)
+            if t.dim() < 2 or t.shape[-2] != self.K:
+                raise ValueError(f"batch['teacher_logits'] must be [..., K={self.K}, V] (teachers "
+                                 f"{list(self.teacher_names)}), got {tuple(t.shape)}")
+        elif self.teachers is None:
+            raise ValueError("no teacher logits: pass teachers={name: module} or put 'teacher_logits' in the batch")
+        else:
+            with torch.no_grad():
+                outs = [fn(batch["inputs"]) for fn in self.teachers]
+            shapes = {tuple(o.shape) for o in outs}
+            if len(shapes) != 1:
+                raise ValueError("teachers returned logits of different shapes: " +
+                                 ", ".join(f"{n}: {tuple(o.shape)}" for n, o in zip(self.teacher_names, outs)))
+            t = torch.stack(outs, dim=-2)
+        if not t.is_floating_point():
+            raise TypeError(f"teacher logits must be floating point, got {t.dtype}")
+
+        def which(x: Tensor) -> str:
+            bad = (~torch.isfinite(x)).flatten(0, -3).any(-1).any(0) if x.dim() > 2 else (~torch.isfinite(x)).any(-1)
+            return f" (teachers {[n for n, b in zip(self.teacher_names, bad.tolist()) if b]})"
+        _require_finite("teacher logits", t, which)
+        return t.detach()
+
+    @staticmethod
+    def _mask(batch: Batch, token_shape: torch.Size, device: torch.device) -> Tensor:
+        m = batch.get("mask")
+        if m is None:
+            return torch.ones(token_shape, dtype=torch.bool, device=device)
+        m = torch.as_tensor(m, device=device)
+        if m.dtype != torch.bool or m.shape != token_shape:
+            raise ValueError(f"batch['mask'] must be a bool tensor of shape {tuple(token_shape)}, got "
+                             f"{m.dtype} {tuple(m.shape)}")
+        return m
+
+    def _weights(self, batch: Batch, teacher_logits: Tensor, teacher_logp: Tensor, student_logits: Tensor,
+                 mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        token_shape = mask.shape
+        if not self.weighting:
+            w = teacher_logp.new_full((*token_shape, self.K), 1.0 / self.K)
+            return {}, w
+        signals = Signals(teacher_logits=teacher_logits, teacher_logprobs=teacher_logp, labels=batch.get("labels"),
+                          task_ids=batch.get("task_ids"), context=batch.get("context"),
+                          safety=self.spec.safety_scores(dtype=teacher_logp.dtype, device=teacher_logp.device),
+                          student_logits=student_logits.detach(), mask=mask)
+        per_scale = {s: _broadcast_tokens(op(signals).to(teacher_logp.dtype), token_shape)
+                     for s, op in self.weighting.items()}
+        return per_scale, compose(**per_scale).weights
+
+    def _token_set(self, ctx: C.MeasureContext, sel: Tensor, n: int, dtype: torch.dtype) -> solvers.FeasibleSet:
+        """The feasible sets of the ``n`` selected tokens: static set expanded plus per-token rows."""
+        fs = self._static_set(dtype, ctx.device)
+        if not self.token_constraints:
+            return fs
+        fs = fs.expand((n,))
+        for c in self.token_constraints:
+            a, b = c.token_rows(ctx, sel)
+            fs = fs.halfspace(a.to(dtype), b.to(dtype), name=c.name)
+        return fs
+
+    def _project(self, composed: Tensor, ctx: C.MeasureContext, mask: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        stats: dict[str, Any] = {"tokens": 0, "projected_tokens": 0, "active": {}, "relaxed_tokens": 0,
+                                 "max_kkt_residual": 0.0, "_relaxed_mask": None}
+        if not (self.static_constraints or self.token_constraints):
+            return composed, stats
+        all_tokens = bool(mask.all())
+        v = composed.reshape(-1, self.K) if all_tokens else composed[mask]
+        v = v.to(_projection_dtype(v))
+        n = v.shape[0]
+        stats["tokens"] = n
+        if n == 0:
+            return composed, stats
+        fs = self._token_set(ctx, mask, n, v.dtype)
+        # Π_W(v) = v for v ∈ W: only tokens whose weights leave their set go to the solver (exact, and cheap).
+        todo = (~fs.contains(v, tol=0.0)).nonzero()[:, 0]
+        w = v.clone()
+        relaxed = torch.zeros(n, dtype=torch.bool, device=v.device)
+        stats.update(projected_tokens=int(todo.numel()))
+        if todo.numel():
+            e = fs.expand((n,))
+            lo, hi, A, b, v_in = e.lower[todo], e.upper[todo], e.A[todo], e.b[todo], v[todo]
+            if self.token_constraints:
+                # One always-feasible sentinel row (the static set, which require_feasible checked at construction,
+                # with non-binding per-token rows): solvers.project raises when EVERY row is empty, whereas an
+                # empty token set must be relaxed and its target corrected instead.
+                one = self._static_set(v.dtype, v.device).expand((1,))
+                for c in self.token_constraints:
+                    one = one.halfspace(v.new_zeros(1, self.K), v.new_ones(1), name=c.name)
+                lo, hi = torch.cat([lo, one.lower]), torch.cat([hi, one.upper])
+                A, b = torch.cat([A, one.A]), torch.cat([b, one.b])
+                v_in = torch.cat([v_in, v.new_full((1, self.K), 1.0 / self.K)])
+            sub = solvers.FeasibleSet(lo, hi, A, b, fs.row_names, fs.lower_names, fs.upper_names)
+            w_sub, info = solvers.project(v_in, sub, return_info=True)
+            m = todo.numel()
+            w_sub, status = w_sub[:m].clamp_min(0), info.status[:m]  # round-off can leave −1e-15; log w must exist
+            w[todo] = w_sub / w_sub.sum(-1, keepdim=True)
+            # a relaxed row may carry MAX_ITER when the solver's fallback finished it: read the relaxation itself
+            relaxed[todo] = (status == int(solvers.Status.RELAXED)) | (info.relaxation[:m] > 1e-12)
+            active = {name: int(cnt) for name, cnt in zip(fs.row_names, info.active[:m].sum(0).tolist()) if cnt}
+            for names, act in ((fs.lower_names, info.active_lower[:m]), (fs.upper_names, info.active_upper[:m])):
+                for name, cnt in zip(names, act.sum(0).tolist()):
+                    if name is not None and cnt:
+                        active[name] = active.get(name, 0) + int(cnt)
+            ok = ~relaxed[todo]
+            stats.update(active=active, max_kkt_residual=float(info.kkt_residual[:m][ok].max()) if bool(ok.any())
+                         else 0.0)
+            bad = int((status == int(solvers.Status.NUMERICAL)).sum())
+            if bad:
+                logger.warning("step %d: %d token(s) failed projection verification: %s", self.step_count + 1, bad,
+                               info.message)
+        stats["relaxed_tokens"] = int(relaxed.sum())
+        w = w.to(composed.dtype)
+        if all_tokens:
+            out = w.reshape(composed.shape)
+            stats["_relaxed_mask"] = relaxed.reshape(mask.shape)
+        else:
+            out = composed.index_put((mask,), w)
+            stats["_relaxed_mask"] = torch.zeros_like(mask).index_put((mask,), relaxed)
+        return out, stats
+
+    def _correct(self, target: Tensor, relaxed: Tensor | None, batch: Batch) -> tuple[Tensor, int]:
+        """On relaxed tokens with q(U) > ε: q(v) ← q(v)·ε/q(U) on U and q(v)·(1−ε)/(1−q(U)) off U (uniform over the
+        safe tokens when q(U) = 1)."""
+        if relaxed is None or not self.unsafe_mass_constraints or not bool(relaxed.any()):
+            return target, 0
+        rows = relaxed.nonzero(as_tuple=True)
+        sub = target[rows]  # [R, V]: only tokens whose teacher-weight set was empty
+        done = torch.zeros(sub.shape[0], dtype=torch.bool, device=sub.device)
+        neg_inf = torch.tensor(float("-inf"), dtype=target.dtype, device=target.device)
+        for c in self.unsafe_mass_constraints:
+            u = c.unsafe if c.unsafe is not None else self.spec.unsafe
+            assert u is not None
+            eps = c.threshold
+            in_u = u.mask(target.shape[-1], batch, device=target.device).expand_as(target)[rows]
+            log_unsafe = torch.logsumexp(torch.where(in_u, sub, neg_inf), dim=-1, keepdim=True)
+            log_safe = torch.logsumexp(torch.where(in_u, neg_inf, sub), dim=-1, keepdim=True)
+            need = log_unsafe.squeeze(-1).exp() > eps * (1 + 1e-6)
+            if not bool(need.any()):
+                continue
+            n_safe = (~in_u).sum(-1, keepdim=True).clamp_min(1).to(target.dtype)
+            log_s = torch.where(log_safe > neg_inf, sub + math.log1p(-eps) - log_safe,
+                                math.log1p(-eps) - n_safe.log())
+            fixed = torch.where(in_u, sub + math.log(eps) - log_unsafe if eps > 0 else neg_inf, log_s)
+            sub = torch.where(need.unsqueeze(-1), fixed, sub)
+            done |= need
+        target = target.index_put(rows, sub)
+        corrected = torch.zeros_like(relaxed).index_put(rows, done)
+        count = int(corrected.sum())
+        if count:
+            logger.info("step %d: corrected the pooled target on %d token(s) with empty teacher-weight sets",
+                        self.step_count + 1, count)
+        return target, count
+
+    def _constraint_terms(self, ctx: C.MeasureContext, kd_loss: Tensor) -> tuple[Tensor, list[dict[str, Any]]]:
+        """Measure every student constraint (one all-reduce of [value sums, counts]); return Σ λ ĝ (+ ALM)."""
+        if not self.student_constraints:
+            return kd_loss.new_zeros(()), []
+        ms = [c.measure(ctx) for c in self.student_constraints]
+        dtype = kd_loss.dtype
+        value_sums = torch.stack([m.value_sum.to(dtype) for m in ms])
+        counts = torch.stack([torch.as_tensor(m.count, dtype=dtype, device=kd_loss.device) for m in ms])
+        g_sums, g_counts = reduce_sums_counts(value_sums, counts)
+        values = g_sums / g_counts.clamp_min(1)
+        world = get_world_size()
+        states = []
+        for j, (c, m) in enumerate(zip(self.student_constraints, ms)):
+            proxy = m.proxy_sum.to(dtype) * (world / g_counts[j].clamp_min(1))
+            states.append({"constraint": c, "value": values[j], "count": g_counts[j], "local_sum": value_sums[j],
+                           "local_count": counts[j], "residual": c.residual(values[j]),
+                           "proxy_residual": c.residual(proxy)})
+        return self._penalty(states, kd_loss), states
+
+    def _penalty(self, states: list[dict[str, Any]], like: Tensor) -> Tensor:
+        total = like.new_zeros(())
+        alm = self.spec.dual.rule == "augmented_lagrangian"
+        for j, s in enumerate(states):
+            lam = self.multipliers[s["constraint"].name].detach().to(like.dtype)
+            total = total + lam * s["proxy_residual"]
+            if alm:
+                rho = float(self.dual_optimizer.penalty_coefficient(j))  # type: ignore[union-attr]
+                total = total + 0.5 * rho * s["proxy_residual"].clamp_min(0).square()
+        return total
+
+    def _reweigh(self, states: list[dict[str, Any]], kd_loss: Tensor) -> tuple[Tensor, Tensor]:
+        penalty = self._penalty(states, kd_loss)
+        loss = kd_loss + penalty
+        _require_finite("the loss", loss.detach())
+        return penalty, loss
+
+    def _primal_step(self, loss: Tensor) -> None:
+        """Backward and the student's optimizer step. The hook :mod:`safekd.integrations` overrides where a training
+        framework (HF Trainer, Lightning) owns backward, gradient accumulation and the optimizer step."""
+        loss.backward()
+        self._check_grads()
+        self.optimizer.step()
+
+    def _check_grads(self) -> None:
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not _all_finite(torch.stack([g.sum(dtype=torch.float32 if g.element_size() < 4 else None)
+                                                  .to(torch.float64) for g in grads])):
+            self.optimizer.zero_grad()
+            raise NonFiniteError("student gradients contain NaN or inf; the step was stopped before any parameter "
+                                 "changed")
+
+    def _dual_step(self, states: list[dict[str, Any]]) -> bool:
+        if self.dual_optimizer is None:
+            return False
+        self.meter.update(torch.stack([s["value"] * s["count"] for s in states]),
+                          torch.stack([s["count"] for s in states]))
+        if self.meter.updates < self.spec.dual.every:
+            return False
+        rates, _ = self.meter.compute()
+        self.meter.reset()
+        for s, rate in zip(states, rates):
+            lam = self.multipliers[s["constraint"].name]
+            s["window_residual"] = s["constraint"].residual(rate)
+            lam.grad = torch.as_tensor(s["window_residual"], dtype=lam.dtype).detach().clone()
+        self.dual_optimizer.step()
+        assert_states_identical({**{f"multipliers[{n}]": t for n, t in self.multipliers.items()}, **{
+            f"weighting[{s}].{b}": v for s, op in self.weighting.items() if isinstance(op, nn.Module)
+            for b, v in op.named_buffers()}})  # DDP: every rank must hold the same λ and running statistics
+        self.dual_optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _constraint_report(self, states: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for s in states:
+            c = s["constraint"]
+            out[c.name] = {"sense": c.sense, "threshold": c.threshold, "value": float(s["value"]),
+                           "residual": float(s["residual"]), "multiplier": float(self.multipliers[c.name]),
+                           "count": float(s["count"]), "satisfied": bool(float(s["residual"]) <= c.tolerance)}
+        return out
+
+    def _weight_report(self, per_scale: dict[str, Tensor], composed: Tensor, projected: Tensor,
+                       mask: Tensor) -> dict[str, dict[str, float]]:
+        m = mask.to(composed.dtype).unsqueeze(-1)
+        denom = m.sum().clamp_min(1)
+        items = {**per_scale, "composed": composed, "projected": projected}
+        means = torch.stack([(w * m).flatten(0, -2).sum(0) / denom for w in items.values()]).tolist()
+        return {name: dict(zip(self.teacher_names, row)) for name, row in zip(items, means)}
+
+    # ---------------------------------------------------------------------------------------------- checks
+    def _alarms(self, states: list[dict[str, Any]]) -> list[dict[str, str]]:
+        W = self.spec.checks.alarm_window
+        if not W:
+            return []
+        frac = self.spec.checks.alarm_min_decrease
+        for s in states:
+            name = s["constraint"].name
+            self.alarm_history[name].append((float(self.multipliers[name]),
+                                             max(float(s.get("window_residual", s["residual"])), 0.0)))
+            hist = list(self.alarm_history[name])
+            growing = len(hist) >= W and all(b[0] > a[0] for a, b in zip(hist, hist[1:]))
+            stuck = hist[-1][1] > 0 and hist[-1][1] >= (1 - frac) * hist[0][1]
+            if growing and stuck:
+                if name not in self._alarm_active:
+                    self._alarm_active.add(name)
+                    self.events["alarms"] += 1
+                    msg = self._alarm_message(s["constraint"], hist)
+                    logger.warning(msg)
+                    warnings.warn(msg, MultiplierAlarm, stacklevel=3)
+            else:
+                self._alarm_active.discard(name)
+        return self._standing_alarms()
+
+    def _standing_alarms(self) -> list[dict[str, str]]:
+        out = []
+        for c in self.student_constraints:
+            if c.name in self._alarm_active:
+                out.append({"constraint": c.name, "message": self._alarm_message(c, list(self.alarm_history[c.name]))})
+        return out
+
+    def _alarm_message(self, c: C.StudentConstraint, hist: list[tuple[float, float]]) -> str:
+        return (f"multiplier of {c.name!r} grew for {len(hist)} dual steps ({hist[0][0]:.4g} → {hist[-1][0]:.4g}) "
+                f"while its violation did not shrink ({hist[0][1]:.4g} → {hist[-1][1]:.4g}). Likely cause: the "
+                f"threshold {c.sense} {c.threshold:g} is unattainable for this student (or infeasible together with "
+                "the KD objective and the teacher-weight constraints); consider relaxing the threshold, tightening "
+                "unsafe_mass / safety_order on the teachers, or checking that the proxy moves the measured value.")
+
+    def _reference_check(self, composed: Tensor, ctx: C.MeasureContext, mask: Tensor, weights: Tensor,
+                         relaxed: Tensor | None) -> dict[str, float]:
+        """Re-project up to ``checks.reference_rows`` non-relaxed tokens with the cvxpy reference (float64) and
+        compare with the weights this step used; raise :class:`ProjectionCheckError` beyond tolerance."""
+        rows = self.spec.checks.reference_rows
+        v_all = composed[mask]
+        n = v_all.shape[0]
+        if n == 0 or rows == 0:
+            return {"rows": 0, "max_abs_diff": 0.0}
+        gen = torch.Generator().manual_seed(self.step_count)
+        idx = torch.randperm(n, generator=gen).to(v_all.device)
+        if relaxed is not None:
+            idx = idx[~relaxed[mask][idx]]
+        idx = idx[:rows]
+        if idx.numel() == 0:
+            return {"rows": 0, "max_abs_diff": 0.0}
+        e = self._token_set(ctx, mask, n, torch.float64).expand((n,))
+        sub = solvers.FeasibleSet(e.lower[idx], e.upper[idx], e.A[idx], e.b[idx], e.row_names, e.lower_names,
+                                  e.upper_names)
+        ref, info = solvers.reference.project(v_all[idx].double(), sub, return_info=True)
+        keep = info.status == int(solvers.Status.OPTIMAL)
+        diff = (weights[mask][idx].double() - ref).abs().amax(-1)[keep]
+        tol = self.spec.checks.reference_tol
+        tol = tol if tol is not None else (1e-5 if weights.dtype == torch.float64 else 1e-4)
+        worst = float(diff.max()) if diff.numel() else 0.0
+        if worst > tol:
+            raise ProjectionCheckError(f"step {self.step_count}: the batched projection disagrees with the cvxpy "
+                                       f"reference on {int(keep.sum())} sampled rows: max |Δw| = {worst:.3g} > "
+                                       f"tolerance {tol:g} (checks.reference_tol)")
+        return {"rows": int(keep.sum()), "max_abs_diff": worst}
+
+    # ---------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Student, optimizer, multipliers (by constraint name), dual rule, weighting buffers, meter, alarm history,
+        step counter and the spec (tensors and primitive containers only)."""
+        return {
+            "step": self.step_count,
+            "student": unwrap(self.student).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "multipliers": {n: t.detach().clone() for n, t in self.multipliers.items()},
+            "dual_optimizer": None if self.dual_optimizer is None else self.dual_optimizer.state_dict(),
+            "weighting": {s: op.state_dict() for s, op in self.weighting.items() if isinstance(op, nn.Module)},
+            "meter": self.meter.state_dict(),
+            "alarm_history": {n: [list(x) for x in h] for n, h in self.alarm_history.items()},
+            "alarm_active": sorted(self._alarm_active),
+            "events": dict(self.events),
+            "spec": self.spec.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; multipliers are matched by constraint name and checked ≥ 0."""
+        names = sorted(self.multipliers)
+        if sorted(state["multipliers"]) != names:
+            raise ValueError(f"checkpoint constraints {sorted(state['multipliers'])} != this spec's {names}")
+        if state["spec"]["teachers"] != self.spec.to_dict()["teachers"]:
+            raise ValueError(f"checkpoint teachers {state['spec']['teachers']} != this spec's "
+                             f"{self.spec.to_dict()['teachers']}")
+        for n, t in state["multipliers"].items():
+            if not bool((t >= 0).all()) or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"checkpoint multiplier {n!r} = {t.tolist()} is not finite and >= 0")
+        unwrap(self.student).load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for n, t in state["multipliers"].items():
+                self.multipliers[n].copy_(t)
+        if self.dual_optimizer is not None:
+            self.dual_optimizer.load_state_dict(state["dual_optimizer"])
+        for s, sd in state["weighting"].items():
+            if s not in self.weighting:
+                raise ValueError(f"checkpoint has weighting state for scale {s!r}, which this distiller lacks")
+            self.weighting[s].load_state_dict(sd)
+        self.meter.load_state_dict(state["meter"])
+        for n, h in state["alarm_history"].items():
+            self.alarm_history[n].clear()
+            self.alarm_history[n].extend(tuple(x) for x in h)
+        self._alarm_active = set(state["alarm_active"])
+        self.events = dict(state["events"])
+        self.step_count = int(state["step"])
+
+    def save_checkpoint(self, path: str) -> None:
+        """Atomic checkpoint (see :func:`safekd.checkpoint.save_checkpoint`)."""
+        from safekd.checkpoint import save_checkpoint
+
+        save_checkpoint(path, self)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``), RNG states included."""
+        from safekd.checkpoint import load_checkpoint
+
+        load_checkpoint(path, self)
+
+
+def _projection_dtype(v: Tensor) -> torch.dtype:
+    """Weights are projected in float64 (N×K is tiny next to the vocabulary work) except where the device lacks it."""
+    return v.dtype if v.device.type == "mps" else torch.float64
+
+
+def _default_pool() -> Callable[[Tensor, Tensor], Tensor]:
+    """Linear pool without re-validation (the distiller has checked the teacher logits already)."""
+    from safekd.pooling import linear_pool
+
+    return functools.partial(linear_pool, validate_args=False)
+
+
+def _default_divergence() -> Callable[..., Any]:
+    """Forward KL without re-validation (student logits and target are checked by the distiller)."""
+    from safekd.divergences import forward_kl
+
+    return functools.partial(forward_kl, validate_args=False)

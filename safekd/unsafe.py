@@ -1,0 +1,126 @@
+"""The unsafe set U ⊂ 𝒱 and the unsafe mass p(U) = Σ_{v∈U} p(v) of a distribution.
+
+U may be given as token ids (LM vocabularies), class indices (classifiers; the same thing for the code) or a
+callable ``fn(batch, vocab_size) -> BoolTensor`` broadcastable to ``[..., V]`` (a per-position mask over the
+vocabulary, e.g. when what is unsafe depends on the context).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["UnsafeSet"]
+
+MaskFn = Callable[[Mapping[str, Any] | None, int], Tensor]
+
+
+class UnsafeSet:
+    """U as sorted unique indices, or as a callable mask ``fn(batch, V) -> Bool[..., V]``.
+
+    ``mass(logp)`` gives p(U) = Σ_{v∈U} exp(logp_v) over the last axis (exact log-sum-exp).
+    """
+
+    def __init__(self, ids: Sequence[int] | Tensor | None = None, *, fn: MaskFn | None = None,
+                 name: str | None = None) -> None:
+        if (ids is None) == (fn is None):
+            raise ValueError("UnsafeSet: give exactly one of `ids` (token ids / class indices) or `fn` (mask callable)")
+        self.fn = fn
+        self.name = name or (getattr(fn, "__name__", "unsafe_mask") if fn is not None else None)
+        if ids is not None:
+            t = torch.as_tensor(ids).reshape(-1)
+            if t.numel() == 0:
+                raise ValueError("UnsafeSet: `ids` is empty; an empty unsafe set makes every unsafe constraint vacuous")
+            if t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise ValueError(f"UnsafeSet: `ids` must be integer token ids, got dtype {t.dtype}")
+            if bool((t < 0).any()):
+                raise ValueError(f"UnsafeSet: `ids` must be non-negative, got min {int(t.min())}")
+            self.ids: Tensor | None = torch.unique(t.long())
+        else:
+            if not callable(fn):
+                raise TypeError(f"UnsafeSet: `fn` must be callable, got {type(fn).__name__}")
+            self.ids = None
+
+    @classmethod
+    def coerce(cls, value: "UnsafeSet | Sequence[int] | Tensor | MaskFn") -> "UnsafeSet":
+        """Accept an UnsafeSet, a sequence/tensor of ids, or a mask callable."""
+        if isinstance(value, UnsafeSet):
+            return value
+        if callable(value) and not isinstance(value, Tensor):
+            return cls(fn=value)
+        return cls(ids=value)
+
+    def _check_ids(self, vocab_size: int) -> None:
+        assert self.ids is not None
+        if int(self.ids[-1]) >= vocab_size:
+            raise ValueError(f"UnsafeSet: token id {int(self.ids[-1])} is out of range for vocabulary size {vocab_size}")
+
+    def mask(self, vocab_size: int, batch: Mapping[str, Any] | None = None, *,
+             device: torch.device | None = None) -> Tensor:
+        """Boolean mask over the vocabulary: ``[V]`` for ids, ``[..., V]`` (broadcastable) for a callable."""
+        if self.ids is not None:
+            self._check_ids(vocab_size)
+            m = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            m[self.ids.to(device)] = True
+            return m
+        assert self.fn is not None
+        m = torch.as_tensor(self.fn(batch, vocab_size), device=device)
+        if m.dtype != torch.bool:
+            raise ValueError(f"UnsafeSet {self.name!r}: the mask callable must return a bool tensor, got {m.dtype}")
+        if m.shape[-1] != vocab_size:
+            raise ValueError(f"UnsafeSet {self.name!r}: mask last dim {m.shape[-1]} != vocabulary size {vocab_size}")
+        return m
+
+    def mass(self, logp: Tensor, batch: Mapping[str, Any] | None = None, *, teacher_axis: bool = False) -> Tensor:
+        """p(U) = Σ_{v∈U} exp(logp[..., v]) for log-probabilities ``logp [..., V]`` → ``[...]`` (differentiable).
+
+        ``teacher_axis=True`` when ``logp`` is ``[..., K, V]``: a per-position mask ``[..., V]`` is then broadcast
+        over the teacher axis.
+        """
+        V = logp.shape[-1]
+        if self.ids is not None:
+            self._check_ids(V)
+            return torch.logsumexp(logp.index_select(-1, self.ids.to(logp.device)), dim=-1).exp()
+        m = self.mask(V, batch, device=logp.device)
+        if teacher_axis and m.dim() >= 2:
+            m = m.unsqueeze(-2)
+        return torch.logsumexp(logp.masked_fill(~m, float("-inf")), dim=-1).exp()
+
+    def mass_from_logits(self, logits: Tensor, log_normalizer: Tensor | None = None,
+                         batch: Mapping[str, Any] | None = None) -> Tensor:
+        """p(U) = exp(logsumexp_{v∈U} z_v − logsumexp_v z_v) straight from logits ``[..., V]`` (no full log-softmax);
+        ``log_normalizer`` ``[...]`` may be passed when already computed."""
+        lse = torch.logsumexp(logits, dim=-1) if log_normalizer is None else log_normalizer
+        V = logits.shape[-1]
+        if self.ids is not None:
+            self._check_ids(V)
+            top = torch.logsumexp(logits.index_select(-1, self.ids.to(logits.device)), dim=-1)
+        else:
+            m = self.mask(V, batch, device=logits.device)
+            top = torch.logsumexp(logits.masked_fill(~m, float("-inf")), dim=-1)
+        return (top - lse).exp()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description: ``{"ids": [...]}`` or ``{"fn": name}`` (a callable is referenced by name)."""
+        if self.ids is not None:
+            return {"ids": [int(i) for i in self.ids.tolist()]}
+        return {"fn": self.name}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, UnsafeSet):
+            return NotImplemented
+        if self.ids is not None and other.ids is not None:
+            return torch.equal(self.ids, other.ids)
+        return self.fn is other.fn and self.ids is None and other.ids is None
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.ids.tolist())) if self.ids is not None else hash(self.fn)
+
+    def __repr__(self) -> str:
+        if self.ids is not None:
+            shown = self.ids[:8].tolist()
+            more = "" if self.ids.numel() <= 8 else f", ... ({self.ids.numel()} ids)"
+            return f"UnsafeSet(ids={shown}{more})"
+        return f"UnsafeSet(fn={self.name})"

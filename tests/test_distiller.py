@@ -1,0 +1,202 @@
+"""SafeDistiller: KKT convergence against cvxpy, guards, infeasibility, target correction, alarms, logging."""
+import json
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+
+import solvers
+from safekd import constraints as C
+from safekd.distiller import MultiplierAlarm, NonFiniteError, SafeDistiller
+from safekd.divergences import forward_kl
+from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
+from safekd.steplog import StepLog, read_step_log
+from safekd.unsafe import UnsafeSet
+from safekd.weighting import ConfidenceSoftmax
+
+NO_CHECKS = ChecksSpec(reference_every=0, alarm_window=0)
+
+
+class Student(torch.nn.Module):
+    def __init__(self, V=12, d=8):
+        super().__init__()
+        self.emb = torch.nn.Embedding(V, d)
+        self.out = torch.nn.Linear(d, V)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x)))
+
+
+def _setup(constraints, V=12, K=3, B=2, T=6, seed=0, checks=NO_CHECKS, **kw):
+    g = torch.Generator().manual_seed(seed)
+    spec = Spec(teachers=[TeacherSpec("safe", 0.9), TeacherSpec("mid", 0.5), TeacherSpec("risky", 0.1)][:K],
+                constraints=constraints, unsafe=[0, 1], dual=DualSpec(lr=0.1), checks=checks)
+    torch.manual_seed(seed)
+    student = Student(V)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    batch = {"inputs": torch.randint(0, V, (B, T), generator=g),
+             "teacher_logits": 2 * torch.randn(B, T, K, V, generator=g),
+             "labels": torch.randint(0, V, (B, T), generator=g)}
+    return SafeDistiller(student, None, opt, spec, **kw), student, batch
+
+
+def _snapshot(d):
+    return [p.detach().clone() for p in d.student.parameters()], {n: t.clone() for n, t in d.multipliers.items()}
+
+
+def test_convex_problem_converges_to_cvxpy_kkt_point():
+    """Softmax regression, fixed target, one linear constraint (mean logit margin ≤ b) + ℓ2 (weight decay)."""
+    g = torch.Generator().manual_seed(0)
+    N, F, V, mu, b = 40, 4, 3, 0.1, -0.3
+    X = torch.randn(N, F, generator=g, dtype=torch.float64)
+    q = torch.softmax(1.5 * torch.randn(N, V, generator=g, dtype=torch.float64), -1)
+
+    def margin(logits, batch):
+        return (logits[:, 0] - logits[:, 1]).mean()
+
+    th = cp.Variable((V, F))
+    Z = X.numpy() @ th.T
+    obj = cp.sum(cp.log_sum_exp(Z, axis=1) - cp.sum(cp.multiply(q.numpy(), Z), axis=1)) / N + mu / 2 * cp.sum_squares(th)
+    con = cp.sum(Z[:, 0] - Z[:, 1]) / N <= b
+    cp.Problem(cp.Minimize(obj), [con]).solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    assert con.dual_value > 0.1  # the constraint is active at the optimum
+
+    lin = torch.nn.Linear(F, V, bias=False).double()
+    torch.nn.init.zeros_(lin.weight)
+    spec = Spec(teachers=[TeacherSpec("t")], constraints=[C.metric(margin, "<=", b, name="margin")],
+                dual=DualSpec(rule="gradient_ascent", lr=0.5), checks=NO_CHECKS)
+    d = SafeDistiller(lin, None, torch.optim.SGD(lin.parameters(), lr=1.0, weight_decay=mu), spec)
+    batch = {"inputs": X, "teacher_logits": q.log().unsqueeze(1)}
+    for _ in range(400):
+        rec = d.step(batch)
+    assert np.abs(lin.weight.detach().numpy() - th.value).max() < 1e-3
+    assert abs(float(d.multipliers["margin"]) - con.dual_value) < 1e-3
+    assert abs(rec.constraints["margin"]["value"] - b) < 1e-3
+
+
+def test_step_record_projection_and_feasibility_of_weights():
+    cons = [C.cap("risky", 0.2), C.unsafe_mass(0.3), C.safety_order(), C.unsafe_rate(0.05)]
+    d, _, batch = _setup(cons, weighting=ConfidenceSoftmax(beta=3.0),
+                         checks=ChecksSpec(reference_every=1, alarm_window=0))
+    batch["mask"] = torch.ones(2, 6, dtype=torch.bool)
+    batch["mask"][1, 3:] = False
+    seen = {}
+
+    def capture(target_logp, student_logits, mask=None, temperature=1.0):
+        seen["target"] = target_logp
+        return forward_kl(target_logp, student_logits, mask, temperature)
+
+    d.divergence = capture
+    rec = d.step(batch)
+    assert rec.projection["tokens"] == 9
+    assert rec.reference_check["rows"] > 0 and rec.reference_check["max_abs_diff"] < 1e-4
+    assert rec.weights["projected"]["risky"] <= 0.2 + 1e-6
+    assert set(rec.weights) == {"token", "composed", "projected"}
+    assert rec.constraints["unsafe_rate"]["multiplier"] == pytest.approx(max(0.0, 0.1 * rec.constraints["unsafe_rate"]["residual"]))
+    # every unmasked, non-relaxed token's pooled target respects the per-token unsafe mass bound
+    mass = UnsafeSet([0, 1]).mass(seen["target"])[batch["mask"]]
+    assert float(mass.max()) <= 0.3 + 1e-5
+    json.dumps(rec.to_dict())
+
+
+def test_relaxed_tokens_get_their_target_corrected():
+    """Every teacher puts ≥ 60% mass on U at one token, so Σ w_k p_k(U) ≤ 0.1 is empty there."""
+    d, _, batch = _setup([C.unsafe_mass(0.1)])
+    tl = batch["teacher_logits"]
+    tl[0, 0, :, :2] += 8.0  # token (0, 0): all teachers unsafe
+    tl[..., 1:, :, :2] -= 8.0  # all other tokens: teachers safe
+    seen = {}
+
+    def capture(target_logp, student_logits, mask=None, temperature=1.0):
+        seen["target"] = target_logp
+        return forward_kl(target_logp, student_logits, mask, temperature)
+
+    d.divergence = capture
+    rec = d.step(batch)
+    assert rec.projection["relaxed_tokens"] == 1 and rec.projection["corrected_tokens"] == 1
+    q = seen["target"].exp()
+    assert torch.allclose(q.sum(-1), torch.ones(2, 6), atol=1e-5)
+    assert float(q[0, 0, :2].sum()) == pytest.approx(0.1, abs=1e-5)
+    # The least-relaxed weights put everything on the least unsafe teacher; the safe mass keeps its proportions.
+    lp = torch.log_softmax(tl[0, 0], -1)
+    p = lp[lp.exp()[:, :2].sum(-1).argmin()].exp()
+    torch.testing.assert_close(q[0, 0, 2:] / q[0, 0, 2:].sum(), p[2:] / p[2:].sum(), rtol=1e-4, atol=1e-6)
+    assert d.events["corrected_tokens"] == 1
+
+
+def test_static_infeasible_spec_fails_at_construction_naming_constraints():
+    with pytest.raises(solvers.InfeasibleError) as exc:
+        _setup([C.floor("safe", 0.6), C.floor("risky", 0.6), C.cap("mid", 0.5)])
+    assert "floor(safe)" in str(exc.value) and "floor(risky)" in str(exc.value)
+
+
+@pytest.mark.parametrize("where", ["teacher", "student"])
+def test_nan_guard_stops_before_any_change(where):
+    d, student, batch = _setup([C.unsafe_rate(0.01)])
+    d.step(batch)
+    params, lams = _snapshot(d)
+    if where == "teacher":
+        batch["teacher_logits"][1, 2, 2, 5] = float("nan")
+        match = r"teacher logits contain NaN or inf \(teachers \['risky'\]\)"
+    else:
+        with torch.no_grad():
+            student.out.bias[3] = float("nan")
+        params, lams = _snapshot(d)
+        match = "student logits contain NaN or inf"
+    with pytest.raises(NonFiniteError, match=match):
+        d.step(batch)
+    after, lams_after = _snapshot(d)
+    assert all(torch.equal(a, b) or (torch.isnan(a) == torch.isnan(b)).all() for a, b in zip(params, after))
+    assert lams == lams_after and d.step_count == 1
+
+
+def test_alarm_when_multiplier_grows_and_violation_does_not_shrink():
+    """An unattainable metric (constant, independent of the student) must raise the alarm."""
+    const = C.metric(lambda z, b: z.new_tensor(1.0), "<=", 0.5, name="unattainable")
+    d, _, batch = _setup([const], checks=ChecksSpec(reference_every=0, alarm_window=5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs = [d.step(batch) for _ in range(6)]
+    assert [bool(r.alarms) for r in recs] == [False] * 4 + [True] * 2
+    assert recs[-1].alarms[0]["constraint"] == "unattainable" and "unattainable" in recs[-1].alarms[0]["message"]
+    assert sum(issubclass(w.category, MultiplierAlarm) for w in caught) == 1  # warned once, flagged every step
+
+
+def test_teacher_modules_names_and_jsonl_log(tmp_path):
+    V = 12
+    teachers = {n: torch.nn.Embedding(V, V) for n in ("risky", "safe", "mid")}
+    spec = Spec(teachers=[TeacherSpec("safe", 0.9), TeacherSpec("mid", 0.5), TeacherSpec("risky", 0.1)],
+                constraints=[C.group_cap(["mid", "risky"], 0.5), C.unsafe_rate(0.1), C.kl_to("safe", 5.0)],
+                unsafe=[0], checks=NO_CHECKS)
+    student = Student(V)
+    with pytest.raises(ValueError, match=r"unknown teacher name\(s\) \['bad'\]; the spec's teachers are"):
+        SafeDistiller(student, {"bad": teachers["safe"], **teachers}, torch.optim.SGD(student.parameters(), 0.1), spec)
+    with StepLog(tmp_path / "log.jsonl", summary_every=1) as log:
+        d = SafeDistiller(student, teachers, torch.optim.SGD(student.parameters(), 0.1), spec, log=log)
+        x = torch.randint(0, V, (2, 5))
+        for _ in range(2):
+            rec = d.step({"inputs": x})
+    rows = list(read_step_log(tmp_path / "log.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1] == json.loads(json.dumps(rec.to_dict()))
+    assert rec.weights["projected"]["mid"] + rec.weights["projected"]["risky"] <= 0.5 + 1e-6
+    assert set(rec.constraints) == {"unsafe_rate", "kl_to(safe)"}
+
+
+@pytest.mark.parametrize("rule", ["nupi", "augmented_lagrangian"])
+def test_dual_rules_and_window(rule):
+    spec_kw = dict(rule=rule, lr=0.1, kp=0.5, every=2)
+    d, _, batch = _setup([C.unsafe_rate(0.0)])
+    d2 = SafeDistiller(d.student, None, d.optimizer, Spec(teachers=d.spec.teachers, constraints=d.spec.constraints,
+                                                         unsafe=[0, 1], dual=DualSpec(**spec_kw), checks=NO_CHECKS))
+    r1, r2 = d2.step(batch), d2.step(batch)
+    assert not r1.dual_updated and r2.dual_updated
+    assert r1.constraints["unsafe_rate"]["multiplier"] == 0.0 and r2.constraints["unsafe_rate"]["multiplier"] > 0
+
+
+def test_dual_first_uses_the_updated_multiplier_in_the_primal_step():
+    d, _, batch = _setup([C.unsafe_rate(0.0)], order="dual_first")
+    rec = d.step(batch)
+    lam = rec.constraints["unsafe_rate"]["multiplier"]
+    assert lam > 0 and rec.penalty == pytest.approx(lam * rec.constraints["unsafe_rate"]["residual"], rel=1e-5)
