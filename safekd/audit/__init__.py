@@ -1,0 +1,35 @@
+"""Constraint audits: one-sided confidence bounds per constraint, slices, teacher weights, traces, provenance.
+
+    >>> report = safekd.audit.audit(student, heldout, spec, confidence=0.95)
+    >>> report.passed, write_report(report, "out/")
+"""
+from safekd.audit.bounds import Bound, bootstrap, clopper_pearson, empirical_bernstein
+from safekd.audit.core import audit
+from safekd.audit.render import to_html, to_markdown, write_report
+from safekd.audit.report import (
+    SCHEMA_VERSION,
+    AuditReport,
+    ConstraintResult,
+    SliceResult,
+    TeacherWeightSummary,
+    load_schema,
+    validate_report_dict,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AuditReport",
+    "Bound",
+    "ConstraintResult",
+    "SliceResult",
+    "TeacherWeightSummary",
+    "audit",
+    "bootstrap",
+    "clopper_pearson",
+    "empirical_bernstein",
+    "load_schema",
+    "to_html",
+    "to_markdown",
+    "validate_report_dict",
+    "write_report",
+]

@@ -1,0 +1,192 @@
+"""The audit report: plain dataclasses, a versioned JSON form and its schema.
+
+The JSON form is validated by ``schema_v1.json`` (JSON Schema draft 2020-12). Every float in the JSON is
+finite or ``null`` (NaN and ±inf become ``null``) so that strict JSON parsers accept the file.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SliceResult",
+    "ConstraintResult",
+    "TeacherWeightSummary",
+    "AuditReport",
+    "load_schema",
+    "validate_report_dict",
+    "save_json",
+]
+
+SCHEMA_VERSION = "1.0"
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    """One constraint evaluated on one slice (``key == value``) of the audit data."""
+
+    key: str
+    value: str
+    n: int
+    estimate: float
+    bound: float
+    slack: float
+    passed: bool
+    count: float | None = None
+
+
+@dataclass(frozen=True)
+class ConstraintResult:
+    """One constraint on the audit data.
+
+    ``slack`` is signed in the safe direction: ``threshold − bound`` for ``≤`` and ``bound − threshold`` for ``≥``;
+    the constraint passes iff ``slack ≥ 0``. ``slices`` are sorted worst (smallest slack) first.
+    """
+
+    name: str
+    kind: str
+    measure: str
+    direction: str
+    threshold: float
+    estimate: float
+    bound: float
+    bound_method: str
+    confidence: float
+    slack: float
+    passed: bool
+    n: int
+    count: float | None = None
+    description: str = ""
+    slices: list[SliceResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TeacherWeightSummary:
+    """What the teacher weights looked like on the audit data.
+
+    ``mean_weight[scale][k]`` is teacher ``k``'s mean weight at that scale (``"final"`` = after projection);
+    ``by_slice[key]`` is ``{"values": [...], "mean_weight": [[K] per slice value]}``; ``active_fraction[name]`` is how
+    often each teacher-weight constraint was active; token counts say how many rows the projection relaxed / moved.
+    """
+
+    teachers: list[str]
+    mean_weight: dict[str, list[float]]
+    by_slice: dict[str, dict[str, Any]]
+    active_fraction: dict[str, float]
+    relaxed_tokens: int
+    corrected_tokens: int
+    total_tokens: int
+
+
+@dataclass
+class AuditReport:
+    """The result of :func:`safekd.audit`: every constraint with its bound, slices, weights, traces, provenance."""
+
+    passed: bool
+    message: str
+    confidence: float
+    constraints: list[ConstraintResult]
+    metrics: dict[str, float]
+    provenance: dict[str, Any]
+    teacher_weights: TeacherWeightSummary | None = None
+    traces: dict[str, Any] | None = None
+    schema_version: str = SCHEMA_VERSION
+
+    @property
+    def failed(self) -> list[ConstraintResult]:
+        return [c for c in self.constraints if not c.passed]
+
+    def constraint(self, name: str) -> ConstraintResult:
+        for c in self.constraints:
+            if c.name == name:
+                return c
+        raise KeyError(f"no constraint named {name!r}; have {[c.name for c in self.constraints]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (non-finite floats → ``None``), matching ``schema_v1.json``."""
+        d = {
+            "schema_version": self.schema_version,
+            "passed": self.passed,
+            "message": self.message,
+            "confidence": self.confidence,
+            "constraints": [asdict(c) for c in self.constraints],
+            "metrics": dict(self.metrics),
+            "teacher_weights": asdict(self.teacher_weights) if self.teacher_weights is not None else None,
+            "traces": self.traces,
+            "provenance": self.provenance,
+        }
+        return _finite(d)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AuditReport":
+        """Inverse of :meth:`to_dict` (``None`` floats come back as NaN); validate first if the source is untrusted."""
+        nan = float("nan")
+
+        def f(x: Any) -> float:
+            return nan if x is None else float(x)
+
+        constraints = []
+        for c in d["constraints"]:
+            slices = [SliceResult(**{**s, "estimate": f(s["estimate"]), "bound": f(s["bound"]), "slack": f(s["slack"])})
+                      for s in c["slices"]]
+            fields = {k: v for k, v in c.items() if k != "slices"}
+            for k in ("estimate", "bound", "slack", "threshold"):
+                fields[k] = f(fields[k])
+            constraints.append(ConstraintResult(**fields, slices=slices))
+        tw = d.get("teacher_weights")
+        return cls(
+            passed=d["passed"],
+            message=d["message"],
+            confidence=d["confidence"],
+            constraints=constraints,
+            metrics={k: f(v) for k, v in d["metrics"].items()},
+            provenance=d["provenance"],
+            teacher_weights=TeacherWeightSummary(**tw) if tw is not None else None,
+            traces=d.get("traces"),
+            schema_version=d["schema_version"],
+        )
+
+    def summary_table(self) -> str:
+        """Fixed-width text table, one row per constraint (the CLI prints it)."""
+        head = f"{'constraint':<28} {'estimate':>9} {'bound':>9} {'thresh':>8} {'slack':>9}  result"
+        rows = [head, "-" * len(head)]
+        for c in self.constraints:
+            rows.append(f"{c.name:<28} {c.estimate:>9.4f} {c.bound:>9.4f} {c.direction}{c.threshold:>7.4f} "
+                        f"{c.slack:>+9.4f}  {'PASS' if c.passed else 'FAIL'}")
+        return "\n".join(rows)
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def load_schema() -> dict[str, Any]:
+    """The report's JSON Schema (draft 2020-12), shipped as ``safekd/audit/schema_v1.json``."""
+    return json.loads(resources.files("safekd.audit").joinpath("schema_v1.json").read_text(encoding="utf-8"))
+
+
+def validate_report_dict(d: dict[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``d`` matches the v1 schema."""
+    import jsonschema
+
+    jsonschema.Draft202012Validator(load_schema()).validate(d)
+
+
+def save_json(report: AuditReport, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(report.to_json(), encoding="utf-8")
+    return path

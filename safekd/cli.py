@@ -1,0 +1,236 @@
+"""The ``safekd`` command line: ``demo``, ``train``, ``audit``, ``check-axioms``, ``theory``.
+
+Exit codes: 0 = success (for ``audit``: every constraint passes at the requested confidence), 1 = a check failed
+(a constraint, an axiom, a theory harness), 2 = an error (bad spec, missing file, bad argument); errors are one
+clear line on stderr. This module is the only place in safekd that prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAIL", "EXIT_ERROR"]
+
+EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line on stderr, exit code 2."""
+
+
+def _single_thread() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SAFEKD_THREADS", "1")))
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress and sys.stderr.isatty()
+
+
+# ------------------------------------------------------------------------------------------------------------ demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    _single_thread()
+    from safekd.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=Path(args.out), device=args.device, seed=args.seed, epochs=args.epochs,
+                     confidence=args.confidence, progress=_progress(args))
+    result = run_demo(cfg)
+    print(result.table())
+    return EXIT_OK if result.report.passed else EXIT_FAIL
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+def _cmd_train(args: argparse.Namespace) -> int:
+    _single_thread()
+    from safekd.jobs import load_job, run_training
+
+    job = load_job(args.spec)
+    out = Path(args.out) if args.out else job.out
+    result = run_training(job, out_dir=out, device=args.device, progress=_progress(args))
+    print(result.report.summary_table())
+    print(f"\ncheckpoint: {result.checkpoint}\nstep log:   {result.step_log}\nreport:     {result.paths['html']}")
+    return EXIT_OK if result.report.passed else EXIT_FAIL
+
+
+# ----------------------------------------------------------------------------------------------------------- audit
+def _cmd_audit(args: argparse.Namespace) -> int:
+    _single_thread()
+    from safekd.audit.render import write_report
+    from safekd.jobs import audit_checkpoint, load_job
+
+    job = load_job(args.spec)
+    report = audit_checkpoint(job, checkpoint=args.checkpoint, data=args.data, confidence=args.confidence,
+                              step_log=args.step_log, device=args.device, progress=_progress(args))
+    if args.out:
+        paths = write_report(report, args.out)
+        where = f"\nreport: {paths['html']}"
+    else:
+        where = ""
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.message)
+        print(report.summary_table() + where)
+    return EXIT_OK if report.passed else EXIT_FAIL
+
+
+# ---------------------------------------------------------------------------------------------------- check-axioms
+def _cmd_check_axioms(args: argparse.Namespace) -> int:
+    _single_thread()
+    from safekd.axioms import check, load_object
+
+    obj = load_object(args.object)
+    kwargs: dict[str, int] = {"seed": args.seed}
+    if args.batch is not None:
+        kwargs["batch"] = args.batch
+    if args.teachers is not None:
+        kwargs["num_teachers"] = args.teachers
+    report = check(obj, **kwargs)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
+    return EXIT_OK if report.passed else EXIT_FAIL
+
+
+# ---------------------------------------------------------------------------------------------------------- theory
+def _cmd_theory(args: argparse.Namespace) -> int:
+    _single_thread()
+    from safekd.theory import HARNESSES, run
+
+    if args.list or args.name is None:
+        for name, fn in HARNESSES.items():
+            doc = (fn.__doc__ or "").strip().splitlines()
+            print(f"{name:<26} {doc[0] if doc else ''}")
+        return EXIT_OK
+    if args.name not in HARNESSES:
+        raise CLIError(f"unknown theory harness {args.name!r}; run `safekd theory --list` (have: {', '.join(HARNESSES)})")
+    kwargs: dict[str, object] = {"plot": args.plot is not None}
+    if args.seed is not None:
+        kwargs["seed"] = args.seed
+    result = run(args.name, **kwargs)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
+    if args.plot is not None:
+        print(f"plot: {result.save_plot(args.plot)}")
+    return EXIT_OK if result.passed else EXIT_FAIL
+
+
+# ---------------------------------------------------------------------------------------------------------- parser
+def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    if device:
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="disable progress bars (off anyway when not a TTY)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+
+
+def _confidence(x: str) -> float:
+    v = float(x)
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"confidence must be in (0, 1), got {x}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safekd", description="Safety-constrained multi-teacher knowledge distillation.",
+        epilog="exit codes: 0 ok / all constraints pass, 1 a check failed, 2 error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="digits demo: real teachers, a biased one, a constrained student, an audit",
+                       description="Train teachers on scikit-learn's digits (one biased towards a forbidden class), "
+                                   "distil a constrained student and an unconstrained one, audit on held-out data "
+                                   "and write the report (JSON/HTML/Markdown).")
+    p.add_argument("--out", default="safekd-demo", help="report directory (default: ./safekd-demo)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--epochs", type=int, default=None, help="distillation epochs (default: the demo's)")
+    p.add_argument("--confidence", type=_confidence, default=0.95, help="audit confidence (default: 0.95)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train", help="run a training job described by a spec file",
+                       description="Run the job in SPEC (YAML/TOML): its `job:` section names the data, teachers, "
+                                   "student and training settings; the rest is the constraint spec. Writes a "
+                                   "checkpoint, a JSONL step log and an audit report.")
+    p.add_argument("--spec", required=True, help="job spec file (.yaml/.yml/.toml)")
+    p.add_argument("--out", default=None, help="output directory (default: the job's `out`)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("audit", help="audit a checkpoint against a spec's constraints",
+                       description="Evaluate every constraint of SPEC on DATA with one-sided confidence bounds. "
+                                   "Exit 0 if every constraint passes at --confidence, 1 if some fail, 2 on error.")
+    p.add_argument("--spec", required=True, help="job spec file (.yaml/.yml/.toml)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint written by `safekd train` / save_checkpoint")
+    p.add_argument("--data", default=None,
+                   help="audit data: a .pt file (dict of tensors), or a split name of the job's data "
+                        "(default: the job's held-out split)")
+    p.add_argument("--confidence", type=_confidence, default=0.95, help="confidence level (default: 0.95)")
+    p.add_argument("--step-log", default=None, help="JSONL step log to include training traces")
+    p.add_argument("--out", default=None, help="write report.json/.html/.md here")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    _add_common(p)
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("check-axioms", help="check a weighting operator or a pool against the axioms",
+                       description="Load OBJECT ('module:object'; a class is instantiated with no arguments) and check "
+                                   "it numerically: a WeightOperator against W1-W6 and composition, any other "
+                                   "callable as a pool against A1-A5. Exit 0 if every declared axiom holds, 1 if not.")
+    p.add_argument("object", help="'module:object' naming a weight operator or a pool, "
+                                  "e.g. safekd.weighting:ConfidenceSoftmax or safekd.pooling:linear_pool")
+    p.add_argument("--teachers", type=int, default=None, help="number of teachers K (default: the object's or 4)")
+    p.add_argument("--batch", type=int, default=None, help="random signal draws per check (default: 56)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_common(p, device=False)
+    p.set_defaults(func=_cmd_check_axioms)
+
+    p = sub.add_parser("theory", help="run a theorem harness (`--list` to see them)",
+                       description="Run one theorem harness on its toy problem and report measured vs bound.")
+    p.add_argument("name", nargs="?", help="harness name")
+    p.add_argument("--list", action="store_true", help="list the harnesses")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--plot", default=None, help="save the harness plot to this path")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_common(p, device=False)
+    p.set_defaults(func=_cmd_theory)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``safekd`` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("safekd: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:  # output piped into e.g. `head`: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - every error becomes one line on stderr and exit 2
+        if args.verbose >= 2:
+            raise
+        print(f"safekd {args.command}: error: {_describe(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"file not found: {exc.filename}"
+    msg = str(exc) or type(exc).__name__
+    return msg if isinstance(exc, (CLIError, ValueError, FileNotFoundError)) else f"{type(exc).__name__}: {msg}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
