@@ -49,11 +49,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------- train
 def _cmd_train(args: argparse.Namespace) -> int:
     _single_thread()
+    from safekd.distributed import destroy, init_from_env
     from safekd.jobs import load_job, run_training
 
     job = load_job(args.spec)
     out = Path(args.out) if args.out else job.out
-    result = run_training(job, out_dir=out, device=args.device, progress=_progress(args))
+    init_from_env("nccl" if args.device.startswith("cuda") else "gloo")  # torchrun: join the group (else nothing)
+    try:
+        result = run_training(job, out_dir=out, device=args.device, progress=_progress(args))
+    finally:
+        destroy()
+    if result.report is None:  # ranks other than 0: rank 0 audits, writes and prints
+        return EXIT_OK
     print(result.report.summary_table())
     print(f"\ncheckpoint: {result.checkpoint}\nstep log:   {result.step_log}\nreport:     {result.paths['html']}")
     return EXIT_OK if result.report.passed else EXIT_FAIL

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from safekd.audit.core import audit
 from safekd.audit.render import write_report
 from safekd.audit.report import AuditReport
+from safekd.distributed import barrier, is_rank_zero, run_on_rank_zero, shard_slice, unwrap, wrap_ddp
 from safekd.spec import Spec, SpecError
 
 __all__ = ["Job", "JobResult", "load_job", "parse_job", "build_weighting", "prepare_data", "train_student",
@@ -281,13 +282,14 @@ def train_student(job: Job, train: Mapping[str, Tensor], *, device: str | torch.
     n = data["inputs"].shape[0]
     gen = torch.Generator().manual_seed(job.seed)
     log = StepLog(step_log, summary_every=0) if step_log is not None else None
-    distiller = _make_distiller(job, student, log)
+    distiller = _make_distiller(job, wrap_ddp(student), log)  # DDP under torchrun; the student itself otherwise
     steps = job.epochs * math.ceil(n / job.batch_size)
     try:
         with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
             for _ in range(job.epochs):
                 perm = torch.randperm(n, generator=gen).to(dev)
                 for idx in perm.split(job.batch_size):
+                    idx = idx[shard_slice(len(idx))]  # this rank's share of the global batch (all of it on one process)
                     distiller.step({k: v[idx] for k, v in data.items()})
                     bar.update(1)
     finally:
@@ -299,7 +301,7 @@ def train_student(job: Job, train: Mapping[str, Tensor], *, device: str | torch.
 
 @dataclass
 class JobResult:
-    report: AuditReport
+    report: AuditReport | None  # None on ranks other than 0 under torchrun (rank 0 audits)
     checkpoint: Path
     step_log: Path
     paths: dict[str, Path]
@@ -314,14 +316,19 @@ def run_training(job: Job, out_dir: str | Path | None = None, *, device: str | t
     out.mkdir(parents=True, exist_ok=True)
     splits = splits if splits is not None else prepare_data(job, device)
     step_log = out / "steps.jsonl"
-    if step_log.exists():
+    if is_rank_zero() and step_log.exists():
         step_log.unlink()
+    barrier()
     distiller = train_student(job, splits[job.train_split], device=device, step_log=step_log, progress=progress)
     ckpt = out / "checkpoint.pt"
-    distiller.save_checkpoint(str(ckpt))
-    report = audit(distiller.student, splits[job.audit_split], job.spec, confidence=job.confidence,
-                   step_log=str(step_log), distiller=distiller, seed=job.seed, metrics=metrics, progress=progress)
-    paths = write_report(report, out)
+    distiller.save_checkpoint(str(ckpt))  # rank 0 writes
+
+    def audit_and_write() -> tuple[AuditReport, dict[str, Path]]:
+        report = audit(unwrap(distiller.student), splits[job.audit_split], job.spec, confidence=job.confidence,
+                       step_log=str(step_log), distiller=distiller, seed=job.seed, metrics=metrics, progress=progress)
+        return report, write_report(report, out)
+
+    report, paths = run_on_rank_zero(audit_and_write, what="the audit") or (None, {})  # None on ranks other than 0
     return JobResult(report=report, checkpoint=ckpt, step_log=step_log, paths=paths, distiller=distiller)
 
 
