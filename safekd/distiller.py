@@ -14,9 +14,15 @@ Per step (``step(batch) -> StepRecord``):
    signed residual of constraint j's differentiable proxy (g ≤ 0 convention);
 7. backward, primal step, then the dual step λ_j ← rule(λ_j, g_j) with the TRUE measured residual g_j written to
    λ_j.grad (every ``spec.dual.every`` steps, from sums and counts accumulated over the window).
+
+Public surface: ``targets(batch, student_logits=None) -> Targets`` (steps 1, 3–5 without training: the audit's
+view), ``loss(batch) -> (lagrangian, PendingStep)`` (steps 1–6) and ``finish_step(pending) -> StepRecord``
+(step 7's dual half, record, log): ``step`` = loss → backward → optimizer step → finish_step, and training
+frameworks that own backward and the optimizer call ``loss`` and ``finish_step`` themselves.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -32,13 +38,14 @@ from torch import Tensor, nn
 
 import solvers
 from safekd import constraints as C
-from safekd.distributed import assert_states_identical, get_world_size, global_token_mean, is_rank_zero, unwrap
+from safekd.distributed import assert_states_identical, get_world_size, is_rank_zero, unwrap
 from safekd.measurement import ConstraintMeter, reduce_sums_counts
 from safekd.signals import Signals
 from safekd.spec import Spec
 from safekd.weighting.compose import SCALES, compose
 
-__all__ = ["SafeDistiller", "StepRecord", "NonFiniteError", "ProjectionCheckError", "MultiplierAlarm"]
+__all__ = ["SafeDistiller", "StepRecord", "Targets", "PendingStep", "NonFiniteError", "ProjectionCheckError",
+           "MultiplierAlarm"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,45 @@ class StepRecord:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (floats, ints, strings, lists, dicts)."""
         return asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class Targets:
+    """What :meth:`SafeDistiller.targets` computed for one batch (tokens ``[...]``, K teachers, V classes).
+
+    ``per_scale[scale]``, ``composed`` (normalised product w̄) and ``weights`` (projected, w = Π_W(w̄)) are
+    ``[..., K]``; ``feasible_set`` holds the unmasked tokens' sets W_t ``[N, K]`` in the projection dtype (None
+    without teacher-weight constraints or unmasked tokens; unbatched when every token shares the static set);
+    ``relaxed``/``corrected`` are ``[...]`` bool (empty W_t solved on the least-relaxed set / target corrected);
+    ``target_logp`` is the pooled, corrected target log q ``[..., V]``; ``projection`` the stats of
+    :attr:`StepRecord.projection`; ``context`` the constraint :class:`~safekd.constraints.MeasureContext`.
+    """
+
+    teacher_logits: Tensor
+    teacher_logp: Tensor
+    mask: Tensor
+    per_scale: dict[str, Tensor]
+    composed: Tensor
+    weights: Tensor
+    feasible_set: solvers.FeasibleSet | None
+    relaxed: Tensor
+    corrected: Tensor
+    target_logp: Tensor
+    projection: dict[str, Any]
+    context: C.MeasureContext
+
+
+@dataclass(eq=False)
+class PendingStep:
+    """A step between :meth:`SafeDistiller.loss` and :meth:`SafeDistiller.finish_step`: its targets, the global
+    KD mean and penalty (detached, for the record), the constraint states and whether the dual step ran."""
+
+    targets: Targets
+    kd_loss: Tensor
+    penalty: Tensor
+    states: list[dict[str, Any]]
+    dual_updated: bool = False
+    finished: bool = False
 
 
 def _all_finite(t: Tensor) -> bool:
@@ -228,68 +274,101 @@ class SafeDistiller:
         if self.dual_optimizer is not None:
             self.dual_optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, batch: Batch) -> StepRecord:
-        """One primal–dual step on ``batch`` (see the module docstring); returns the :class:`StepRecord`."""
-        if not isinstance(batch, Mapping) or "inputs" not in batch:
-            raise ValueError("batch must be a dict with at least 'inputs' (see SafeDistiller)")
+    def targets(self, batch: Batch, student_logits: Tensor | None = None) -> Targets:
+        """The distillation targets of ``batch`` without a training step: teacher logits → log p_k =
+        log_softmax(z_k / T_k) → per-scale weights → composition w̄_t → projection w_t = Π_{W_t}(w̄_t) → pooled
+        target q_t = G(p_1..p_K; w_t) → correction of relaxed tokens (q_t(U) ≤ ε). The pipeline runs under
+        ``no_grad``; ``student_logits`` (kept, with their graph, in :attr:`Targets.context`) default to a ``no_grad``
+        student forward. :meth:`loss` and :func:`safekd.audit.audit` both use it.
+
+        Raises:
+            NonFiniteError: NaN/inf in the teacher or student logits.
+            ValueError: a malformed batch, or student logits ``[..., V]`` that do not match the teacher logits
+                ``[..., K, V]``.
+        """
         teacher_logits = self._teacher_logits(batch)
-        self.zero_grad()
+        if student_logits is None:
+            with torch.no_grad():
+                student_logits = self.student(batch["inputs"])
+        return self._targets(batch, teacher_logits, student_logits)
+
+    def loss(self, batch: Batch) -> tuple[Tensor, PendingStep]:
+        """First half of a step: student forward, :meth:`targets`, the KD loss L_KD = Σ_t D(q_t ‖ p_θ) / N
+        (N = global token count) and the Lagrangian ℒ = L_KD + Σ_j λ_j ĝ_j (+ Σ_j (ρ_j/2)·max(0, ĝ_j)² for the
+        augmented Lagrangian), with ONE all-reduce of the stacked sums and counts of the KD loss and of every
+        constraint.
+
+        Returns ``(lagrangian, pending)``: back-propagate ``lagrangian`` (under DDP this rank's share
+        S_r·W/N, whose DDP-averaged gradient is the global one), step the student's optimizer, then call
+        :meth:`finish_step` with ``pending``. Student gradients are neither zeroed nor touched. With
+        ``order="dual_first"`` the dual step happens here and ℒ uses λ_{t+1}; otherwise no state changes.
+
+        Raises:
+            NonFiniteError: NaN/inf in the teacher or student logits or in the loss.
+        """
+        teacher_logits = self._teacher_logits(batch)
         student_logits = self.student(batch["inputs"])
-        if not isinstance(student_logits, Tensor):
-            raise TypeError(f"the student must return a logits tensor, got {type(student_logits).__name__}")
-        _require_finite("student logits", student_logits.detach())
-        if student_logits.shape[:-1] != teacher_logits.shape[:-2] or student_logits.shape[-1] != teacher_logits.shape[-1]:
-            raise ValueError(f"student logits {tuple(student_logits.shape)} do not match teacher logits "
-                             f"{tuple(teacher_logits.shape)} (expected [..., V] and [..., K, V])")
-        token_shape = student_logits.shape[:-1]
-        mask = self._mask(batch, token_shape, student_logits.device)
-
-        with torch.no_grad():
-            temps = self.spec.teacher_temperatures()
-            scaled = teacher_logits if all(t == 1.0 for t in temps) else \
-                teacher_logits / teacher_logits.new_tensor(temps).unsqueeze(-1)
-            teacher_logp = F.log_softmax(scaled, dim=-1)
-            per_scale, composed = self._weights(batch, teacher_logits, teacher_logp, student_logits, mask)
-            ctx = C.MeasureContext(student_logits=student_logits, batch=batch, teacher_logprobs=teacher_logp,
-                                   teacher_index=self.teacher_index, unsafe=self.spec.unsafe)
-            weights, proj = self._project(composed, ctx, mask)
-            target = self.pool(teacher_logp, weights)
-            relaxed = proj.pop("_relaxed_mask")
-            target, corrected = self._correct(target, relaxed, batch)
-        proj["corrected_tokens"] = corrected
-        ctx.target_logp = target
-
-        div = self.divergence(target, student_logits, mask=mask, temperature=self.spec.temperature)
-        kd_loss = global_token_mean(div.sum, div.count)
-        penalty, states = self._constraint_terms(ctx, kd_loss)
-        loss = kd_loss + penalty
+        t = self._targets(batch, teacher_logits, student_logits)
+        div = self.divergence(t.target_logp, student_logits, mask=t.mask, temperature=self.spec.temperature)
+        kd_loss, kd_mean, states = self._reduce_terms(t.context, div.sum, div.count)
+        loss = kd_loss + self._penalty([s["proxy_residual"] for s in states], kd_loss)
         _require_finite("the loss", loss.detach())
-
         dual_updated = False
         if self.order == "dual_first":
             dual_updated = self._dual_step(states)
-            penalty, loss = self._reweigh(states, kd_loss)
-        self._primal_step(loss)
-        if self.order == "primal_first":
-            dual_updated = self._dual_step(states)
-        self.step_count += 1
-        self.events["relaxed_tokens"] += proj["relaxed_tokens"]
-        self.events["corrected_tokens"] += corrected
+            loss = kd_loss + self._penalty([s["proxy_residual"] for s in states], kd_loss)
+            _require_finite("the loss", loss.detach())
+        penalty = self._penalty([s["global_proxy_residual"] for s in states], kd_mean)
+        return loss, PendingStep(targets=t, kd_loss=kd_mean, penalty=penalty, states=states,
+                                 dual_updated=dual_updated)
 
-        record = StepRecord(step=self.step_count, loss=float(loss.detach()), kd_loss=float(kd_loss.detach()),
-                            penalty=float(penalty.detach()) if isinstance(penalty, Tensor) else float(penalty),
+    def finish_step(self, pending: PendingStep) -> StepRecord:
+        """Second half of a step, once the student's optimizer has stepped: the dual step λ_j ← rule(λ_j, g_j)
+        with the TRUE measured residual g_j (``primal_first``; every ``spec.dual.every`` calls), counters,
+        alarms, the reference check and the step log. Returns the :class:`StepRecord`; a pending step finishes
+        once."""
+        return self._finish(pending)
+
+    def step(self, batch: Batch) -> StepRecord:
+        """One primal–dual step on ``batch``: :meth:`loss`, backward, the student's optimizer step (refused on
+        NaN/inf gradients), :meth:`finish_step`. Returns the :class:`StepRecord`."""
+        loss, pending = self.loss(batch)
+        self.zero_grad()
+        loss.backward()
+        self._check_grads()
+        self.optimizer.step()
+        return self._finish(pending)
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def _finish(self, pending: PendingStep) -> StepRecord:
+        """:meth:`finish_step`, called directly by :meth:`finish_step` and :meth:`step` (so that a
+        :class:`MultiplierAlarm` warning points at their caller)."""
+        if not isinstance(pending, PendingStep):
+            raise TypeError(f"pending must be the PendingStep returned by loss(batch), got {type(pending).__name__}")
+        if pending.finished:
+            raise RuntimeError("this PendingStep was finished already; each loss(batch) is finished once")
+        pending.finished = True
+        t, states = pending.targets, pending.states
+        dual_updated = self._dual_step(states) if self.order == "primal_first" else pending.dual_updated
+        self.step_count += 1
+        self.events["relaxed_tokens"] += t.projection["relaxed_tokens"]
+        self.events["corrected_tokens"] += t.projection["corrected_tokens"]
+        record = StepRecord(step=self.step_count, loss=float(pending.kd_loss + pending.penalty),
+                            kd_loss=float(pending.kd_loss), penalty=float(pending.penalty),
                             constraints=self._constraint_report(states), dual_updated=dual_updated,
-                            weights=self._weight_report(per_scale, composed, weights, mask), projection=proj)
+                            weights=self._weight_report(t.per_scale, t.composed, t.weights, t.mask),
+                            projection=dict(t.projection))
         record.alarms = self._alarms(states) if dual_updated else self._standing_alarms()
         every = self.spec.checks.reference_every
         if every and self.token_constraints + self.static_constraints and self.step_count % every == 0:
-            record.reference_check = self._reference_check(composed, ctx, mask, weights, relaxed)
+            record.reference_check = self._reference_check(t)
         if self.log is not None and is_rank_zero():
             self.log.write(record)
         return record
 
-    # ---------------------------------------------------------------------------------------------- pieces
     def _teacher_logits(self, batch: Batch) -> Tensor:
+        if not isinstance(batch, Mapping) or "inputs" not in batch:
+            raise ValueError("batch must be a dict with at least 'inputs' (see SafeDistiller)")
         cached = batch.get("teacher_logits")
         if cached is not None:
             t = torch.as_tensor(cached)
@@ -326,6 +405,30 @@ class SafeDistiller:
                              f"{m.dtype} {tuple(m.shape)}")
         return m
 
+    def _targets(self, batch: Batch, teacher_logits: Tensor, student_logits: Tensor) -> Targets:
+        """:meth:`targets` from teacher logits already read (so :meth:`loss` runs teachers before the student)."""
+        if not isinstance(student_logits, Tensor):
+            raise TypeError(f"the student must return a logits tensor, got {type(student_logits).__name__}")
+        _require_finite("student logits", student_logits.detach())
+        if student_logits.shape[:-1] != teacher_logits.shape[:-2] or student_logits.shape[-1] != teacher_logits.shape[-1]:
+            raise ValueError(f"student logits {tuple(student_logits.shape)} do not match teacher logits "
+                             f"{tuple(teacher_logits.shape)} (expected [..., V] and [..., K, V])")
+        mask = self._mask(batch, student_logits.shape[:-1], student_logits.device)
+        with torch.no_grad():
+            temps = self.spec.teacher_temperatures()
+            scaled = teacher_logits if all(t == 1.0 for t in temps) else \
+                teacher_logits / teacher_logits.new_tensor(temps).unsqueeze(-1)
+            teacher_logp = F.log_softmax(scaled, dim=-1)
+            per_scale, composed = self._weights(batch, teacher_logits, teacher_logp, student_logits, mask)
+            ctx = C.MeasureContext(student_logits=student_logits, batch=batch, teacher_logprobs=teacher_logp,
+                                   teacher_index=self.teacher_index, unsafe=self.spec.unsafe)
+            weights, fset, relaxed, stats = self._project(composed, ctx, mask)
+            target, corrected, stats["corrected_tokens"] = self._correct(self.pool(teacher_logp, weights), relaxed,
+                                                                         batch)
+        ctx.target_logp = target
+        return Targets(teacher_logits=teacher_logits, teacher_logp=teacher_logp, mask=mask, per_scale=per_scale,
+                       composed=composed, weights=weights, feasible_set=fset, relaxed=relaxed, corrected=corrected,
+                       target_logp=target, projection=stats, context=ctx)
     def _weights(self, batch: Batch, teacher_logits: Tensor, teacher_logp: Tensor, student_logits: Tensor,
                  mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         token_shape = mask.shape
@@ -351,18 +454,22 @@ class SafeDistiller:
             fs = fs.halfspace(a.to(dtype), b.to(dtype), name=c.name)
         return fs
 
-    def _project(self, composed: Tensor, ctx: C.MeasureContext, mask: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def _project(self, composed: Tensor, ctx: C.MeasureContext, mask: Tensor
+                 ) -> tuple[Tensor, solvers.FeasibleSet | None, Tensor, dict[str, Any]]:
+        """w_t = Π_{W_t}(w̄_t) on the unmasked tokens; returns (weights [..., K], the unmasked tokens' sets
+        [N, K] (None without teacher-weight constraints or tokens), relaxed mask [...], projection stats)."""
         stats: dict[str, Any] = {"tokens": 0, "projected_tokens": 0, "active": {}, "relaxed_tokens": 0,
-                                 "max_kkt_residual": 0.0, "_relaxed_mask": None}
+                                 "max_kkt_residual": 0.0}
+        none_relaxed = torch.zeros_like(mask)
         if not (self.static_constraints or self.token_constraints):
-            return composed, stats
+            return composed, None, none_relaxed, stats
         all_tokens = bool(mask.all())
         v = composed.reshape(-1, self.K) if all_tokens else composed[mask]
         v = v.to(_projection_dtype(v))
         n = v.shape[0]
         stats["tokens"] = n
         if n == 0:
-            return composed, stats
+            return composed, None, none_relaxed, stats
         fs = self._token_set(ctx, mask, n, v.dtype)
         # Π_W(v) = v for v ∈ W: only tokens whose weights leave their set go to the solver (exact, and cheap).
         todo = (~fs.contains(v, tol=0.0)).nonzero()[:, 0]
@@ -371,51 +478,39 @@ class SafeDistiller:
         stats.update(projected_tokens=int(todo.numel()))
         if todo.numel():
             e = fs.expand((n,))
-            lo, hi, A, b, v_in = e.lower[todo], e.upper[todo], e.A[todo], e.b[todo], v[todo]
+            sub = solvers.FeasibleSet(e.lower[todo], e.upper[todo], e.A[todo], e.b[todo], fs.row_names,
+                                      fs.lower_names, fs.upper_names)
             if self.token_constraints:
-                # One always-feasible sentinel row (the static set, which require_feasible checked at construction,
-                # with non-binding per-token rows): solvers.project raises when EVERY row is empty, whereas an
-                # empty token set must be relaxed and its target corrected instead.
-                one = self._static_set(v.dtype, v.device).expand((1,))
-                for c in self.token_constraints:
-                    one = one.halfspace(v.new_zeros(1, self.K), v.new_ones(1), name=c.name)
-                lo, hi = torch.cat([lo, one.lower]), torch.cat([hi, one.upper])
-                A, b = torch.cat([A, one.A]), torch.cat([b, one.b])
-                v_in = torch.cat([v_in, v.new_full((1, self.K), 1.0 / self.K)])
-            sub = solvers.FeasibleSet(lo, hi, A, b, fs.row_names, fs.lower_names, fs.upper_names)
-            w_sub, info = solvers.project(v_in, sub, return_info=True)
-            m = todo.numel()
-            w_sub, status = w_sub[:m].clamp_min(0), info.status[:m]  # round-off can leave −1e-15; log w must exist
+                w_sub, info = _project_keeping_empty_sets(v[todo], sub, self._static_set(v.dtype, v.device))
+            else:  # the static set alone was checked non-empty at construction
+                w_sub, info = solvers.project(v[todo], sub, return_info=True)
+            w_sub = w_sub.clamp_min(0)  # round-off can leave −1e-15; log w must exist
             w[todo] = w_sub / w_sub.sum(-1, keepdim=True)
             # a relaxed row may carry MAX_ITER when the solver's fallback finished it: read the relaxation itself
-            relaxed[todo] = (status == int(solvers.Status.RELAXED)) | (info.relaxation[:m] > 1e-12)
-            active = {name: int(cnt) for name, cnt in zip(fs.row_names, info.active[:m].sum(0).tolist()) if cnt}
-            for names, act in ((fs.lower_names, info.active_lower[:m]), (fs.upper_names, info.active_upper[:m])):
+            relaxed[todo] = (info.status == int(solvers.Status.RELAXED)) | (info.relaxation > 1e-12)
+            active = {name: int(cnt) for name, cnt in zip(fs.row_names, info.active.sum(0).tolist()) if cnt}
+            for names, act in ((fs.lower_names, info.active_lower), (fs.upper_names, info.active_upper)):
                 for name, cnt in zip(names, act.sum(0).tolist()):
                     if name is not None and cnt:
                         active[name] = active.get(name, 0) + int(cnt)
             ok = ~relaxed[todo]
-            stats.update(active=active, max_kkt_residual=float(info.kkt_residual[:m][ok].max()) if bool(ok.any())
+            stats.update(active=active, max_kkt_residual=float(info.kkt_residual[ok].max()) if bool(ok.any())
                          else 0.0)
-            bad = int((status == int(solvers.Status.NUMERICAL)).sum())
+            bad = int((info.status == int(solvers.Status.NUMERICAL)).sum())
             if bad:
                 logger.warning("step %d: %d token(s) failed projection verification: %s", self.step_count + 1, bad,
                                info.message)
         stats["relaxed_tokens"] = int(relaxed.sum())
         w = w.to(composed.dtype)
         if all_tokens:
-            out = w.reshape(composed.shape)
-            stats["_relaxed_mask"] = relaxed.reshape(mask.shape)
-        else:
-            out = composed.index_put((mask,), w)
-            stats["_relaxed_mask"] = torch.zeros_like(mask).index_put((mask,), relaxed)
-        return out, stats
+            return w.reshape(composed.shape), fs, relaxed.reshape(mask.shape), stats
+        return composed.index_put((mask,), w), fs, none_relaxed.index_put((mask,), relaxed), stats
 
-    def _correct(self, target: Tensor, relaxed: Tensor | None, batch: Batch) -> tuple[Tensor, int]:
+    def _correct(self, target: Tensor, relaxed: Tensor, batch: Batch) -> tuple[Tensor, Tensor, int]:
         """On relaxed tokens with q(U) > ε: q(v) ← q(v)·ε/q(U) on U and q(v)·(1−ε)/(1−q(U)) off U (uniform over the
-        safe tokens when q(U) = 1)."""
-        if relaxed is None or not self.unsafe_mass_constraints or not bool(relaxed.any()):
-            return target, 0
+        safe tokens when q(U) = 1). Returns the target, the corrected-token mask and its count."""
+        if not self.unsafe_mass_constraints or not bool(relaxed.any()):
+            return target, torch.zeros_like(relaxed), 0
         rows = relaxed.nonzero(as_tuple=True)
         sub = target[rows]  # [R, V]: only tokens whose teacher-weight set was empty
         done = torch.zeros(sub.shape[0], dtype=torch.bool, device=sub.device)
@@ -442,51 +537,46 @@ class SafeDistiller:
         if count:
             logger.info("step %d: corrected the pooled target on %d token(s) with empty teacher-weight sets",
                         self.step_count + 1, count)
-        return target, count
+        return target, corrected, count
 
-    def _constraint_terms(self, ctx: C.MeasureContext, kd_loss: Tensor) -> tuple[Tensor, list[dict[str, Any]]]:
-        """Measure every student constraint (one all-reduce of [value sums, counts]); return Σ λ ĝ (+ ALM)."""
-        if not self.student_constraints:
-            return kd_loss.new_zeros(()), []
+    def _reduce_terms(self, ctx: C.MeasureContext, kd_sum: Tensor, kd_count: Tensor | int | float
+                      ) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
+        """Measure every student constraint and SUM-reduce over ranks, in one all-reduce, the stacked sums
+        [S_KD, value_j, proxy_j] and counts [N, n_j, n_j]. Returns this rank's differentiable KD share
+        S_r·W/N (see :func:`safekd.distributed.global_token_mean`), the global KD mean S/N (detached) and
+        per-constraint states: global value, count and residual, this rank's differentiable proxy residual
+        ĝ_j = g(proxy_r·W/n_j) and the global (detached) proxy residual g(proxy/n_j)."""
+        dtype, device = kd_sum.dtype, kd_sum.device
         ms = [c.measure(ctx) for c in self.student_constraints]
-        dtype = kd_loss.dtype
-        value_sums = torch.stack([m.value_sum.to(dtype) for m in ms])
-        counts = torch.stack([torch.as_tensor(m.count, dtype=dtype, device=kd_loss.device) for m in ms])
-        g_sums, g_counts = reduce_sums_counts(value_sums, counts)
-        values = g_sums / g_counts.clamp_min(1)
-        world = get_world_size()
+        proxy_sums = [m.proxy_sum.to(dtype) for m in ms]
+        counts = [torch.as_tensor(m.count, dtype=dtype, device=device) for m in ms]
+        g_sums, g_counts = reduce_sums_counts(
+            torch.stack([kd_sum, *(m.value_sum.to(dtype) for m in ms), *proxy_sums]),
+            torch.stack([torch.as_tensor(kd_count, dtype=dtype, device=device), *counts, *counts]))
+        world, J = get_world_size(), len(ms)
+        kd_loss, kd_mean = kd_sum * _mean_scale(g_counts[0], world), g_sums[0] * _mean_scale(g_counts[0], 1)
+        values = g_sums[1:J + 1] / g_counts[1:J + 1].clamp_min(1)
         states = []
-        for j, (c, m) in enumerate(zip(self.student_constraints, ms)):
-            proxy = m.proxy_sum.to(dtype) * (world / g_counts[j].clamp_min(1))
-            states.append({"constraint": c, "value": values[j], "count": g_counts[j], "local_sum": value_sums[j],
-                           "local_count": counts[j], "residual": c.residual(values[j]),
-                           "proxy_residual": c.residual(proxy)})
-        return self._penalty(states, kd_loss), states
+        for j, c in enumerate(self.student_constraints):
+            n_j = g_counts[1 + j].clamp_min(1)
+            states.append({"constraint": c, "value": values[j], "count": g_counts[1 + j],
+                           "residual": c.residual(values[j]),
+                           "proxy_residual": c.residual(proxy_sums[j] * (world / n_j)),
+                           "global_proxy_residual": c.residual(g_sums[1 + J + j] * (1 / n_j))})
+        return kd_loss, kd_mean, states
 
-    def _penalty(self, states: list[dict[str, Any]], like: Tensor) -> Tensor:
+    def _penalty(self, residuals: list[Tensor], like: Tensor) -> Tensor:
+        """Σ_j λ_j ĝ_j (+ Σ_j (ρ_j/2)·max(0, ĝ_j)² for the augmented Lagrangian) at the current multipliers."""
         total = like.new_zeros(())
         alm = self.spec.dual.rule == "augmented_lagrangian"
-        for j, s in enumerate(states):
-            lam = self.multipliers[s["constraint"].name].detach().to(like.dtype)
-            total = total + lam * s["proxy_residual"]
+        for j, (c, r) in enumerate(zip(self.student_constraints, residuals)):
+            # a copy: the dual rules update λ in place, possibly before the framework back-propagates this term
+            lam = self.multipliers[c.name].detach().to(like.dtype, copy=True)
+            total = total + lam * r
             if alm:
                 rho = float(self.dual_optimizer.penalty_coefficient(j))  # type: ignore[union-attr]
-                total = total + 0.5 * rho * s["proxy_residual"].clamp_min(0).square()
+                total = total + 0.5 * rho * r.clamp_min(0).square()
         return total
-
-    def _reweigh(self, states: list[dict[str, Any]], kd_loss: Tensor) -> tuple[Tensor, Tensor]:
-        penalty = self._penalty(states, kd_loss)
-        loss = kd_loss + penalty
-        _require_finite("the loss", loss.detach())
-        return penalty, loss
-
-    def _primal_step(self, loss: Tensor) -> None:
-        """Backward and the student's optimizer step. The hook :mod:`safekd.integrations` overrides where a training
-        framework (HF Trainer, Lightning) owns backward, gradient accumulation and the optimizer step."""
-        loss.backward()
-        self._check_grads()
-        self.optimizer.step()
-
     def _check_grads(self) -> None:
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads and not _all_finite(torch.stack([g.sum(dtype=torch.float32 if g.element_size() < 4 else None)
@@ -551,7 +641,7 @@ class SafeDistiller:
                     self.events["alarms"] += 1
                     msg = self._alarm_message(s["constraint"], hist)
                     logger.warning(msg)
-                    warnings.warn(msg, MultiplierAlarm, stacklevel=3)
+                    warnings.warn(msg, MultiplierAlarm, stacklevel=4)  # _alarms ← _finish ← step/finish_step
             else:
                 self._alarm_active.discard(name)
         return self._standing_alarms()
@@ -570,37 +660,33 @@ class SafeDistiller:
                 "the KD objective and the teacher-weight constraints); consider relaxing the threshold, tightening "
                 "unsafe_mass / safety_order on the teachers, or checking that the proxy moves the measured value.")
 
-    def _reference_check(self, composed: Tensor, ctx: C.MeasureContext, mask: Tensor, weights: Tensor,
-                         relaxed: Tensor | None) -> dict[str, float]:
+    def _reference_check(self, t: Targets) -> dict[str, float]:
         """Re-project up to ``checks.reference_rows`` non-relaxed tokens with the cvxpy reference (float64) and
         compare with the weights this step used; raise :class:`ProjectionCheckError` beyond tolerance."""
-        rows = self.spec.checks.reference_rows
-        v_all = composed[mask]
+        rows, mask = self.spec.checks.reference_rows, t.mask
+        v_all = t.composed[mask]
         n = v_all.shape[0]
-        if n == 0 or rows == 0:
+        if n == 0 or rows == 0 or t.feasible_set is None:
             return {"rows": 0, "max_abs_diff": 0.0}
         gen = torch.Generator().manual_seed(self.step_count)
         idx = torch.randperm(n, generator=gen).to(v_all.device)
-        if relaxed is not None:
-            idx = idx[~relaxed[mask][idx]]
-        idx = idx[:rows]
+        idx = idx[~t.relaxed[mask][idx]][:rows]
         if idx.numel() == 0:
             return {"rows": 0, "max_abs_diff": 0.0}
-        e = self._token_set(ctx, mask, n, torch.float64).expand((n,))
+        e = t.feasible_set.to(dtype=torch.float64).expand((n,))
         sub = solvers.FeasibleSet(e.lower[idx], e.upper[idx], e.A[idx], e.b[idx], e.row_names, e.lower_names,
                                   e.upper_names)
         ref, info = solvers.reference.project(v_all[idx].double(), sub, return_info=True)
         keep = info.status == int(solvers.Status.OPTIMAL)
-        diff = (weights[mask][idx].double() - ref).abs().amax(-1)[keep]
+        diff = (t.weights[mask][idx].double() - ref).abs().amax(-1)[keep]
         tol = self.spec.checks.reference_tol
-        tol = tol if tol is not None else (1e-5 if weights.dtype == torch.float64 else 1e-4)
+        tol = tol if tol is not None else (1e-5 if t.weights.dtype == torch.float64 else 1e-4)
         worst = float(diff.max()) if diff.numel() else 0.0
         if worst > tol:
             raise ProjectionCheckError(f"step {self.step_count}: the batched projection disagrees with the cvxpy "
                                        f"reference on {int(keep.sum())} sampled rows: max |Δw| = {worst:.3g} > "
                                        f"tolerance {tol:g} (checks.reference_tol)")
         return {"rows": int(keep.sum()), "max_abs_diff": worst}
-
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Student, optimizer, multipliers (by constraint name), dual rule, weighting buffers, meter, alarm history,
@@ -662,6 +748,33 @@ class SafeDistiller:
         load_checkpoint(path, self)
 
 
+def _mean_scale(total: Tensor, world: int) -> Tensor:
+    """W / N for a global count N > 0, else 0 (a zero loss that keeps the graph); no host sync."""
+    positive = total > 0
+    return torch.where(positive, world / torch.where(positive, total, torch.ones_like(total)), torch.zeros_like(total))
+
+
+def _project_keeping_empty_sets(v: Tensor, fset: solvers.FeasibleSet, static: solvers.FeasibleSet
+                                ) -> tuple[Tensor, solvers.ProjectionResult]:
+    """``solvers.project(v [m, K], fset, return_info=True)`` that also works when EVERY row's set is empty.
+
+    ``solvers.project`` relaxes rows whose set is empty (status RELAXED) but raises ``InfeasibleError`` when all
+    rows are empty, whereas the distiller must relax every empty token set and correct its target. One sentinel
+    row is appended — the ``static`` set (checked non-empty at construction) with the per-token rows of ``fset``
+    made non-binding (0·w ≤ 1), at the uniform point — and dropped from the result. Remove once
+    ``solvers.project`` can be asked not to raise.
+    """
+    m, K = v.shape
+    extra = fset.num_rows - static.num_rows  # the per-token rows follow the static ones
+    A = torch.cat([fset.A, torch.cat([static.A, v.new_zeros(extra, K)]).unsqueeze(0)])
+    b = torch.cat([fset.b, torch.cat([static.b, v.new_ones(extra)]).unsqueeze(0)])
+    padded = solvers.FeasibleSet(torch.cat([fset.lower, static.lower.unsqueeze(0)]),
+                                 torch.cat([fset.upper, static.upper.unsqueeze(0)]), A, b, fset.row_names,
+                                 fset.lower_names, fset.upper_names)
+    w, info = solvers.project(torch.cat([v, v.new_full((1, K), 1.0 / K)]), padded, return_info=True)
+    drop = {f.name: getattr(info, f.name)[:m] for f in dataclasses.fields(info)
+            if isinstance(getattr(info, f.name), Tensor) and getattr(info, f.name).dim() > 0}
+    return w[:m], dataclasses.replace(info, **drop)
 def _projection_dtype(v: Tensor) -> torch.dtype:
     """Weights are projected in float64 (N×K is tiny next to the vocabulary work) except where the device lacks it."""
     return v.dtype if v.device.type == "mps" else torch.float64

@@ -28,21 +28,19 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
 from safekd.audit.core import audit
 from safekd.audit.render import write_report
 from safekd.audit.report import AuditReport
 from safekd.distributed import barrier, is_rank_zero, run_on_rank_zero, shard_slice, unwrap, wrap_ddp
-from safekd.spec import Spec, SpecError
+from safekd.spec import Locator, Spec, SpecError, load_document
 
 __all__ = ["Job", "JobResult", "load_job", "parse_job", "build_weighting", "prepare_data", "train_student",
            "run_training", "audit_checkpoint", "resolve"]
@@ -110,33 +108,8 @@ class Job:
         return replace(self, spec=spec, weighting=w)
 
 
-def _read(path: Path) -> tuple[dict[str, Any], Callable[[str], int | None]]:
-    """The file's mapping and a key-path → line locator (the spec module's, so errors carry line numbers)."""
-    from safekd.spec import _Loader, _toml_locator, _yaml_locator  # YAML 1.2 booleans, key → line
-
-    if not path.is_file():
-        raise FileNotFoundError(2, "No such file", str(path))
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".yaml", ".yml"):
-            data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-            locate = _yaml_locator(yaml.compose(text, Loader=_Loader))
-        elif suffix == ".toml":
-            data, locate = tomllib.loads(text), _toml_locator(text)
-        else:
-            raise SpecError("<file>", f"unknown spec format {suffix!r}; use .yaml, .yml or .toml", None, str(path))
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise SpecError("<file>", f"invalid {suffix[1:].upper()}: {getattr(exc, 'problem', None) or exc}",
-                        None if mark is None else mark.line + 1, str(path)) from exc
-    if not isinstance(data, dict):
-        raise SpecError("<root>", f"the spec must be a mapping, got {type(data).__name__}", 1, str(path))
-    return data, locate
-
-
 def parse_job(data: Mapping[str, Any], source: str | None = None,
-              locate: Callable[[str], int | None] | None = None) -> Job:
+              locate: Locator | None = None) -> Job:
     """Build a :class:`Job` from a dict (a ``job`` section plus the spec keys)."""
     data = dict(data)
     locate = locate or (lambda key: None)
@@ -195,9 +168,8 @@ def parse_job(data: Mapping[str, Any], source: str | None = None,
 
 def load_job(path: str | Path) -> Job:
     """Read and validate a job file (YAML/TOML); :class:`~safekd.spec.SpecError` names the bad key."""
-    path = Path(path)
-    data, locate = _read(path)
-    return parse_job(data, source=str(path), locate=locate)
+    doc = load_document(path)
+    return parse_job(doc.data, source=doc.source, locate=doc.locate)
 
 
 def build_weighting(cfg: Mapping[str, Any], num_teachers: int) -> nn.Module | None:

@@ -34,7 +34,8 @@ from torch import Tensor
 from safekd import constraints as C
 from safekd.unsafe import UnsafeSet
 
-__all__ = ["Spec", "TeacherSpec", "DualSpec", "ChecksSpec", "SpecError", "load_spec", "DUAL_RULES"]
+__all__ = ["Spec", "TeacherSpec", "DualSpec", "ChecksSpec", "SpecError", "SpecDocument", "load_spec", "load_document",
+           "DUAL_RULES", "Locator"]
 
 DUAL_RULES = ("gradient_ascent", "nupi", "augmented_lagrangian")
 Locator = Callable[[str], "int | None"]
@@ -165,8 +166,26 @@ for _ch in "tTfF":
     _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), [_ch])
 
 
-def load_spec(path: str | Path, *, functions: Mapping[str, Callable[..., Any]] | None = None) -> Spec:
-    """Load a ``.yaml``/``.yml`` or ``.toml`` spec; errors are :class:`SpecError` with key path and line."""
+@dataclass(frozen=True)
+class SpecDocument:
+    """A spec file as read, before validation: its top-level mapping, the ``locate(key_path) -> line`` function
+    (1-based line of ``"constraints[1].max"`` or of its deepest existing prefix; None where unknown) and the path.
+    Files that carry more than a spec (a job file's ``job:`` section) parse their own keys from ``data`` and report
+    errors as ``SpecError(key, message, locate(key), source)``."""
+
+    data: dict[str, Any]
+    locate: Locator
+    source: str
+
+
+def load_document(path: str | Path) -> SpecDocument:
+    """Read a ``.yaml``/``.yml`` (YAML 1.2 booleans: only true/false) or ``.toml`` file into a :class:`SpecDocument`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        SpecError: unknown suffix, invalid YAML/TOML (with the line where known), or a top level that is not a
+            mapping.
+    """
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
@@ -176,7 +195,7 @@ def load_spec(path: str | Path, *, functions: Mapping[str, Callable[..., Any]] |
             data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            raise SpecError("<file>", f"invalid YAML: {getattr(exc, 'problem', exc)}",
+            raise SpecError("<file>", f"invalid YAML: {getattr(exc, 'problem', None) or exc}",
                             None if mark is None else mark.line + 1, str(path)) from exc
         locate = _yaml_locator(node)
     elif suffix == ".toml":
@@ -188,9 +207,15 @@ def load_spec(path: str | Path, *, functions: Mapping[str, Callable[..., Any]] |
         locate = _toml_locator(text)
     else:
         raise SpecError("<file>", f"unknown spec format {suffix!r}; use .yaml, .yml or .toml", None, str(path))
-    if not isinstance(data, Mapping):
+    if not isinstance(data, dict):
         raise SpecError("<root>", f"the spec must be a mapping, got {type(data).__name__}", 1, str(path))
-    return Spec.from_dict(data, functions=functions, source=str(path), locate=locate)
+    return SpecDocument(data=data, locate=locate, source=str(path))
+
+
+def load_spec(path: str | Path, *, functions: Mapping[str, Callable[..., Any]] | None = None) -> Spec:
+    """Load a ``.yaml``/``.yml`` or ``.toml`` spec; errors are :class:`SpecError` with key path and line."""
+    doc = load_document(path)
+    return Spec.from_dict(doc.data, functions=functions, source=doc.source, locate=doc.locate)
 
 
 # -------------------------------------------------------------------------------------------------------------------

@@ -200,3 +200,76 @@ def test_dual_first_uses_the_updated_multiplier_in_the_primal_step():
     rec = d.step(batch)
     lam = rec.constraints["unsafe_rate"]["multiplier"]
     assert lam > 0 and rec.penalty == pytest.approx(lam * rec.constraints["unsafe_rate"]["residual"], rel=1e-5)
+
+
+# ---------------------------------------------------------------- public surface: targets, loss, finish_step
+
+
+def test_targets_are_what_step_trains_on():
+    cons = [C.cap("risky", 0.2), C.unsafe_mass(0.3), C.unsafe_rate(0.05)]
+    d, _, batch = _setup(cons, weighting=ConfidenceSoftmax(beta=3.0))
+    batch["mask"] = torch.ones(2, 6, dtype=torch.bool)
+    batch["mask"][1, 4:] = False
+    t = d.targets(batch)
+    seen = {}
+
+    def capture(target_logp, student_logits, mask=None, temperature=1.0):
+        seen["target"], seen["mask"] = target_logp, mask
+        return forward_kl(target_logp, student_logits, mask, temperature)
+
+    d.divergence = capture
+    rec = d.step(batch)
+    torch.testing.assert_close(t.target_logp, seen["target"], rtol=0, atol=0)
+    assert torch.equal(t.mask, seen["mask"]) and t.projection == rec.projection
+    assert t.weights.shape == t.composed.shape == (2, 6, 3) and set(t.per_scale) == {"token"}
+    m = t.mask
+    w = t.weights[m].double()
+    assert t.feasible_set is not None and t.feasible_set.batch_shape == (10,)
+    assert bool(t.feasible_set.contains(w, tol=1e-6).all()) and float(w[:, 2].max()) <= 0.2 + 1e-6  # float32 w
+    assert rec.weights["projected"]["risky"] == pytest.approx(float(t.weights[m][:, 2].mean()), abs=1e-6)
+    with pytest.raises(ValueError, match=r"student logits \(2, 6, 5\) do not match"):
+        d.targets(batch, torch.zeros(2, 6, 5))
+
+
+def test_loss_then_finish_step_equals_step():
+    cons = [C.cap("risky", 0.3), C.unsafe_rate(0.05), C.retain("accuracy", 0.5)]
+    a, sa, batch = _setup(cons)
+    b, sb, _ = _setup(cons)
+    for _ in range(3):
+        ra = a.step(batch)
+        loss, pending = b.loss(batch)
+        b.optimizer.zero_grad()
+        loss.backward()
+        b.optimizer.step()
+        rb = b.finish_step(pending)
+        assert ra.to_dict() == rb.to_dict()
+    assert all(torch.equal(p, q) for p, q in zip(sa.parameters(), sb.parameters()))
+    with pytest.raises(RuntimeError, match="finished already"):
+        b.finish_step(pending)
+
+
+def test_framework_order_finish_before_backward_in_float64():
+    """HF/Lightning call finish_step (which updates λ in place) before their backward: the loss must not hold λ."""
+    spec = Spec(teachers=[TeacherSpec("a", 0.9), TeacherSpec("b", 0.1)], constraints=[C.unsafe_rate(0.0)],
+                unsafe=[0], dual=DualSpec(lr=0.5), checks=NO_CHECKS)
+    s = torch.nn.Linear(4, 6).double()
+    d = SafeDistiller(s, None, torch.optim.SGD(s.parameters(), lr=0.1), spec)
+    g = torch.Generator().manual_seed(0)
+    batch = {"inputs": torch.randn(5, 4, generator=g, dtype=torch.float64),
+             "teacher_logits": torch.randn(5, 2, 6, generator=g, dtype=torch.float64)}
+    for _ in range(2):
+        loss, pending = d.loss(batch)
+        rec = d.finish_step(pending)
+        loss.backward()
+    assert rec.dual_updated and float(d.multipliers["unsafe_rate"]) > 0 and s.weight.grad is not None
+
+
+def test_every_token_set_empty_is_relaxed_not_raised():
+    """All teachers put ≥ 60% mass on U at every token: Σ w_k p_k(U) ≤ 0.1 is empty everywhere."""
+    d, _, batch = _setup([C.unsafe_mass(0.1)])
+    batch["teacher_logits"][..., :2] += 8.0
+    rec = d.step(batch)
+    assert rec.projection["relaxed_tokens"] == rec.projection["corrected_tokens"] == 12
+    t = d.targets(batch)
+    assert bool(t.relaxed.all()) and bool(t.corrected.all())
+    assert float(UnsafeSet([0, 1]).mass(t.target_logp).max()) == pytest.approx(0.1, abs=1e-5)

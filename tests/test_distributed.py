@@ -248,9 +248,15 @@ def test_ddp_constraint_values_and_multipliers_match_single_process(ddp_vs_singl
                     assert got[name]["value"] == c["value"], (step, name)
                 else:
                     assert got[name]["value"] == pytest.approx(c["value"], rel=1e-12, abs=1e-15), (step, name)
-        # each rank's KD loss is its share Σ_r / N_global · W of the global token mean
+        # every rank records the global token mean (one all-reduce carries the KD sum and count with the
+        # constraints'), so the records agree with one process on the whole batch
         shares = [r["records"][step]["kd_loss"] for r in ranks]
         assert sum(shares) / 2 == pytest.approx(ref["kd_loss"], rel=1e-12)
+        for r in ranks:
+            got = r["records"][step]
+            assert got["kd_loss"] == pytest.approx(ref["kd_loss"], rel=1e-12)
+            assert got["penalty"] == pytest.approx(ref["penalty"], rel=1e-10, abs=1e-14)
+            assert got["loss"] == pytest.approx(got["kd_loss"] + got["penalty"], rel=1e-12)
     assert bool((single["multipliers"] > 0).all())  # the dual step moved every multiplier
     for r in ranks:
         torch.testing.assert_close(r["multipliers"], single["multipliers"], rtol=1e-12, atol=1e-14)

@@ -150,3 +150,19 @@ def test_invalid_file_syntax(tmp_path):
         load_spec(_write(tmp_path, "s.json", "{}"))
     with pytest.raises(SpecError, match="duplicate constraint name"):
         Spec(teachers=[TeacherSpec("a")], constraints=[C.cap("a", 0.5), C.cap("a", 0.4)])
+
+
+def test_load_document_gives_raw_sections_and_line_locator(tmp_path):
+    from safekd.spec import load_document
+
+    y = load_document(_write(tmp_path, "job.yaml", "job:\n  epochs: 3\n  on: yes\nteachers:\n  - {name: a}\n"))
+    assert y.data["job"] == {"epochs": 3, "on": "yes"}  # YAML 1.2 booleans: `on`/`yes` stay strings
+    assert (y.locate("job.epochs"), y.locate("job.on"), y.locate("teachers[0].name")) == (2, 3, 5)
+    assert y.source.endswith("job.yaml")
+    t = load_document(_write(tmp_path, "job.toml", "[job]\nepochs = 3\n\n[[teachers]]\nname = 'a'\n"))
+    assert t.data["job"]["epochs"] == 3 and (t.locate("job.epochs"), t.locate("teachers[0].name")) == (2, 5)
+    with pytest.raises(SpecError, match="the spec must be a mapping") as exc:
+        load_document(_write(tmp_path, "list.yaml", "- 1\n- 2\n"))
+    assert exc.value.line == 1
+    with pytest.raises(FileNotFoundError):
+        load_document(tmp_path / "missing.yaml")

@@ -15,11 +15,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from safekd import constraints as C
@@ -28,6 +27,9 @@ from safekd.audit.measure import bound_for_units, per_example_sums, signed_slack
 from safekd.audit.provenance import provenance, read_traces
 from safekd.audit.report import AuditReport, ConstraintResult, SliceResult, TeacherWeightSummary
 from safekd.spec import Spec
+
+if TYPE_CHECKING:
+    from safekd.distiller import SafeDistiller, Targets
 
 __all__ = ["audit", "DEFAULT_SLICE_KEYS", "EXHAUSTIVE"]
 
@@ -38,52 +40,26 @@ EXHAUSTIVE = "exhaustive (every audit token)"
 _NUM_TOL = 1e-6  # numerical slack for projected weights (the projection is exact to ~1e-9 in float64)
 
 
-# ------------------------------------------------------------------------------------------- distiller adapter
-class _TargetView:
-    """Adapter over :class:`~safekd.distiller.SafeDistiller`: runs its weighting → projection → pooling →
-    correction pipeline on a batch WITHOUT a training step. It calls the distiller's internal pieces in the order
-    ``SafeDistiller.step`` does; replace with a public ``SafeDistiller.targets(batch, student_logits)`` once one
-    exists."""
-
-    def __init__(self, spec: Spec, student: nn.Module, teachers: Mapping[str, Callable[..., Tensor]] | None,
-                 weighting: nn.Module | Mapping[str, nn.Module] | None, pool: Callable[[Tensor, Tensor], Tensor] | None,
-                 distiller: Any | None = None) -> None:
-        from safekd.distiller import SafeDistiller
-
-        if distiller is not None:
-            mine = [c.to_dict() for c in spec.teacher_weight_constraints]
-            theirs = [c.to_dict() for c in distiller.spec.teacher_weight_constraints]
-            if mine != theirs:
-                raise ValueError(f"the distiller's teacher-weight constraints {[c['name'] for c in theirs]} differ "
-                                 f"from the audited spec's {[c['name'] for c in mine]}; audit with the spec the "
-                                 "distiller was trained with (or omit distiller=)")
-        else:
-            idle = torch.optim.SGD([p for p in student.parameters()] or [torch.zeros(1, requires_grad=True)], lr=0.0)
-            distiller = SafeDistiller(student, teachers, idle, spec, weighting=weighting, pool=pool)
-        self.d = distiller
-
-    @torch.no_grad()
-    def __call__(self, batch: Mapping[str, Any], student_logits: Tensor) -> dict[str, Any]:
-        d = self.d
-        teacher_logits = d._teacher_logits(batch)
-        mask = d._mask(batch, student_logits.shape[:-1], student_logits.device)
-        temps = teacher_logits.new_tensor(d.spec.teacher_temperatures()).unsqueeze(-1)
-        teacher_logp = F.log_softmax(teacher_logits / temps, dim=-1)
-        per_scale, composed = d._weights(batch, teacher_logits, teacher_logp, student_logits, mask)
-        ctx = C.MeasureContext(student_logits=student_logits, batch=batch, teacher_logprobs=teacher_logp,
-                               teacher_index=d.teacher_index, unsafe=d.spec.unsafe)
-        weights, proj = d._project(composed, ctx, mask)
-        relaxed = proj.pop("_relaxed_mask")
-        target = d.pool(teacher_logp, weights)
-        target, corrected = d._correct(target, relaxed, batch)
-        fset = d._token_set(ctx, mask, int(mask.sum()), weights.dtype) if (
-            d.static_constraints or d.token_constraints) else None
-        return {"teacher_logp": teacher_logp, "mask": mask, "per_scale": per_scale, "composed": composed,
-                "weights": weights, "target": target, "relaxed": relaxed, "corrected": corrected,
-                "active": proj.get("active", {}), "tokens": proj.get("tokens", 0), "fset": fset}
-
-
 # ------------------------------------------------------------------------------------------------- helpers
+def _distiller(spec: Spec, student: nn.Module, teachers: Mapping[str, Callable[..., Tensor]] | None,
+               weighting: nn.Module | Mapping[str, nn.Module] | None, pool: Callable[[Tensor, Tensor], Tensor] | None,
+               distiller: SafeDistiller | None) -> SafeDistiller:
+    """The training run's distiller (checked to hold ``spec``'s teacher-weight constraints), or a fresh one whose
+    :meth:`~safekd.distiller.SafeDistiller.targets` runs the training pipeline with ``weighting`` and ``pool``."""
+    from safekd.distiller import SafeDistiller
+
+    if distiller is not None:
+        mine = [c.to_dict() for c in spec.teacher_weight_constraints]
+        theirs = [c.to_dict() for c in distiller.spec.teacher_weight_constraints]
+        if mine != theirs:
+            raise ValueError(f"the distiller's teacher-weight constraints {[c['name'] for c in theirs]} differ "
+                             f"from the audited spec's {[c['name'] for c in mine]}; audit with the spec the "
+                             "distiller was trained with (or omit distiller=)")
+        return distiller
+    idle = torch.optim.SGD([p for p in student.parameters()] or [torch.zeros(1, requires_grad=True)], lr=0.0)
+    return SafeDistiller(student, teachers, idle, spec, weighting=weighting, pool=pool)
+
+
 def _as_batches(data: Mapping[str, Any], batch_size: int, device: torch.device) -> tuple[int, list[dict[str, Any]]]:
     if not isinstance(data, Mapping) or "inputs" not in data:
         raise ValueError("data must be a dict of tensors with at least 'inputs' (and usually 'labels')")
@@ -160,16 +136,17 @@ def _columns(fset: Any, name: str) -> tuple[list[int], list[int], list[int]]:
             [i for i, n in enumerate(fset.lower_names) if hit(n)])
 
 
-def _weight_residuals(c: C.TeacherWeightConstraint, out: Mapping[str, Any], spec: Spec,
-                      batch: Mapping[str, Any]) -> Tensor:
+def _weight_residuals(c: C.TeacherWeightConstraint, t: Targets, spec: Spec, batch: Mapping[str, Any]) -> Tensor:
     """Per-token signed residual (≤ 0 = satisfied) of a teacher-weight constraint on the audit tokens."""
-    mask = out["mask"]
+    mask = t.mask
     if isinstance(c, C.UnsafeMass):  # on the pooled target, after any correction: what the student is trained on
         u = c.unsafe if c.unsafe is not None else spec.unsafe
         assert u is not None
-        return (u.mass(out["target"], batch) - c.threshold)[mask]
-    fset = out["fset"]
-    w = out["weights"][mask]
+        return (u.mass(t.target_logp, batch) - c.threshold)[mask]
+    w = t.weights[mask]
+    if t.feasible_set is None:  # no unmasked token in this batch
+        return w.new_full(w.shape[:1], -math.inf)
+    fset = t.feasible_set.to(dtype=w.dtype)
     rows, ups, los = _columns(fset, c.name)
     if not (rows or ups or los):  # the constraint never tightened the set (e.g. a cap of 1): trivially satisfied
         return w.new_full(w.shape[:1], -math.inf)
@@ -242,7 +219,7 @@ def audit(student: nn.Module, data: Mapping[str, Any], spec: Spec,
     if needs and not have_teachers:
         raise ValueError(f"constraints {needs} need teacher outputs: pass teachers={{name: model}} or put "
                          "'teacher_logits' [N, K, V] in the audit data")
-    view = _TargetView(spec, student, teachers, weighting, pool, distiller) if have_teachers else None
+    view = _distiller(spec, student, teachers, weighting, pool, distiller) if have_teachers else None
     K = len(spec.teacher_names)
 
     was_training = student.training
@@ -262,11 +239,11 @@ def audit(student: nn.Module, data: Mapping[str, Any], spec: Spec,
                 logits = student(batch["inputs"])
             if not isinstance(logits, Tensor) or not bool(torch.isfinite(logits).all()):
                 raise ValueError("the student returned non-finite logits (NaN/inf) on the audit data")
-            out = view(batch, logits) if view is not None else None
+            out = view.targets(batch, logits) if view is not None else None
             for c in spec.student_constraints:
-                v, cnt = per_example_sums(c, logits, batch, teacher_logprobs=None if out is None else out["teacher_logp"],
+                v, cnt = per_example_sums(c, logits, batch, teacher_logprobs=None if out is None else out.teacher_logp,
                                           teacher_names=spec.teacher_names, unsafe=spec.unsafe,
-                                          target_logp=None if out is None else out["target"])
+                                          target_logp=None if out is None else out.target_logp)
                 s_vals[c.name].append(v.double().cpu())
                 s_cnts[c.name].append(cnt.double().cpu())
             mask = batch.get("mask")
@@ -279,16 +256,16 @@ def audit(student: nn.Module, data: Mapping[str, Any], spec: Spec,
             if out is not None:
                 for c in weight_cons:
                     w_resid[c.name].append(_weight_residuals(c, out, spec, batch).double().cpu())
-                mf = out["mask"].to(out["weights"].dtype).unsqueeze(-1)
-                scales = {**out["per_scale"], "composed": out["composed"], "final": out["weights"]}
+                mf = out.mask.to(out.weights.dtype).unsqueeze(-1)
+                scales = {**out.per_scale, "composed": out.composed, "final": out.weights}
                 for scale, w in scales.items():  # per-example mean over unmasked tokens → [B, K]
                     wt = (w * mf).reshape(w.shape[0], -1, K).sum(1) / mf.reshape(w.shape[0], -1, 1).sum(1).clamp_min(1)
                     per_example_w.setdefault(scale, []).append(wt.double().cpu())
-                for name, cnt in out["active"].items():
+                for name, cnt in out.projection["active"].items():
                     active[name] = active.get(name, 0) + int(cnt)
-                tokens += int(out["mask"].sum())
-                relaxed += int(out["relaxed"].sum()) if out["relaxed"] is not None else 0
-                corrected += int(out["corrected"])
+                tokens += int(out.mask.sum())
+                relaxed += int(out.relaxed.sum())
+                corrected += out.projection["corrected_tokens"]
     finally:
         student.train(was_training)
 

@@ -1,12 +1,12 @@
-"""What the framework adapters share: a distiller whose primal step belongs to the framework, a logits view of
-models that return output objects, and the scalars a step reports.
+"""What the framework adapters share: a logits view of models that return output objects, and the scalars a step
+reports.
 
-:class:`FrameworkDistiller` runs :meth:`SafeDistiller.step <safekd.distiller.SafeDistiller.step>` unchanged —
-teacher logits, weights, projection, pooled target, KD loss, Lagrangian, dual step, record, step log — except
-that it neither zeroes gradients, nor calls backward, nor steps the student's optimizer: it hands the Lagrangian
-to the framework, which scales it for gradient accumulation, back-propagates (through DDP where used), clips and
-steps. The dual step still follows the primal rule: λ_{t+1} is computed from the residual measured at θ_t, which
-does not depend on when θ_{t+1} is formed. ``spec.dual.every`` counts micro-batches.
+The adapters drive a plain :class:`~safekd.distiller.SafeDistiller` through its two-phase API: per micro-batch,
+``lagrangian, pending = distiller.loss(batch)`` (teacher logits, weights, projection, pooled target, KD loss,
+Lagrangian) and ``record = distiller.finish_step(pending)`` (dual step, record, step log); the framework scales
+the Lagrangian for gradient accumulation, back-propagates it (through DDP where used), clips and steps. Calling
+``finish_step`` before the framework's backward is sound: λ_{t+1} is computed from the residual measured at θ_t,
+which does not depend on when θ_{t+1} is formed. ``spec.dual.every`` counts micro-batches.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from safekd.distiller import SafeDistiller, StepRecord
+from safekd.distiller import StepRecord
 
-__all__ = ["FrameworkDistiller", "LogitsOf", "record_metrics"]
+__all__ = ["LogitsOf", "record_metrics"]
 
 
 class LogitsOf(nn.Module):
@@ -39,34 +39,6 @@ class LogitsOf(nn.Module):
         if not isinstance(logits, Tensor):
             raise TypeError(f"{type(self.model).__name__} returned {type(out).__name__} without a 'logits' tensor")
         return logits
-
-
-class FrameworkDistiller(SafeDistiller):
-    """A :class:`SafeDistiller` for training loops that own ``zero_grad``, backward and the optimizer step.
-
-    :meth:`step` returns the :class:`StepRecord` as usual and leaves the differentiable Lagrangian in
-    :meth:`take_loss` for the framework to back-propagate. ``optimizer`` is the framework's optimizer (kept for
-    ``state_dict``; this class never steps it).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._loss: Tensor | None = None
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Only the multipliers' gradients: the framework zeroes the student's (after gradient accumulation)."""
-        if self.dual_optimizer is not None:
-            self.dual_optimizer.zero_grad(set_to_none=set_to_none)
-
-    def _primal_step(self, loss: Tensor) -> None:
-        self._loss = loss
-
-    def take_loss(self) -> Tensor:
-        """The Lagrangian of the last :meth:`step` (differentiable); each step's loss can be taken once."""
-        if self._loss is None:
-            raise RuntimeError("take_loss() needs a step(batch) first (and returns each step's loss once)")
-        loss, self._loss = self._loss, None
-        return loss
 
 
 def record_metrics(record: StepRecord, prefix: str = "safekd/") -> dict[str, float]:

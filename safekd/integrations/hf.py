@@ -1,12 +1,13 @@
 """Hugging Face ``transformers`` integration: :class:`SafeKDTrainer`, a ``Trainer`` whose training loss is the
 safekd Lagrangian (needs ``pip install safekd[hf]``).
 
-Each training micro-batch runs one :class:`~safekd.integrations.base.FrameworkDistiller` step: teacher logits,
+Each training micro-batch runs :meth:`SafeDistiller.loss <safekd.distiller.SafeDistiller.loss>`: teacher logits,
 adaptive weights projected onto the spec's teacher-weight set, pooled target, KD loss
-``L = Σ_t D(q_t ‖ p_θ) / N`` (global token mean under DDP), Lagrangian ``L + Σ_j λ_j ĝ_j`` and the dual step
-``λ_j ← rule(λ_j, g_j)``. The Trainer back-propagates the Lagrangian, accumulates, clips and steps as usual, and
-each constraint's value, residual and multiplier and each teacher's weight are added to the Trainer's training
-logs (so every ``report_to`` backend receives them).
+``L = Σ_t D(q_t ‖ p_θ) / N`` (global token mean under DDP) and Lagrangian ``L + Σ_j λ_j ĝ_j``, then
+:meth:`~safekd.distiller.SafeDistiller.finish_step`: the dual step ``λ_j ← rule(λ_j, g_j)`` and the record.
+The Trainer back-propagates the Lagrangian, accumulates, clips and steps as usual, and each constraint's value,
+residual and multiplier and each teacher's weight are added to the Trainer's training logs (so every
+``report_to`` backend receives them).
 
     trainer = SafeKDTrainer(model=student, args=TrainingArguments(...), train_dataset=ds,
                             teachers={"clean": t1, "raw": t2}, spec=load_spec("spec.yaml"))
@@ -24,8 +25,8 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from safekd.distiller import StepRecord
-from safekd.integrations.base import FrameworkDistiller, LogitsOf, record_metrics
+from safekd.distiller import SafeDistiller, StepRecord
+from safekd.integrations.base import LogitsOf, record_metrics
 from safekd.spec import Spec
 
 __all__ = ["SafeKDTrainer", "safekd_batch", "LogitsOf"]
@@ -73,7 +74,8 @@ class SafeKDTrainer(Trainer):
         causal: labels are next-token targets of a causal LM (see :func:`safekd_batch`).
 
     Attributes:
-        distiller: the :class:`FrameworkDistiller` (built at the first training step; multipliers, meter, events).
+        distiller: the :class:`~safekd.distiller.SafeDistiller` (built at the first training step; multipliers,
+            meter, events); the Trainer owns backward and the optimizer step.
         last_record: the latest :class:`~safekd.distiller.StepRecord`.
 
     Evaluation (``evaluate``/``predict``) reports the model's own loss; audit constraints with
@@ -95,7 +97,7 @@ class SafeKDTrainer(Trainer):
         self.teachers = None if teachers is None else {n: self._frozen(t) for n, t in teachers.items()}
         self.weighting = weighting
         self._distiller_kwargs = {"pool": pool, "divergence": divergence, "order": order, "log": step_log}
-        self.distiller: FrameworkDistiller | None = None
+        self.distiller: SafeDistiller | None = None
         self.last_record: StepRecord | None = None
 
     def _frozen(self, teacher: nn.Module) -> LogitsOf:
@@ -103,7 +105,7 @@ class SafeKDTrainer(Trainer):
         teacher.requires_grad_(False)
         return LogitsOf(teacher)
 
-    def _distiller(self, model: nn.Module) -> FrameworkDistiller:
+    def _distiller(self, model: nn.Module) -> SafeDistiller:
         if self.distiller is None:
             weighting = self.weighting
             if isinstance(weighting, nn.Module):
@@ -111,21 +113,22 @@ class SafeKDTrainer(Trainer):
             elif isinstance(weighting, Mapping):
                 weighting = {s: op.to(self.args.device) if isinstance(op, nn.Module) else op
                              for s, op in weighting.items()}
-            self.distiller = FrameworkDistiller(LogitsOf(model), self.teachers, self.optimizer, self.spec,
-                                                weighting=weighting, **self._distiller_kwargs)
+            self.distiller = SafeDistiller(LogitsOf(model), self.teachers, self.optimizer, self.spec,
+                                           weighting=weighting, **self._distiller_kwargs)
         else:
             self.distiller.student.model = model  # the (possibly DDP-wrapped) model of this call
         return self.distiller
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Tensor | tuple[Tensor, Any]:
-        """Training: one safekd step on the batch, returning its Lagrangian. Evaluation: ``Trainer``'s own loss."""
+        """Training: the batch's Lagrangian (``distiller.loss``; the dual step and record via ``finish_step``), which
+        the Trainer back-propagates and steps. Evaluation: ``Trainer``'s own loss."""
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         distiller = self._distiller(model)
-        self.last_record = distiller.step(safekd_batch(inputs, causal=self.causal))
-        loss = distiller.take_loss()
+        loss, pending = distiller.loss(safekd_batch(inputs, causal=self.causal))
+        self.last_record = distiller.finish_step(pending)
         return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -1,9 +1,10 @@
 """Lightning integration: :class:`SafeKDModule`, a ``LightningModule`` whose training step is one safekd step
 (needs ``pip install safekd[lightning]``).
 
-``training_step`` runs a :class:`~safekd.integrations.base.FrameworkDistiller` step on the batch — weights
+``training_step`` runs :meth:`SafeDistiller.loss <safekd.distiller.SafeDistiller.loss>` on the batch — weights
 projected onto the spec's teacher-weight set, pooled target, KD loss ``Σ_t D(q_t ‖ p_θ) / N`` (global token mean
-under DDP), dual step — and returns the Lagrangian ``L + Σ_j λ_j ĝ_j``; Lightning back-propagates, accumulates,
+under DDP) — and :meth:`~safekd.distiller.SafeDistiller.finish_step` (dual step, record), and returns the
+Lagrangian ``L + Σ_j λ_j ĝ_j``; Lightning back-propagates, accumulates,
 clips and steps (automatic optimisation, any strategy including DDP). Each constraint's value, residual and
 multiplier and each teacher's weight go through ``self.log_dict`` to the Trainer's loggers.
 
@@ -23,8 +24,8 @@ from typing import Any, Literal
 import lightning as L
 from torch import Tensor, nn
 
-from safekd.distiller import StepRecord
-from safekd.integrations.base import FrameworkDistiller, record_metrics
+from safekd.distiller import SafeDistiller, StepRecord
+from safekd.integrations.base import record_metrics
 from safekd.spec import Spec
 
 __all__ = ["SafeKDModule"]
@@ -47,7 +48,8 @@ class SafeKDModule(L.LightningModule):
         weighting, pool, divergence, order, step_log: as for :class:`~safekd.distiller.SafeDistiller`.
 
     Attributes:
-        distiller: the :class:`FrameworkDistiller` (built at the first training step).
+        distiller: the :class:`~safekd.distiller.SafeDistiller` (built at the first training step; Lightning owns
+            backward and the optimizer step).
         last_record: the latest :class:`~safekd.distiller.StepRecord`.
     """
 
@@ -64,13 +66,13 @@ class SafeKDModule(L.LightningModule):
         self.teachers = None if teachers is None else dict(teachers)
         self.weighting = weighting
         self._distiller_kwargs = {"pool": pool, "divergence": divergence, "order": order, "log": step_log}
-        self.distiller: FrameworkDistiller | None = None
+        self.distiller: SafeDistiller | None = None
         self.last_record: StepRecord | None = None
 
     def forward(self, inputs: Any) -> Tensor:
         return self.student(inputs)
 
-    def _build_distiller(self) -> FrameworkDistiller:
+    def _build_distiller(self) -> SafeDistiller:
         optimizers = self.trainer.optimizers
         if len(optimizers) != 1:
             raise ValueError(f"SafeKDModule needs exactly one optimizer (the student's), configure_optimizers gave "
@@ -84,18 +86,19 @@ class SafeKDModule(L.LightningModule):
             weighting = weighting.to(self.device)
         elif isinstance(weighting, Mapping):
             weighting = {s: op.to(self.device) if isinstance(op, nn.Module) else op for s, op in weighting.items()}
-        return FrameworkDistiller(self.student, self.teachers, optimizers[0], self.spec, weighting=weighting,
-                                  **self._distiller_kwargs)
+        return SafeDistiller(self.student, self.teachers, optimizers[0], self.spec, weighting=weighting,
+                             **self._distiller_kwargs)
 
     def safekd_step(self, batch: Mapping[str, Any]) -> Tensor:
         """One safekd step on ``batch``: logs its scalars and returns the Lagrangian for Lightning's backward."""
         if self.distiller is None:
             self.distiller = self._build_distiller()
-        self.last_record = self.distiller.step(batch)
+        loss, pending = self.distiller.loss(batch)
+        self.last_record = self.distiller.finish_step(pending)
         inputs = batch["inputs"]
         self.log_dict(record_metrics(self.last_record), on_step=True, on_epoch=False,
                       batch_size=int(inputs.shape[0]) if isinstance(inputs, Tensor) and inputs.dim() else 1)
-        return self.distiller.take_loss()
+        return loss
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         return self.safekd_step(batch)
