@@ -7,15 +7,17 @@ Kernels (all batched over rows ``[N, K]``, no Python loop over rows):
 * box∩simplex: ``w = clamp(α + β c, lower, upper)`` with the scalar ``c`` solving ``Σ w = 1``, found exactly by
   a breakpoint search (sort the 2K breakpoints, cumulative piecewise-linear sum, linear solve on the segment).
   Euclidean: ``α = v, β = 1`` (``c = −τ``); KL: ``α = 0, β = v`` (``c = e^{−ν}``).
-* rows ``A w ≤ b``: projected semismooth Newton on the m dual variables, ``w(μ) = P_box∩Δ(v − Aᵀμ)``; the dual
-  is concave piecewise quadratic, so a Newton step on the identified piece is exact. Armijo backtracking with a
-  projected-gradient safeguard; termination when ``max_r |min(μ_r, b_r − a_r·w)| ≤ tol`` (stationarity and the
-  box∩simplex conditions hold by construction). Rows that hit ``max_iter`` are re-solved by the cvxpy reference
-  and flagged ``MAX_ITER``.
+* rows ``A w ≤ b``: the box∩simplex projection first (most rows are feasible there and are done); the rest
+  go to the batched Goldfarb–Idnani dual active-set method (:mod:`solvers.active_set`; bounds and rows are
+  inequalities, ``Σw = 1`` an equality; finite, exact up to round-off, active normals kept independent), and
+  every such row is verified by stationarity ``w = P_box∩Δ(v − Aᵀμ)`` and complementarity. Rows it cannot finish
+  (jointly empty rows, ``max_iter``) are relaxed by LP and re-solved; the cvxpy reference is the last resort,
+  flagged ``MAX_ITER``.
 * empty rows: the box is relaxed by the least ``t`` making ``Σ lower ≤ 1 ≤ Σ upper`` (closed form, a simplex
   threshold), then the halfspaces by the least uniform ``t`` with ``{A w ≤ b + t}`` non-empty:
   ``t* = min_{w∈box∩Δ} max_r (a_r·w − b_r)``; closed form (greedy fill by ascending ``a``) for one row, scipy
-  ``linprog`` (HiGHS) per affected row for several. Such rows are flagged ``RELAXED`` with ``relaxation = t``.
+  ``linprog`` (HiGHS) per affected row for several (only rows infeasible at the box∩simplex projection can be
+  empty, so only those are checked). Such rows are flagged ``RELAXED`` with ``relaxation = t``.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import math
 import torch
 from torch import Tensor
 
+from solvers.active_set import solve_active_set
 from solvers.errors import InfeasibleError
 from solvers.results import ProjectionResult, Status
 from solvers.sets import FeasibleSet
@@ -34,7 +37,6 @@ __all__ = ["project"]
 logger = logging.getLogger(__name__)
 
 _METRICS = ("euclidean", "kl")
-_MU_MAX = 1e9  # multipliers beyond _MU_MAX·(1 + max|v|) mean an unbounded dual (empty set)
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -59,8 +61,9 @@ def _box_simplex(alpha: Tensor, beta: Tensor | None, lo: Tensor, hi: Tensor) -> 
         step = torch.where(idx < K, 1.0, -1.0).to(alpha.dtype)
     else:
         step = torch.cat([beta, -beta], dim=-1).gather(-1, idx)
-    slope = step.cumsum(-1)  # slope on (bp_j, bp_{j+1})
-    gain = (slope[..., :-1] * bp_s.diff(dim=-1)).cumsum(-1)
+    tri = torch.ones(2 * K, 2 * K, dtype=alpha.dtype, device=alpha.device).triu()  # x @ tri = cumsum (a GEMM: faster)
+    slope = step @ tri  # slope on (bp_j, bp_{j+1})
+    gain = (slope[..., :-1] * bp_s.diff(dim=-1)) @ tri[:-1, :-1]
     f = torch.cat([torch.zeros_like(gain[..., :1]), gain], dim=-1) + lo.sum(-1, keepdim=True)
     j = (f < 1).sum(-1, keepdim=True)  # first breakpoint with f ≥ 1
     jm = (j - 1).clamp(0, 2 * K - 1)
@@ -76,6 +79,13 @@ def _box_simplex(alpha: Tensor, beta: Tensor | None, lo: Tensor, hi: Tensor) -> 
 def _euclid_box_simplex(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """Euclidean projection onto {lo ≤ w ≤ hi, Σw = 1} (rows of v; projection is invariant to v + const)."""
     return _box_simplex(v - v.amax(-1, keepdim=True), None, lo, hi)[0]
+
+
+def _euclid_box_simplex_u(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """``(w, u)``: the projection ``w = clamp(u, lo, hi)`` and its unclamped values ``u = v − τ``."""
+    alpha = v - v.amax(-1, keepdim=True)
+    w, c = _box_simplex(alpha, None, lo, hi)
+    return w, alpha + c
 
 
 def _kl_box_simplex(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -117,146 +127,45 @@ def _least_row_relaxation_lp(lo: Tensor, hi: Tensor, A: Tensor, b: Tensor) -> Te
     return torch.tensor(out, dtype=lo.dtype, device=lo.device)
 
 
-# ---------------------------------------------------------------------------------------------- rows: dual Newton
-def _dual_eval(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, mu: Tensor):
-    u = v - (mu[..., None] * A).sum(-2)
-    w = _euclid_box_simplex(u, lo, hi)
-    r = (A @ w[..., None])[..., 0] - b
-    q = 0.5 * (w - v).square().sum(-1) + (mu * r).sum(-1)
-    return w, r, q
+# ---------------------------------------------------------------------------------------------- rows: active set
+def _solve_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, tol: float, max_iter: int,
+                sel: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Goldfarb–Idnani active-set method on the rows ``sel`` that the box∩simplex projection ``w = clamp(u)``
+    leaves violating ``A w ≤ b``, verified by stationarity ``w = P_box∩Δ(v − Aᵀμ)``.
 
-
-def _solve_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, tol: float, max_iter: int):
-    """Projected semismooth Newton on μ ≥ 0 (m dual variables per row). Returns (w, μ, iterations, converged)."""
-    N, m, K = A.shape
-    dtype = v.dtype
-    eye = torch.eye(m, dtype=dtype, device=v.device)
-    lipschitz = A.square().sum((-1, -2)).clamp_min(1e-300)  # ‖A‖_F² ≥ ‖A‖₂²: 1/L is a safe ascent step
-    delta = 1e4 * torch.finfo(dtype).eps
-    w_out, mu_out = torch.empty_like(v), torch.zeros(N, m, dtype=dtype, device=v.device)
-    it_out = torch.zeros(N, dtype=torch.long, device=v.device)
-    conv_out = torch.zeros(N, dtype=torch.bool, device=v.device)
-    rows = torch.arange(N, device=v.device)
-    mu = torch.zeros(N, m, dtype=dtype, device=v.device)
-    w, r, q = _dual_eval(v, lo, hi, A, b, mu)
-    for k in range(max_iter + 1):
-        kkt = torch.minimum(mu, -r).abs().amax(-1)
-        done = kkt <= tol
-        if k == max_iter:
-            done = torch.ones_like(done)
-        if bool(done.any()):
-            sel = rows[done]
-            w_out[sel], mu_out[sel], it_out[sel] = w[done], mu[done], k
-            conv_out[sel] = kkt[done] <= tol
-            keep = ~done
-            if not bool(keep.any()):
-                break
-            rows, v, lo, hi, A, b, lipschitz = rows[keep], v[keep], lo[keep], hi[keep], A[keep], b[keep], lipschitz[keep]
-            mu, w, r, q = mu[keep], w[keep], r[keep], q[keep]
-        # generalised Hessian of −q on the working set: A_F (I − 11ᵀ/|F|) A_Fᵀ
-        free = (w > lo) & (w < hi)
-        Af = A * free[:, None, :].to(dtype)
-        s = Af.sum(-1)
-        nf = free.sum(-1).clamp_min(1).to(dtype)[:, None, None]
-        H = Af @ Af.transpose(-1, -2) - s[:, :, None] * s[:, None, :] / nf
-        work = ((mu > 0) | (r > 0)).to(dtype)
-        H = H * work[:, :, None] * work[:, None, :] + torch.diag_embed(1 - work) + delta * (1 + H.diagonal(0, -2, -1).amax(-1))[:, None, None] * eye
-        d = torch.linalg.solve(H, (r * work)[..., None])[..., 0]
-        mu, w, r, q = _line_search(v, lo, hi, A, b, mu, w, r, q, d, lipschitz)
-        diverged = mu.amax(-1) > _MU_MAX * (1 + v.abs().amax(-1))
-        if bool(diverged.any()):  # the dual is unbounded: the row's set is (jointly) empty → rescue path
-            sel = rows[diverged]
-            w_out[sel], mu_out[sel], it_out[sel] = w[diverged], mu[diverged], k + 1
-            keep = ~diverged
-            rows, v, lo, hi, A, b, lipschitz = rows[keep], v[keep], lo[keep], hi[keep], A[keep], b[keep], lipschitz[keep]
-            mu, w, r, q = mu[keep], w[keep], r[keep], q[keep]
-            if rows.numel() == 0:
-                break
-    return w_out, mu_out, it_out, conv_out
-
-
-def _solve_one_row(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tol: float, max_iter: int):
-    """One row a·w ≤ b: root of the nonincreasing piecewise-linear dual gradient r(μ) = a·w(μ) − b on μ ≥ 0.
-
-    Safeguarded Newton (exact once on the root's linear piece) inside a bracket [μ_L, μ_R] (r(μ_L) > 0 > r(μ_R)),
-    secant/bisection when Newton leaves the bracket, and the safe expansion μ + 2^j r/‖a‖² before a right end
-    is known (r is ‖a‖²-Lipschitz, so the root lies beyond μ + r/‖a‖²). Returns (w, μ[N,1], iterations, converged).
+    Returns ``(w, μ [N, m], iterations [N], converged [N], stationarity residual [N])``; the residual
+    ``‖P_box∩Δ(v − Aᵀμ) − w‖∞ / max(1, ‖v‖∞, ‖Aᵀμ‖∞)`` is 0 for rows feasible at ``w``.
     """
-    N, K = v.shape
-    dtype = v.dtype
-    w_out, mu_out = torch.empty_like(v), torch.zeros(N, dtype=dtype, device=v.device)
-    it_out = torch.zeros(N, dtype=torch.long, device=v.device)
-    conv_out = torch.zeros(N, dtype=torch.bool, device=v.device)
-    rows = torch.arange(N, device=v.device)
-    lip = a.square().sum(-1).clamp_min(torch.finfo(dtype).tiny)
-    mu = torch.zeros(N, dtype=dtype, device=v.device)
-    w, r, _ = _dual_eval(v, lo, hi, a[:, None, :], b[:, None], mu[:, None])
-    r = r[:, 0]
-    mu_l, r_l = mu.clone(), r.clone()
-    mu_r, r_r = torch.full_like(mu, math.inf), torch.zeros_like(r)
-    expand = torch.zeros_like(mu)
-    width = torch.full_like(mu, math.inf)
-    for k in range(max_iter + 1):
-        done = torch.minimum(mu, -r).abs() <= tol
-        if k == max_iter:
-            done = torch.ones_like(done)
-        if bool(done.any()):
-            sel = rows[done]
-            w_out[sel], mu_out[sel], it_out[sel] = w[done], mu[done], k
-            conv_out[sel] = torch.minimum(mu[done], -r[done]).abs() <= tol
-            keep = ~done
-            if not bool(keep.any()):
-                break
-            rows, v, lo, hi, a, b, lip = rows[keep], v[keep], lo[keep], hi[keep], a[keep], b[keep], lip[keep]
-            mu, w, r, mu_l, r_l, mu_r, r_r, expand, width = (t[keep] for t in (mu, w, r, mu_l, r_l, mu_r, r_r, expand, width))
-        pos, neg = r > 0, r < 0
-        mu_l, r_l = torch.where(pos, mu, mu_l), torch.where(pos, r, r_l)
-        mu_r, r_r = torch.where(neg, mu, mu_r), torch.where(neg, r, r_r)
-        free = ((w > lo) & (w < hi)).to(dtype)
-        af = a * free
-        H = af.square().sum(-1) - af.sum(-1).square() / free.sum(-1).clamp_min(1)
-        flat = H <= 1e3 * torch.finfo(dtype).eps * lip
-        newton = mu + r / torch.where(flat, torch.ones_like(H), H)
-        bracketed = torch.isfinite(mu_r)
-        inside = ~flat & (newton > mu_l) & (newton < mu_r)
-        secant = mu_l + r_l * (mu_r - mu_l) / (r_l - r_r).clamp_min(torch.finfo(dtype).tiny)
-        new_width = mu_r - mu_l
-        slow = bracketed & (new_width > 0.5 * width)  # bracket did not halve: bisect next
-        width = torch.where(bracketed, new_width, width)
-        fallback = torch.where(slow, 0.5 * (mu_l + mu_r), secant)
-        grow = mu_l + (2.0 ** expand) * r_l / lip
-        mu = torch.where(inside, newton, torch.where(bracketed, fallback, torch.maximum(grow, newton.where(~flat, grow))))
-        expand = torch.where(bracketed | inside, expand, expand + 1)
-        w, r, _ = _dual_eval(v, lo, hi, a[:, None, :], b[:, None], mu[:, None])
-        r = r[:, 0]
-    return w_out, mu_out[:, None], it_out, conv_out
+    N, m, K = A.shape
+    mu = v.new_zeros(N, m)
+    it = torch.zeros(N, dtype=torch.long, device=v.device)
+    conv = torch.ones(N, dtype=torch.bool, device=v.device)
+    stat = v.new_zeros(N)
+    if sel.numel() == 0:
+        return w, mu, it, conv, stat
+    v_s, lo_s, hi_s, A_s = v[sel], lo[sel], hi[sel], A[sel]
+    res = solve_active_set(lo_s, hi_s, A_s, b[sel], w[sel], u[sel], max_iter, feas_tol=1e-2 * tol, round_off=10 * tol)
+    # verification in float64 (the solver's precision): primal feasibility, then stationarity relative to the
+    # size of the shifted point v − Aᵀμ (multipliers are large on thin, e.g. relaxed, sets)
+    x64, mu64 = res.x, res.mu
+    lo64, hi64, A64 = lo_s.double(), hi_s.double(), A_s.double()
+    primal = torch.maximum(((A64 * x64[:, None, :]).sum(-1) - b[sel].double()).amax(-1), (x64.sum(-1) - 1).abs())
+    primal = torch.maximum(primal, torch.maximum(lo64 - x64, x64 - hi64).amax(-1))
+    shift = (mu64[..., None] * A64).sum(-2)
+    st = (_euclid_box_simplex(v_s.double() - shift, lo64, hi64) - x64).abs().amax(-1)
+    st = (st / torch.maximum(v_s.double().abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)).to(v.dtype)
+    primal = primal.to(v.dtype)
+    x = torch.minimum(torch.maximum(x64.to(v.dtype), lo_s), hi_s)
+    mu_s = mu64.to(v.dtype)
+    w, mu, it = w.index_put((sel,), x), mu.index_put((sel,), mu_s), it.index_put((sel,), res.iterations)
+    conv = conv.index_put((sel,), res.converged & (st <= 10 * tol) & (primal <= 10 * tol))
+    stat = stat.index_put((sel,), st)
+    return w, mu, it, conv, stat
 
 
-def _line_search(v, lo, hi, A, b, mu, w, r, q, d, lipschitz):
-    """Projected Armijo search over α ∈ {1, 10⁻¹, …, 10⁻¹²} on μ⁺ = [μ + αd]₊ (evaluating only rows still
-    pending); rows with no acceptable α take the projected-gradient step [μ + r/L]₊, which always ascends."""
-    mu_n, w_n, r_n, q_n = mu.clone(), w.clone(), r.clone(), q.clone()
-    pending = None  # None = every row
-    alpha = 1.0
-    for _ in range(13):
-        sub = (lambda t: t) if pending is None else (lambda t: t[pending])
-        mu_s, r_s, q_s = sub(mu), sub(r), sub(q)
-        cand = (mu_s + alpha * sub(d)).clamp_min(0)
-        wc, rc, qc = _dual_eval(sub(v), sub(lo), sub(hi), sub(A), sub(b), cand)
-        ok = qc >= q_s + 1e-4 * (r_s * (cand - mu_s)).sum(-1) - 1e-14 * (1 + q_s.abs())
-        if pending is None and bool(ok.all()):
-            return cand, wc, rc, qc
-        idx = torch.arange(mu.shape[0], device=mu.device) if pending is None else pending
-        acc = idx[ok]
-        mu_n[acc], w_n[acc], r_n[acc], q_n[acc] = cand[ok], wc[ok], rc[ok], qc[ok]
-        pending = idx[~ok]
-        if pending.numel() == 0:
-            return mu_n, w_n, r_n, q_n
-        alpha *= 0.1
-    cand = (mu[pending] + r[pending] / lipschitz[pending, None]).clamp_min(0)
-    wc, rc, qc = _dual_eval(v[pending], lo[pending], hi[pending], A[pending], b[pending], cand)
-    mu_n[pending], w_n[pending], r_n[pending], q_n[pending] = cand, wc, rc, qc
-    return mu_n, w_n, r_n, q_n
+def _violated(w: Tensor, A: Tensor, b: Tensor, tol: float) -> Tensor:
+    """Indices of the rows with max_r (a_r·w − b_r) > tol."""
+    return (((A * w[:, None, :]).sum(-1) - b).amax(-1) > tol).nonzero()[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------- autograd
@@ -336,62 +245,69 @@ def project(
     fset: FeasibleSet,
     metric: str = "euclidean",
     return_info: bool = False,
-    max_iter: int = 50,
+    max_iter: int | None = None,
 ) -> Tensor | tuple[Tensor, ProjectionResult]:
     """Exact batched projection of ``v[..., K]`` onto ``fset`` (same shape, dtype, device out).
 
     ``metric="euclidean"``: argmin ½‖w − v‖²; ``metric="kl"``: argmin KL(w‖v) for probabilities ``v > 0``
     (box∩simplex sets only). Empty rows are solved on the least-relaxed set and flagged ``RELAXED``; a set
-    empty in every row raises :class:`~solvers.InfeasibleError`. Differentiable in ``v``.
+    empty in every row raises :class:`~solvers.InfeasibleError`. Differentiable in ``v``. ``max_iter`` bounds
+    the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference (``MAX_ITER``).
     """
     fset = _validate(v, fset, metric)
     shape, K, m = v.shape, fset.K, fset.num_rows
     batch = shape[:-1]
     N = math.prod(batch)
-    e = fset.expand(batch)
-    lo, hi = e.lower.reshape(N, K), e.upper.reshape(N, K)
-    A, b = e.A.reshape(N, m, K), e.b.reshape(N, m)
+    lo, hi = fset.lower.expand(*batch, K).reshape(N, K), fset.upper.expand(*batch, K).reshape(N, K)
+    A, b = fset.A.expand(*batch, m, K).reshape(N, m, K), fset.b.expand(*batch, m).reshape(N, m)
     vf = v.detach().reshape(N, K)
     tol = _tolerance(v.dtype)
+    if max_iter is None:
+        max_iter = 4 * (2 * K + m + 1)
+    elif not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int or None, got {max_iter!r}")
     zero = vf.new_zeros(N)
     status = torch.zeros(N, dtype=torch.long, device=v.device)
-    relax = zero
+    relax, stat = zero, zero
+    it = torch.zeros(N, dtype=torch.long, device=v.device)
+    info_mu = vf.new_zeros(N, m)
     if N == 0:
         w = v.detach().clone()
-        info_mu = vf.new_zeros(N, m)
-        it = torch.zeros(N, dtype=torch.long, device=v.device)
     else:
         t_box = _box_relaxation(lo, hi)
         if bool((t_box > 0).any()):
             lo, hi = (lo - t_box[:, None]).clamp_min(0), (hi + t_box[:, None]).clamp_max(1)
         relax = t_box
-        it = torch.zeros(N, dtype=torch.long, device=v.device)
-        info_mu = vf.new_zeros(N, m)
-        if m:
-            t_row = (_min_linear(A, lo, hi) - b).amax(-1).clamp_min(0)
-            if m > 1 and bool((t_row > 0).any()):
-                sel = (t_row > 0).nonzero()[:, 0]
-                t_row = t_row.index_put((sel,), _least_row_relaxation_lp(lo[sel], hi[sel], A[sel], b[sel]).clamp_min(0))
-            b = b + t_row[:, None]
-            relax = torch.maximum(relax, t_row)
-        _raise_if_all_empty(relax, tol, e, batch)
-        status = torch.where(relax > tol, int(Status.RELAXED), status)
         if metric == "kl":
+            _raise_if_all_empty(relax, tol, fset, batch)
             w = _kl_box_simplex(vf, lo, hi)
         elif m == 0:
+            _raise_if_all_empty(relax, tol, fset, batch)
             w = _euclid_box_simplex(vf, lo, hi)
         else:
-            w, info_mu, it, conv = (_solve_one_row(vf, lo, hi, A[:, 0], b[:, 0], tol, max_iter) if m == 1
-                                    else _solve_rows(vf, lo, hi, A, b, tol, max_iter))
+            w, u = _euclid_box_simplex_u(vf, lo, hi)
+            sel = _violated(w, A, b, tol)  # most rows are feasible here: only the rest need work
+            if sel.numel():  # rows are empty only if violated at w: relax those by the least uniform t
+                t_row = (_min_linear(A[sel], lo[sel], hi[sel]) - b[sel]).amax(-1).clamp_min(0)
+                if m > 1 and bool((t_row > 0).any()):
+                    s2 = (t_row > 0).nonzero()[:, 0]
+                    t_lp = _least_row_relaxation_lp(lo[sel[s2]], hi[sel[s2]], A[sel[s2]], b[sel[s2]]).clamp_min(0)
+                    t_row = t_row.index_put((s2,), t_lp)
+                b = b.index_put((sel,), b[sel] + t_row[:, None])
+                relax = relax.index_put((sel,), torch.maximum(relax[sel], t_row))
+            _raise_if_all_empty(relax, tol, fset, batch)
+            w, info_mu, it, conv, stat = _solve_rows(vf, lo, hi, A, b, tol, max_iter, sel, w, u)
             if not bool(conv.all()):
-                w, info_mu, status, relax, b = _rescue(vf, lo, hi, A, b, w, info_mu, status, relax, conv, tol, max_iter)
-                _raise_if_all_empty(relax, tol, e, batch)
+                w, info_mu, it, status, relax, b, stat = _rescue(vf, lo, hi, A, b, w, info_mu, it, status, relax, conv,
+                                                                 stat, tol, max_iter)
+                _raise_if_all_empty(relax, tol, fset, batch)
+        status = torch.where((relax > tol) & (status == int(Status.OPTIMAL)), int(Status.RELAXED), status)
     active_lower, active_upper = w <= lo, w >= hi
     free = ~(active_lower | active_upper)
     active = info_mu > 0
-    kkt = (w.sum(-1) - 1).abs()
+    kkt = torch.maximum((w.sum(-1) - 1).abs(), stat)
     if m:
-        kkt = torch.maximum(kkt, torch.minimum(info_mu, -((A @ w[..., None])[..., 0] - b)).abs().amax(-1))
+        kkt = torch.maximum(kkt, torch.minimum(info_mu, b - (A * w[:, None, :]).sum(-1)).abs().amax(-1))
     bad = ~(kkt <= 10 * tol) & (status != int(Status.MAX_ITER))
     if bool(bad.any()):
         logger.warning("project: %d row(s) failed KKT verification (tol %.1e)", int(bad.sum()), 10 * tol)
@@ -420,31 +336,33 @@ def _raise_if_all_empty(relax: Tensor, tol: float, fset: FeasibleSet, batch: tor
     if bool((relax > tol).all()):
         from solvers.diagnosis import diagnose
 
-        diag = diagnose(fset[(0,) * len(batch)] if batch else fset)
+        diag = diagnose(fset.expand(batch)[(0,) * len(batch)] if batch else fset)
         raise InfeasibleError(f"the feasible set is empty in every row; {diag.message}", diag)
 
 
-def _rescue(vf, lo, hi, A, b, w, mu, status, relax, conv, tol, max_iter):
-    """Rows where Newton hit ``max_iter``: detect joint emptiness by LP (relax and re-solve), else fall back
-    to the cvxpy reference for those rows only, flagged ``MAX_ITER``."""
+def _rescue(vf, lo, hi, A, b, w, mu, it, status, relax, conv, stat, tol, max_iter):
+    """Rows the active-set method could not finish (jointly empty rows make it stall; otherwise round-off or
+    ``max_iter``): relax by the least uniform ``t`` (LP) and re-solve; rows still unverified get the cvxpy
+    reference, flagged ``MAX_ITER`` (last resort)."""
     from solvers import reference
 
     sel = (~conv).nonzero()[:, 0]
     t = _least_row_relaxation_lp(lo[sel], hi[sel], A[sel], b[sel]).clamp_min(0)
     b = b.index_put((sel,), b[sel] + t[:, None])
     relax = relax.index_put((sel,), torch.maximum(relax[sel], t))
-    if A.shape[1] == 1:
-        w2, mu2, _, conv2 = _solve_one_row(vf[sel], lo[sel], hi[sel], A[sel, 0], b[sel, 0], tol, max_iter)
-    else:
-        w2, mu2, _, conv2 = _solve_rows(vf[sel], lo[sel], hi[sel], A[sel], b[sel], tol, max_iter)
-    w, mu = w.index_put((sel,), w2), mu.index_put((sel,), mu2)
-    status = status.index_put((sel,), torch.where(t > tol, int(Status.RELAXED), status[sel]))
+    w2, u2 = _euclid_box_simplex_u(vf[sel], lo[sel], hi[sel])
+    w2, mu2, it2, conv2, stat2 = _solve_rows(vf[sel], lo[sel], hi[sel], A[sel], b[sel], tol, max_iter,
+                                             _violated(w2, A[sel], b[sel], tol), w2, u2)
+    w, mu, stat = w.index_put((sel,), w2), mu.index_put((sel,), mu2), stat.index_put((sel,), stat2)
+    it = it.index_put((sel,), it[sel] + it2)
     if not bool(conv2.all()):
         bad = sel[~conv2]
-        logger.warning("project: %d row(s) hit max_iter=%d; using the cvxpy reference for them", bad.numel(), max_iter)
+        logger.warning("project: %d row(s) not solved by the active-set method (max_iter=%d); using the cvxpy "
+                       "reference for them (status MAX_ITER)", bad.numel(), max_iter)
         fs = FeasibleSet(lo[bad], hi[bad], A[bad], b[bad], tuple(f"row{r}" for r in range(A.shape[1])))
         wr, info = reference.project(vf[bad], fs, return_info=True)
         w = w.index_put((bad,), wr)
         mu = mu.index_put((bad,), info.multipliers)
+        stat = stat.index_put((bad,), torch.zeros_like(stat[bad]))
         status = status.index_put((bad,), torch.full_like(bad, int(Status.MAX_ITER)))
-    return w, mu, status, relax, b
+    return w, mu, it, status, relax, b, stat
