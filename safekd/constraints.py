@@ -336,7 +336,7 @@ class GroupCap(TeacherWeightConstraint):
         return self.teachers
 
     def apply_static(self, fset: Any, index: Mapping[str, int], safety: Tensor | None) -> Any:
-        return fset.group_cap([index[t] for t in self.teachers], self.threshold, name=self.name)
+        return fset.group_cap([index[t] for t in self.teachers], self.threshold, name=self.name, hard=True)
 
     def _args(self) -> dict[str, Any]:
         return {"teachers": list(self.teachers), "max": self.threshold}
@@ -369,7 +369,7 @@ class SafetyOrder(TeacherWeightConstraint):
         if safety is None:
             raise ValueError(f"constraint {self.name!r}: needs teacher safety scores; set `safety:` on every teacher "
                              "in the spec or pass `scores=` to safety_order()")
-        return fset.order_by(safety.to(dtype=fset.lower.dtype, device=fset.lower.device), name=self.name)
+        return fset.order_by(safety.to(dtype=fset.lower.dtype, device=fset.lower.device), name=self.name, hard=True)
 
     def _args(self) -> dict[str, Any]:
         return {} if self.scores is None else {"scores": dict(self.scores)}

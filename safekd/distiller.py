@@ -22,7 +22,6 @@ frameworks that own backward and the optimizer call ``loss`` and ``finish_step``
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -477,13 +476,9 @@ class SafeDistiller:
         relaxed = torch.zeros(n, dtype=torch.bool, device=v.device)
         stats.update(projected_tokens=int(todo.numel()))
         if todo.numel():
-            e = fs.expand((n,))
-            sub = solvers.FeasibleSet(e.lower[todo], e.upper[todo], e.A[todo], e.b[todo], fs.row_names,
-                                      fs.lower_names, fs.upper_names)
-            if self.token_constraints:
-                w_sub, info = _project_keeping_empty_sets(v[todo], sub, self._static_set(v.dtype, v.device))
-            else:  # the static set alone was checked non-empty at construction
-                w_sub, info = solvers.project(v[todo], sub, return_info=True)
+            # static rows are hard (their set was checked non-empty at construction); where a token's set is
+            # empty only its per-token rows are relaxed, and its target is corrected afterwards
+            w_sub, info = solvers.project(v[todo], fs.expand((n,))[todo], return_info=True, on_all_empty="relax")
             w_sub = w_sub.clamp_min(0)  # round-off can leave −1e-15; log w must exist
             w[todo] = w_sub / w_sub.sum(-1, keepdim=True)
             # a relaxed row may carry MAX_ITER when the solver's fallback finished it: read the relaxation itself
@@ -673,9 +668,7 @@ class SafeDistiller:
         idx = idx[~t.relaxed[mask][idx]][:rows]
         if idx.numel() == 0:
             return {"rows": 0, "max_abs_diff": 0.0}
-        e = t.feasible_set.to(dtype=torch.float64).expand((n,))
-        sub = solvers.FeasibleSet(e.lower[idx], e.upper[idx], e.A[idx], e.b[idx], e.row_names, e.lower_names,
-                                  e.upper_names)
+        sub = t.feasible_set.to(dtype=torch.float64).expand((n,))[idx]
         ref, info = solvers.reference.project(v_all[idx].double(), sub, return_info=True)
         keep = info.status == int(solvers.Status.OPTIMAL)
         diff = (t.weights[mask][idx].double() - ref).abs().amax(-1)[keep]
@@ -754,27 +747,6 @@ def _mean_scale(total: Tensor, world: int) -> Tensor:
     return torch.where(positive, world / torch.where(positive, total, torch.ones_like(total)), torch.zeros_like(total))
 
 
-def _project_keeping_empty_sets(v: Tensor, fset: solvers.FeasibleSet, static: solvers.FeasibleSet
-                                ) -> tuple[Tensor, solvers.ProjectionResult]:
-    """``solvers.project(v [m, K], fset, return_info=True)`` that also works when EVERY row's set is empty.
-
-    ``solvers.project`` relaxes rows whose set is empty (status RELAXED) but raises ``InfeasibleError`` when all
-    rows are empty, whereas the distiller must relax every empty token set and correct its target. One sentinel
-    row is appended — the ``static`` set (checked non-empty at construction) with the per-token rows of ``fset``
-    made non-binding (0·w ≤ 1), at the uniform point — and dropped from the result. Remove once
-    ``solvers.project`` can be asked not to raise.
-    """
-    m, K = v.shape
-    extra = fset.num_rows - static.num_rows  # the per-token rows follow the static ones
-    A = torch.cat([fset.A, torch.cat([static.A, v.new_zeros(extra, K)]).unsqueeze(0)])
-    b = torch.cat([fset.b, torch.cat([static.b, v.new_ones(extra)]).unsqueeze(0)])
-    padded = solvers.FeasibleSet(torch.cat([fset.lower, static.lower.unsqueeze(0)]),
-                                 torch.cat([fset.upper, static.upper.unsqueeze(0)]), A, b, fset.row_names,
-                                 fset.lower_names, fset.upper_names)
-    w, info = solvers.project(torch.cat([v, v.new_full((1, K), 1.0 / K)]), padded, return_info=True)
-    drop = {f.name: getattr(info, f.name)[:m] for f in dataclasses.fields(info)
-            if isinstance(getattr(info, f.name), Tensor) and getattr(info, f.name).dim() > 0}
-    return w[:m], dataclasses.replace(info, **drop)
 def _projection_dtype(v: Tensor) -> torch.dtype:
     """Weights are projected in float64 (N×K is tiny next to the vocabulary work) except where the device lacks it."""
     return v.dtype if v.device.type == "mps" else torch.float64

@@ -36,18 +36,50 @@ def _lp(c, A_ub, b_ub, A_eq, b_eq, bounds):
     return res
 
 
-def least_uniform_relaxation(lo: np.ndarray, hi: np.ndarray, A: np.ndarray, b: np.ndarray) -> float:
-    """t* = min_{w ∈ box∩Δ} max_r (a_r·w − b_r) (may be negative: the set has slack) for one row's set."""
-    K, m = lo.shape[0], A.shape[0]
-    c = np.zeros(K + 1)
-    c[-1] = 1.0
-    A_ub = np.hstack([A, -np.ones((m, 1))])
-    A_eq = np.hstack([np.ones((1, K)), np.zeros((1, 1))])
-    bounds = [(float(l), float(h)) for l, h in zip(lo, hi)] + [(None, None)]
-    res = _lp(c, A_ub, b, A_eq, np.ones(1), bounds)
+def least_uniform_relaxation(lo: np.ndarray, hi: np.ndarray, A: np.ndarray, b: np.ndarray,
+                             hard: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per batch element n: t*_n = min max_{r soft} (a_r·w − b_r) over w ∈ box∩Δ with the hard rows kept
+    (``a_h·w ≤ b_h``); negative t* means the set has slack. ``lo, hi: [n, K]``, ``A: [n, m, K]``, ``b: [n, m]``,
+    ``hard: [m]`` bool (default: every row soft) → ``(t [n], relaxes [n, m] bool)``: the rows to add ``t`` to.
+
+    All elements are solved in ONE block-diagonal HiGHS LP (variables ``(w_n, t_n)``, objective ``Σ_n t_n``,
+    which the blocks minimise separately). An element whose hard rows are jointly empty with its box relaxes
+    every row instead.
+    """
+    from scipy.sparse import coo_matrix
+
+    lo, hi, A, b = (np.asarray(x, dtype=np.float64) for x in (lo, hi, A, b))
+    n, m, K = A.shape
+    hard = np.zeros(m, dtype=bool) if hard is None else np.asarray(hard, dtype=bool)
+    if hard.all():  # nothing may move: relax every row instead
+        hard = np.zeros(m, dtype=bool)
+    if n == 0:
+        return np.zeros(0), np.zeros((0, m), dtype=bool)
+    V = K + 1  # variables per element: w (K), t (1)
+    col = (np.arange(n)[:, None, None] * V + np.arange(K)[None, None, :]).repeat(m, axis=1)  # [n, m, K]
+    row = np.broadcast_to((np.arange(n)[:, None] * m + np.arange(m)[None, :])[..., None], (n, m, K))
+    soft_rows = (np.arange(n)[:, None] * m + np.nonzero(~hard)[0][None, :]).ravel()
+    rows = np.concatenate([row.ravel(), soft_rows])
+    cols = np.concatenate([col.ravel(), np.repeat(np.arange(n) * V + K, int((~hard).sum()))])
+    vals = np.concatenate([A.ravel(), -np.ones(soft_rows.size)])
+    A_ub = coo_matrix((vals, (rows, cols)), shape=(n * m, n * V)).tocsr()
+    A_eq = coo_matrix((np.ones(n * K), (np.repeat(np.arange(n), K), (np.arange(n)[:, None] * V + np.arange(K)).ravel())),
+                      shape=(n, n * V)).tocsr()
+    c = np.zeros(n * V)
+    c[K::V] = 1.0
+    bounds = np.full((n, V, 2), np.nan)
+    bounds[:, :K, 0], bounds[:, :K, 1] = lo, hi
+    bounds[:, K, 0], bounds[:, K, 1] = -np.inf, np.inf
+    res = linprog(c, A_ub=A_ub, b_ub=b.ravel(), A_eq=A_eq, b_eq=np.ones(n), bounds=bounds.reshape(-1, 2),
+                  method="highs")
+    if res.status == 2 and hard.any():  # some element's hard rows are jointly empty: find it, relax all its rows
+        if n == 1:
+            return least_uniform_relaxation(lo, hi, A, b, None)
+        parts = [least_uniform_relaxation(lo[i:i + 1], hi[i:i + 1], A[i:i + 1], b[i:i + 1], hard) for i in range(n)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     if res.status != 0:
-        raise SolverError(f"least_uniform_relaxation: box∩simplex is empty (linprog status {res.status})")
-    return float(res.fun)
+        raise SolverError(f"least_uniform_relaxation: linprog(method='highs') status {res.status}: {res.message}")
+    return res.x[K::V].copy(), np.broadcast_to(~hard, (n, m)).copy()
 
 
 @dataclass(frozen=True)

@@ -118,13 +118,15 @@ def _min_linear(a: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return (a * lo_e).sum(-1) + (a_s * fill).sum(-1)
 
 
-def _least_row_relaxation_lp(lo: Tensor, hi: Tensor, A: Tensor, b: Tensor) -> Tensor:
-    """t* = min_{w∈box∩Δ} max_r (a_r·w − b_r) per row by scipy linprog (HiGHS); rare path, CPU → [n]."""
+def _relax_rows_lp(lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, soft: Tensor) -> tuple[Tensor, Tensor]:
+    """Least uniform relaxation of the soft rows, per row of the batch, all in one scipy HiGHS LP (rare path,
+    CPU): returns ``(t [n] ≥ 0, relaxed b [n, m])``; see :func:`solvers.diagnosis.least_uniform_relaxation`."""
     from solvers.diagnosis import least_uniform_relaxation
 
-    out = [least_uniform_relaxation(lo[i].cpu().double().numpy(), hi[i].cpu().double().numpy(),
-                                    A[i].cpu().double().numpy(), b[i].cpu().double().numpy()) for i in range(lo.shape[0])]
-    return torch.tensor(out, dtype=lo.dtype, device=lo.device)
+    t, rows = least_uniform_relaxation(*(x.detach().cpu().double().numpy() for x in (lo, hi, A, b)),
+                                       hard=(~soft).cpu().numpy())
+    t = torch.as_tensor(t, dtype=lo.dtype, device=lo.device).clamp_min(0)
+    return t, b + t[:, None] * torch.as_tensor(rows, device=b.device).to(b.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- rows: active set
@@ -246,15 +248,21 @@ def project(
     metric: str = "euclidean",
     return_info: bool = False,
     max_iter: int | None = None,
+    on_all_empty: str = "raise",
 ) -> Tensor | tuple[Tensor, ProjectionResult]:
     """Exact batched projection of ``v[..., K]`` onto ``fset`` (same shape, dtype, device out).
 
     ``metric="euclidean"``: argmin ½‖w − v‖²; ``metric="kl"``: argmin KL(w‖v) for probabilities ``v > 0``
-    (box∩simplex sets only). Empty rows are solved on the least-relaxed set and flagged ``RELAXED``; a set
-    empty in every row raises :class:`~solvers.InfeasibleError`. Differentiable in ``v``. ``max_iter`` bounds
+    (box∩simplex sets only). Empty rows are solved on the least-relaxed set (bounds first, then the soft rows
+    by the least uniform amount; ``FeasibleSet.hard_rows`` are kept) and flagged ``RELAXED``; a set empty in
+    every row raises :class:`~solvers.InfeasibleError` unless ``on_all_empty="relax"`` (callers that handle
+    relaxed rows themselves). Differentiable in ``v``. ``max_iter`` bounds
     the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference (``MAX_ITER``).
     """
     fset = _validate(v, fset, metric)
+    if on_all_empty not in ("raise", "relax"):
+        raise ValueError(f"on_all_empty must be 'raise' or 'relax', got {on_all_empty!r}")
+    check_empty = on_all_empty == "raise"
     shape, K, m = v.shape, fset.K, fset.num_rows
     batch = shape[:-1]
     N = math.prod(batch)
@@ -279,28 +287,32 @@ def project(
             lo, hi = (lo - t_box[:, None]).clamp_min(0), (hi + t_box[:, None]).clamp_max(1)
         relax = t_box
         if metric == "kl":
-            _raise_if_all_empty(relax, tol, fset, batch)
+            _raise_if_all_empty(relax, tol, fset, batch, check_empty)
             w = _kl_box_simplex(vf, lo, hi)
         elif m == 0:
-            _raise_if_all_empty(relax, tol, fset, batch)
+            _raise_if_all_empty(relax, tol, fset, batch, check_empty)
             w = _euclid_box_simplex(vf, lo, hi)
         else:
+            soft = torch.tensor([not h for h in fset.hard_rows], dtype=torch.bool, device=v.device)
             w, u = _euclid_box_simplex_u(vf, lo, hi)
             sel = _violated(w, A, b, tol)  # most rows are feasible here: only the rest need work
             if sel.numel():  # rows are empty only if violated at w: relax those by the least uniform t
+                # a lower bound on the least relaxation t*, exact (greedy fill) for a single row
                 t_row = (_min_linear(A[sel], lo[sel], hi[sel]) - b[sel]).amax(-1).clamp_min(0)
                 if m > 1 and bool((t_row > 0).any()):
-                    s2 = (t_row > 0).nonzero()[:, 0]
-                    t_lp = _least_row_relaxation_lp(lo[sel[s2]], hi[sel[s2]], A[sel[s2]], b[sel[s2]]).clamp_min(0)
-                    t_row = t_row.index_put((s2,), t_lp)
-                b = b.index_put((sel,), b[sel] + t_row[:, None])
-                relax = relax.index_put((sel,), torch.maximum(relax[sel], t_row))
-            _raise_if_all_empty(relax, tol, fset, batch)
+                    s2 = sel[(t_row > 0).nonzero()[:, 0]]
+                    t_lp, b_lp = _relax_rows_lp(lo[s2], hi[s2], A[s2], b[s2], soft)
+                    b = b.index_put((s2,), b_lp)
+                    relax = relax.index_put((s2,), torch.maximum(relax[s2], t_lp))
+                elif m == 1:
+                    b = b.index_put((sel,), b[sel] + t_row[:, None])
+                    relax = relax.index_put((sel,), torch.maximum(relax[sel], t_row))
+            _raise_if_all_empty(relax, tol, fset, batch, check_empty)
             w, info_mu, it, conv, stat = _solve_rows(vf, lo, hi, A, b, tol, max_iter, sel, w, u)
             if not bool(conv.all()):
-                w, info_mu, it, status, relax, b, stat = _rescue(vf, lo, hi, A, b, w, info_mu, it, status, relax, conv,
-                                                                 stat, tol, max_iter)
-                _raise_if_all_empty(relax, tol, fset, batch)
+                w, info_mu, it, status, relax, b, stat = _rescue(vf, lo, hi, A, b, soft, w, info_mu, it, status, relax,
+                                                                 conv, stat, tol, max_iter)
+                _raise_if_all_empty(relax, tol, fset, batch, check_empty)
         status = torch.where((relax > tol) & (status == int(Status.OPTIMAL)), int(Status.RELAXED), status)
     active_lower, active_upper = w <= lo, w >= hi
     free = ~(active_lower | active_upper)
@@ -331,24 +343,24 @@ def project(
     return out, info
 
 
-def _raise_if_all_empty(relax: Tensor, tol: float, fset: FeasibleSet, batch: torch.Size) -> None:
-    """A set that is empty in every row is an error (diagnosed on the first row)."""
-    if bool((relax > tol).all()):
+def _raise_if_all_empty(relax: Tensor, tol: float, fset: FeasibleSet, batch: torch.Size, check: bool) -> None:
+    """A set that is empty in every row is an error (diagnosed on the first row), if ``check``."""
+    if check and bool((relax > tol).all()):
         from solvers.diagnosis import diagnose
 
         diag = diagnose(fset.expand(batch)[(0,) * len(batch)] if batch else fset)
         raise InfeasibleError(f"the feasible set is empty in every row; {diag.message}", diag)
 
 
-def _rescue(vf, lo, hi, A, b, w, mu, it, status, relax, conv, stat, tol, max_iter):
+def _rescue(vf, lo, hi, A, b, soft, w, mu, it, status, relax, conv, stat, tol, max_iter):
     """Rows the active-set method could not finish (jointly empty rows make it stall; otherwise round-off or
     ``max_iter``): relax by the least uniform ``t`` (LP) and re-solve; rows still unverified get the cvxpy
     reference, flagged ``MAX_ITER`` (last resort)."""
     from solvers import reference
 
     sel = (~conv).nonzero()[:, 0]
-    t = _least_row_relaxation_lp(lo[sel], hi[sel], A[sel], b[sel]).clamp_min(0)
-    b = b.index_put((sel,), b[sel] + t[:, None])
+    t, b_sel = _relax_rows_lp(lo[sel], hi[sel], A[sel], b[sel], soft)
+    b = b.index_put((sel,), b_sel)
     relax = relax.index_put((sel,), torch.maximum(relax[sel], t))
     w2, u2 = _euclid_box_simplex_u(vf[sel], lo[sel], hi[sel])
     w2, mu2, it2, conv2, stat2 = _solve_rows(vf[sel], lo[sel], hi[sel], A[sel], b[sel], tol, max_iter,
@@ -359,7 +371,8 @@ def _rescue(vf, lo, hi, A, b, w, mu, it, status, relax, conv, stat, tol, max_ite
         bad = sel[~conv2]
         logger.warning("project: %d row(s) not solved by the active-set method (max_iter=%d); using the cvxpy "
                        "reference for them (status MAX_ITER)", bad.numel(), max_iter)
-        fs = FeasibleSet(lo[bad], hi[bad], A[bad], b[bad], tuple(f"row{r}" for r in range(A.shape[1])))
+        fs = FeasibleSet(lo[bad], hi[bad], A[bad], b[bad], tuple(f"row{r}" for r in range(A.shape[1])),
+                         hard_rows=tuple(bool(h) for h in ~soft))
         wr, info = reference.project(vf[bad], fs, return_info=True)
         w = w.index_put((bad,), wr)
         mu = mu.index_put((bad,), info.multipliers)

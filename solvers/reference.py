@@ -90,6 +90,7 @@ def project(
     lo = (lo_t - t_box[:, None]).clamp_min(0).numpy()
     hi = (hi_t + t_box[:, None]).clamp_max(1).numpy()
     A, b = e.A.reshape(N, m, K).numpy(), e.b.reshape(N, m).numpy().copy()
+    hard = np.array(fset.hard_rows, dtype=bool)
     vv = v.detach().reshape(N, K).to("cpu", torch.float64).numpy()
     if metric == "kl":
         vv = np.log(vv)
@@ -105,8 +106,9 @@ def project(
         if prob.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE) and m:
             from solvers.diagnosis import least_uniform_relaxation
 
-            t = max(least_uniform_relaxation(lo[n], hi[n], A[n], b[n]), 0.0)
-            b[n] += t
+            t, rows = least_uniform_relaxation(lo[n:n + 1], hi[n:n + 1], A[n:n + 1], b[n:n + 1], hard)
+            t = max(float(t[0]), 0.0)
+            b[n] += t * rows[0]
             relax[n] = max(relax[n], t)
             params["b"].value = b[n]
             _solve(prob, solver, opts)

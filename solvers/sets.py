@@ -42,6 +42,8 @@ class FeasibleSet:
 
     ``lower``/``upper`` are clipped to [0, 1] (the simplex implies those bounds). ``lower_names[i]`` /
     ``upper_names[i]`` name the constraint that set bound ``i`` (``None`` = structural 0 or 1).
+    ``hard_rows[r]`` marks row ``r`` as never relaxed: where a batch element's set is empty, only the other
+    (soft) rows are relaxed, by the least uniform amount (all rows are soft by default).
     """
 
     lower: Tensor
@@ -51,6 +53,7 @@ class FeasibleSet:
     row_names: tuple[str, ...] = ()
     lower_names: tuple[str | None, ...] = ()
     upper_names: tuple[str | None, ...] = ()
+    hard_rows: tuple[bool, ...] = ()
     _batch_shape: torch.Size = field(default=torch.Size(), repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +87,9 @@ class FeasibleSet:
             raise ValueError(f"batch dims of lower/upper/A/b do not broadcast: {exc}") from None
         if len(self.row_names) != m:
             raise ValueError(f"row_names must have length m={m}, got {len(self.row_names)}")
+        hard = tuple(bool(h) for h in self.hard_rows) or (False,) * m
+        if len(hard) != m:
+            raise ValueError(f"hard_rows must have length m={m}, got {len(hard)}")
         ln = self.lower_names or (None,) * K
         un = self.upper_names or (None,) * K
         if len(ln) != K or len(un) != K:
@@ -98,6 +104,7 @@ class FeasibleSet:
         object.__setattr__(self, "upper", upper.clamp(0.0, 1.0))
         object.__setattr__(self, "lower_names", tuple(ln))
         object.__setattr__(self, "upper_names", tuple(un))
+        object.__setattr__(self, "hard_rows", hard)
         object.__setattr__(self, "_batch_shape", torch.Size(batch))
 
     # ------------------------------------------------------------------ constructors
@@ -166,8 +173,9 @@ class FeasibleSet:
                           upper_names=tuple(f"{name}.upper[{i}]" for i in range(self.K)))
         return out
 
-    def _add_rows(self, a: Tensor, b: Tensor, names: tuple[str, ...]) -> "FeasibleSet":
-        """Append rows ``a: [..., r, K]``, ``b: [..., r]`` (broadcast against the existing batch)."""
+    def _add_rows(self, a: Tensor, b: Tensor, names: tuple[str, ...], hard: bool) -> "FeasibleSet":
+        """Append rows ``a: [..., r, K]``, ``b: [..., r]`` (broadcast against the existing batch); ``hard``: never
+        relaxed when a batch element's set is empty."""
         batch = torch.broadcast_shapes(self.A.shape[:-2], self.b.shape[:-1], a.shape[:-2], b.shape[:-1])
         m, r = self.num_rows, a.shape[-2]
         A = torch.cat([self.A.expand(*batch, m, self.K), a.expand(*batch, r, self.K)], dim=-2)
@@ -177,35 +185,37 @@ class FeasibleSet:
             if n in taken:
                 raise ValueError(f"row name {n!r} is already used")
             taken.add(n)
-        return replace(self, A=A, b=bb, row_names=self.row_names + names)
+        return replace(self, A=A, b=bb, row_names=self.row_names + names, hard_rows=self.hard_rows + (hard,) * r)
 
-    def halfspace(self, a: Scalar | Sequence[float], bound: Scalar, name: str | None = None) -> "FeasibleSet":
+    def halfspace(self, a: Scalar | Sequence[float], bound: Scalar, name: str | None = None, *,
+                  hard: bool = False) -> "FeasibleSet":
         """Row a·w ≤ bound; ``a: [K]`` or ``[..., K]``, ``bound`` scalar or ``[...]`` (per-token allowed)."""
         a_t = _as_tensor("a", a, self.lower)
         if a_t.dim() < 1 or a_t.shape[-1] != self.K:
             raise ValueError(f"a must have shape [..., K={self.K}], got {tuple(a_t.shape)}")
         b_t = _as_tensor("bound", bound, self.lower)
-        return self._add_rows(a_t[..., None, :], b_t[..., None], (name or f"halfspace[{self.num_rows}]",))
+        return self._add_rows(a_t[..., None, :], b_t[..., None], (name or f"halfspace[{self.num_rows}]",), hard)
 
-    def group_cap(self, indices: Sequence[int], value: Scalar, name: str | None = None) -> "FeasibleSet":
+    def group_cap(self, indices: Sequence[int], value: Scalar, name: str | None = None, *,
+                  hard: bool = False) -> "FeasibleSet":
         """Group budget Σ_{i∈G} w_i ≤ value."""
         idx = [self._index(i) for i in indices]
         if not idx:
             raise ValueError("indices must name at least one coordinate")
         a = torch.zeros(self.K, dtype=self.dtype, device=self.device)
         a[idx] = 1.0
-        return self.halfspace(a, value, name or f"group_cap{tuple(idx)}")
+        return self.halfspace(a, value, name or f"group_cap{tuple(idx)}", hard=hard)
 
-    def order(self, i: int, j: int, name: str | None = None) -> "FeasibleSet":
+    def order(self, i: int, j: int, name: str | None = None, *, hard: bool = False) -> "FeasibleSet":
         """Ordinal row w_i ≥ w_j, stored as w_j − w_i ≤ 0."""
         i, j = self._index(i), self._index(j)
         if i == j:
             raise ValueError("order(i, j) needs i != j")
         a = torch.zeros(self.K, dtype=self.dtype, device=self.device)
         a[j], a[i] = 1.0, -1.0
-        return self.halfspace(a, 0.0, name or f"order(w{i}>=w{j})")
+        return self.halfspace(a, 0.0, name or f"order(w{i}>=w{j})", hard=hard)
 
-    def order_by(self, scores: Tensor | Sequence[float], name: str = "order_by") -> "FeasibleSet":
+    def order_by(self, scores: Tensor | Sequence[float], name: str = "order_by", *, hard: bool = False) -> "FeasibleSet":
         """w ordered like ``scores`` ([K] or [..., K]): K−1 rows w_{(k+1)} − w_{(k)} ≤ 0 for consecutive
         coordinates in descending score order; tied pairs give an all-zero (always satisfied) row."""
         s = _as_tensor("scores", scores, self.lower)
@@ -219,7 +229,7 @@ class FeasibleSet:
         strict = (s_sorted[..., :-1] > s_sorted[..., 1:]).to(self.dtype)[..., None]
         a = (E[..., 1:, :] - E[..., :-1, :]) * strict
         b = torch.zeros(a.shape[:-1], dtype=self.dtype, device=self.device)
-        return self._add_rows(a, b, tuple(f"{name}[{k}]" for k in range(self.K - 1)))
+        return self._add_rows(a, b, tuple(f"{name}[{k}]" for k in range(self.K - 1)), hard)
 
     # ------------------------------------------------------------------ evaluation
     def residual(self, w: Tensor) -> Tensor:

@@ -285,3 +285,56 @@ def test_active_set_detects_an_empty_set():
     ok = solve_active_set(lo, hi, torch.tensor([[[1.0, 0.0]]], dtype=F64), torch.tensor([[0.2]], dtype=F64), x0, x0)
     assert bool(ok.converged[0]) and torch.allclose(ok.x, torch.tensor([[0.2, 0.8]], dtype=F64), atol=1e-15)
     assert torch.allclose(ok.mu, torch.tensor([[0.6]], dtype=F64), atol=1e-15)  # w − v = −μ a − τ 1, τ = −0.3
+
+
+def test_hard_rows_are_kept_when_a_row_is_relaxed():
+    """Only soft rows move: an order chain declared hard stays satisfied on a token whose halfspace is empty."""
+    K = 3
+    fs = (FeasibleSet.simplex(K, dtype=torch.float64).order_by(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), hard=True)
+          .expand((2,)).halfspace(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64),
+                                  torch.tensor([0.1, 0.5], dtype=torch.float64), name="unsafe"))
+    v = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    w, info = project(v, fs, return_info=True)
+    # row 0: w0 ≤ 0.1 with w0 ≥ w1 ≥ w2 forces w0 ≥ 1/3: the least relaxation is t = 1/3 − 0.1, the chain holds
+    assert info.status.tolist() == [int(Status.RELAXED), int(Status.OPTIMAL)]
+    assert abs(float(info.relaxation[0]) - (1 / 3 - 0.1)) < 1e-9
+    assert torch.allclose(w[0], torch.full((K,), 1 / 3, dtype=torch.float64), atol=1e-9)
+    ref = reference.project(v, fs)
+    assert torch.allclose(w, ref, atol=1e-6)
+    # the same set with every row soft relaxes the chain too (the uniform relaxation moves all rows)
+    soft = FeasibleSet(fs.lower, fs.upper, fs.A, fs.b, fs.row_names)
+    w_soft, info_soft = project(v, soft, return_info=True)
+    assert float(info_soft.relaxation[0]) < float(info.relaxation[0])
+    assert torch.allclose(w_soft, reference.project(v, soft), atol=1e-6)
+
+
+def test_on_all_empty_relax_keeps_the_batch():
+    fs = FeasibleSet.simplex(2, dtype=torch.float64).halfspace([1.0, 1.0], 0.5, name="too_tight")
+    v = torch.tensor([[0.5, 0.5], [0.9, 0.1]], dtype=torch.float64)
+    with pytest.raises(InfeasibleError):
+        project(v, fs)
+    w, info = project(v, fs, return_info=True, on_all_empty="relax")
+    assert info.status.tolist() == [int(Status.RELAXED)] * 2
+    assert torch.allclose(info.relaxation, torch.full((2,), 0.5, dtype=torch.float64))
+    assert torch.allclose(w, v)
+    with pytest.raises(ValueError, match="on_all_empty"):
+        project(v, fs, on_all_empty="ignore")
+
+
+def test_batched_relaxation_lp_matches_per_row_lps():
+    from solvers.diagnosis import least_uniform_relaxation
+
+    g = torch.Generator().manual_seed(3)
+    n, m, K = 12, 3, 4
+    lo, hi = torch.zeros(n, K, dtype=torch.float64), torch.full((n, K), 0.6, dtype=torch.float64)
+    A = torch.rand(n, m, K, generator=g, dtype=torch.float64)
+    b = torch.rand(n, m, generator=g, dtype=torch.float64) * 0.3
+    b[:, 0] = 0.5 * A[:, 0].sum(-1) / K + 0.5 * A[:, 0].amax(-1)  # the hard row alone is satisfiable ...
+    b[-1, 0] = -1.0  # ... except on the last element, which therefore relaxes every row
+    hard = np.array([True, False, False])
+    t, rows = least_uniform_relaxation(lo.numpy(), hi.numpy(), A.numpy(), b.numpy(), hard)
+    assert rows.shape == (n, m) and not rows[:-1, 0].any() and rows[:, 1:].all() and rows[-1].all()
+    for i in range(n):
+        t_i, _ = least_uniform_relaxation(lo[i:i + 1].numpy(), hi[i:i + 1].numpy(), A[i:i + 1].numpy(),
+                                          b[i:i + 1].numpy(), hard)
+        assert abs(t[i] - t_i[0]) < 1e-9
