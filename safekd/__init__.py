@@ -51,17 +51,21 @@ _EXPORTS: dict[str, str] = {
     "metric": "safekd.constraints",
     "UnsafeSet": "safekd.unsafe",
     "Spec": "safekd.spec",
+    "TeacherSpec": "safekd.spec",
+    "load_document": "safekd.spec",
     "SpecError": "safekd.spec",
     "load_spec": "safekd.spec",
     # training
     "SafeDistiller": "safekd.distiller",
     "StepRecord": "safekd.distiller",
+    "Targets": "safekd.distiller",
     "NonFiniteError": "safekd.distiller",
     "save_checkpoint": "safekd.checkpoint",
     "load_checkpoint": "safekd.checkpoint",
     # audits
     "audit": "safekd.audit",
     "AuditReport": "safekd.audit",
+    "write_report": "safekd.audit",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
