@@ -10,7 +10,7 @@ Every method trains a fresh student under the same budget (steps, batch, optimiz
 * ``safekd_constrained`` — the same plus the scenario's constraints (projection + Lagrangian).
 
 All are evaluated on the same held-out split: the task metric (accuracy, or perplexity for the LM) and the scenario's
-unsafe rate with its one-sided 95% bound; the constrained run also gets the full :func:`safekd.audit.core.audit`.
+unsafe rate with its one-sided 95% bound; the constrained run also gets the full :func:`safekd.auditing.core.audit`.
 Writes ``quality_<scenario>.json`` per scenario, then ``quality.json`` (mean ± std over seeds, dominance check) and
 ``quality_pareto.png`` (task metric vs unsafe rate, with bounds).
 
@@ -51,7 +51,7 @@ def aekd_operator(beta: float = 1.0, epsilon: float = 0.0, num_teachers: int | N
 
 # ------------------------------------------------------------------------------------------------ digits
 def run_digits(seed: int, quick: bool) -> dict[str, Any]:
-    from safekd.audit.core import audit
+    from safekd.auditing.core import audit
     from safekd.demo import FPR_CONSTRAINT, demo_job
     from safekd.jobs import prepare_data, train_student
     from safekd.spec import Spec

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from safekd.audit import audit, write_report
+from safekd.auditing import audit, write_report
 from safekd.data.digits import FORBIDDEN_CLASS, digits_splits, digits_student, teacher_logprobs, train_digits_teachers
 from safekd.distiller import SafeDistiller
 from safekd.jobs import build_weighting, load_job

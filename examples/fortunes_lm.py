@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fortunes_data as fd  # noqa: E402
 from safekd import constraints as C  # noqa: E402
-from safekd.audit.bounds import clopper_pearson  # noqa: E402
-from safekd.audit.core import audit  # noqa: E402
-from safekd.audit.measure import bound_for_units, per_example_sums, signed_slack  # noqa: E402
+from safekd.auditing.bounds import clopper_pearson  # noqa: E402
+from safekd.auditing.core import audit  # noqa: E402
+from safekd.auditing.measure import bound_for_units, per_example_sums, signed_slack  # noqa: E402
 from safekd.distiller import SafeDistiller  # noqa: E402
 from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec  # noqa: E402
 from safekd.unsafe import UnsafeSet  # noqa: E402
@@ -189,7 +189,7 @@ class LMScenario:
     @torch.no_grad()
     def evaluate(self, student: fd.GRULM, distiller: SafeDistiller | None = None) -> dict[str, Any]:
         """Held-out perplexity; student unsafe rate (per-document units, one-sided bound); sampled continuations;
-        and, given the training ``distiller``, :func:`safekd.audit.core.audit` of every constraint of its spec."""
+        and, given the training ``distiller``, :func:`safekd.auditing.core.audit` of every constraint of its spec."""
         cfg, d = self.cfg, self.data
         test, pad = d.test.ids, d.vocab.pad_id
         out: dict[str, Any] = {"perplexity": fd.perplexity(student, test, pad)}

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fortunes_data as fd  # noqa: E402
 from safekd import constraints as C  # noqa: E402
-from safekd.audit.core import audit  # noqa: E402
-from safekd.audit.measure import bound_for_units, per_example_sums, signed_slack  # noqa: E402
+from safekd.auditing.core import audit  # noqa: E402
+from safekd.auditing.measure import bound_for_units, per_example_sums, signed_slack  # noqa: E402
 from safekd.distiller import SafeDistiller  # noqa: E402
 from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec  # noqa: E402
 from safekd.unsafe import UnsafeSet  # noqa: E402
@@ -260,7 +260,7 @@ class RoutingScenario:
     @torch.no_grad()
     def evaluate(self, student: nn.Module, distiller: SafeDistiller | None = None) -> dict[str, Any]:
         """Held-out accuracy (true labels), the offensive→kids routing rate with its Clopper–Pearson bound, and,
-        given the training ``distiller``, :func:`safekd.audit.core.audit` of every constraint of its spec."""
+        given the training ``distiller``, :func:`safekd.auditing.core.audit` of every constraint of its spec."""
         cfg, te = self.cfg, self.split["test"]
         batch = self._batch(te)
         logits = student(batch["inputs"])

@@ -5,7 +5,7 @@
 import torch
 
 from safekd import constraints as C
-from safekd.audit import audit, write_report
+from safekd.auditing import audit, write_report
 from safekd.data.digits import FUNCTIONS, digits_splits, digits_student, digits_teacher_fns
 from safekd.distiller import SafeDistiller
 from safekd.spec import Spec, TeacherSpec

@@ -63,9 +63,9 @@ _EXPORTS: dict[str, str] = {
     "save_checkpoint": "safekd.checkpoint",
     "load_checkpoint": "safekd.checkpoint",
     # audits
-    "audit": "safekd.audit",
-    "AuditReport": "safekd.audit",
-    "write_report": "safekd.audit",
+    "audit": "safekd.auditing",
+    "AuditReport": "safekd.auditing",
+    "write_report": "safekd.auditing",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

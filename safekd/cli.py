@@ -69,7 +69,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------- audit
 def _cmd_audit(args: argparse.Namespace) -> int:
     _single_thread()
-    from safekd.audit.render import write_report
+    from safekd.auditing.render import write_report
     from safekd.jobs import audit_checkpoint, load_job
 
     job = load_job(args.spec)

@@ -21,9 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from safekd.audit.core import audit
-from safekd.audit.render import write_report
-from safekd.audit.report import AuditReport, ConstraintResult
+from safekd.auditing.core import audit
+from safekd.auditing.render import write_report
+from safekd.auditing.report import AuditReport, ConstraintResult
 from safekd.jobs import Job, load_job, prepare_data, run_training, train_student
 from safekd.spec import Spec
 

@@ -278,7 +278,7 @@ class SafeDistiller:
         log_softmax(z_k / T_k) → per-scale weights → composition w̄_t → projection w_t = Π_{W_t}(w̄_t) → pooled
         target q_t = G(p_1..p_K; w_t) → correction of relaxed tokens (q_t(U) ≤ ε). The pipeline runs under
         ``no_grad``; ``student_logits`` (kept, with their graph, in :attr:`Targets.context`) default to a ``no_grad``
-        student forward. :meth:`loss` and :func:`safekd.audit.audit` both use it.
+        student forward. :meth:`loss` and :func:`safekd.audit` both use it.
 
         Raises:
             NonFiniteError: NaN/inf in the teacher or student logits.

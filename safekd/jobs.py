@@ -36,9 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from safekd.audit.core import audit
-from safekd.audit.render import write_report
-from safekd.audit.report import AuditReport
+from safekd.auditing.core import audit
+from safekd.auditing.render import write_report
+from safekd.auditing.report import AuditReport
 from safekd.distributed import barrier, is_rank_zero, run_on_rank_zero, shard_slice, unwrap, wrap_ddp
 from safekd.spec import Locator, Spec, SpecError, load_document
 

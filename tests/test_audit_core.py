@@ -9,11 +9,11 @@ from scipy import stats
 from torch import nn
 
 from safekd import constraints as C
-from safekd.audit import audit, to_html, validate_report_dict
-from safekd.audit.bounds import BOOTSTRAP, CLOPPER_PEARSON, EMPIRICAL_BERNSTEIN
-from safekd.audit.core import EXHAUSTIVE
-from safekd.audit.measure import per_example_sums
-from safekd.audit.provenance import read_traces
+from safekd.auditing import audit, to_html, validate_report_dict
+from safekd.auditing.bounds import BOOTSTRAP, CLOPPER_PEARSON, EMPIRICAL_BERNSTEIN
+from safekd.auditing.core import EXHAUSTIVE
+from safekd.auditing.measure import per_example_sums
+from safekd.auditing.provenance import read_traces
 from safekd.spec import Spec
 
 V, F_CLS, N = 4, 3, 400
@@ -192,3 +192,15 @@ def test_report_with_traces_validates_and_renders(tmp_path):
     for c in spec.constraints:
         assert c.name in text
     assert text.count("FAIL") >= 2  # the verdict and the failing fpr row
+
+
+def test_top_level_audit_is_the_function_after_submodule_imports():
+    import importlib
+
+    import safekd
+
+    importlib.import_module("safekd.auditing.core")
+    importlib.import_module("safekd.auditing.render")
+    from safekd.auditing import audit as audit_fn
+
+    assert safekd.audit is audit_fn and callable(safekd.audit)

@@ -5,9 +5,9 @@ from html.parser import HTMLParser
 import jsonschema
 import pytest
 
-from safekd.audit.bounds import clopper_pearson, empirical_bernstein
-from safekd.audit.render import to_html, to_markdown, write_report
-from safekd.audit.report import (
+from safekd.auditing.bounds import clopper_pearson, empirical_bernstein
+from safekd.auditing.render import to_html, to_markdown, write_report
+from safekd.auditing.report import (
     SCHEMA_VERSION,
     AuditReport,
     ConstraintResult,

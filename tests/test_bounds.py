@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from safekd.audit.bounds import (
+from safekd.auditing.bounds import (
     CLOPPER_PEARSON,
     EMPIRICAL_BERNSTEIN,
     bound_in_safe_direction,
@@ -90,7 +90,7 @@ def test_bound_in_safe_direction_picks_side_and_method():
 
 
 def test_bootstrap_bound_is_seeded_and_brackets_the_mean():
-    from safekd.audit.bounds import BOOTSTRAP, bootstrap
+    from safekd.auditing.bounds import BOOTSTRAP, bootstrap
 
     x = np.random.default_rng(2).exponential(2.0, size=300)  # unbounded values (e.g. a KL)
     up, lo = bootstrap(x, 0.95, "upper", seed=3), bootstrap(x, 0.95, "lower", seed=3)

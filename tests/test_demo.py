@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from safekd.audit import validate_report_dict
+from safekd.auditing import validate_report_dict
 from safekd.cli import main
 
 

@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from safekd import constraints as C  # noqa: E402
-from safekd.audit import audit, write_report  # noqa: E402
+from safekd.auditing import audit, write_report  # noqa: E402
 from safekd.integrations.hf import LogitsOf, SafeKDTrainer, safekd_batch  # noqa: E402
 from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec  # noqa: E402
 from safekd.steplog import StepLog, read_step_log  # noqa: E402

@@ -13,7 +13,7 @@ L = pytest.importorskip("lightning")
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from safekd import constraints as C  # noqa: E402
-from safekd.audit import audit, write_report  # noqa: E402
+from safekd.auditing import audit, write_report  # noqa: E402
 from safekd.integrations.lightning import SafeKDModule  # noqa: E402
 from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec  # noqa: E402
 

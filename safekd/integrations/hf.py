@@ -12,7 +12,7 @@ residual and multiplier and each teacher's weight are added to the Trainer's tra
     trainer = SafeKDTrainer(model=student, args=TrainingArguments(...), train_dataset=ds,
                             teachers={"clean": t1, "raw": t2}, spec=load_spec("spec.yaml"))
     trainer.train()
-    report = safekd.audit.audit(LogitsOf(trainer.model), safekd_batch(heldout), spec,
+    report = safekd.audit(LogitsOf(trainer.model), safekd_batch(heldout), spec,
                                 distiller=trainer.distiller)
 """
 from __future__ import annotations
@@ -79,7 +79,7 @@ class SafeKDTrainer(Trainer):
         last_record: the latest :class:`~safekd.distiller.StepRecord`.
 
     Evaluation (``evaluate``/``predict``) reports the model's own loss; audit constraints with
-    :func:`safekd.audit.audit` (pass ``distiller=trainer.distiller``).
+    :func:`safekd.audit` (pass ``distiller=trainer.distiller``).
     """
 
     def __init__(self, model: nn.Module | None = None, args: Any = None, *,

@@ -14,7 +14,7 @@ multiplier and each teacher's weight go through ``self.log_dict`` to the Trainer
 
     module = Distil(student, teachers={"clean": t1, "raw": t2}, spec=load_spec("spec.yaml"))
     lightning.Trainer(max_steps=1000).fit(module, loader)   # batches: {"inputs", "labels", "mask", ...}
-    report = safekd.audit.audit(module.student, heldout, module.spec, distiller=module.distiller)
+    report = safekd.audit(module.student, heldout, module.spec, distiller=module.distiller)
 """
 from __future__ import annotations
 

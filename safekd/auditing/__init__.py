@@ -1,12 +1,12 @@
 """Constraint audits: one-sided confidence bounds per constraint, slices, teacher weights, traces, provenance.
 
-    >>> report = safekd.audit.audit(student, heldout, spec, confidence=0.95)
+    >>> report = safekd.audit(student, heldout, spec, confidence=0.95)
     >>> report.passed, write_report(report, "out/")
 """
-from safekd.audit.bounds import Bound, bootstrap, clopper_pearson, empirical_bernstein
-from safekd.audit.core import audit
-from safekd.audit.render import to_html, to_markdown, write_report
-from safekd.audit.report import (
+from safekd.auditing.bounds import Bound, bootstrap, clopper_pearson, empirical_bernstein
+from safekd.auditing.core import audit
+from safekd.auditing.render import to_html, to_markdown, write_report
+from safekd.auditing.report import (
     SCHEMA_VERSION,
     AuditReport,
     ConstraintResult,

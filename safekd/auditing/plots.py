@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from safekd.audit.report import AuditReport, ConstraintResult, TeacherWeightSummary
+from safekd.auditing.report import AuditReport, ConstraintResult, TeacherWeightSummary
 
 __all__ = ["bounds_figure", "weight_heatmaps", "trace_figure"]
 

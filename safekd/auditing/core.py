@@ -1,7 +1,7 @@
 """``audit(student, data, spec, ...)``: every constraint of a spec on (held-out) data, with one-sided bounds.
 
 - **Student constraints** are measured with each constraint's own ``measure_batch`` (the training code), per
-  example (see :mod:`safekd.audit.measure`), and bounded in the safe direction at ``confidence``
+  example (see :mod:`safekd.auditing.measure`), and bounded in the safe direction at ``confidence``
   (Clopper–Pearson for count-based rates, empirical Bernstein for means in [0, 1], bootstrap otherwise).
   A per-slice breakdown (by ``task_ids`` / ``context`` / ``labels`` or other keys) lists the worst slices first.
 - **Teacher-weight constraints** are deterministic given the teachers: they are checked on every audit token
@@ -22,10 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from safekd import constraints as C
-from safekd.audit.bounds import Bound
-from safekd.audit.measure import bound_for_units, per_example_sums, signed_slack
-from safekd.audit.provenance import provenance, read_traces
-from safekd.audit.report import AuditReport, ConstraintResult, SliceResult, TeacherWeightSummary
+from safekd.auditing.bounds import Bound
+from safekd.auditing.measure import bound_for_units, per_example_sums, signed_slack
+from safekd.auditing.provenance import provenance, read_traces
+from safekd.auditing.report import AuditReport, ConstraintResult, SliceResult, TeacherWeightSummary
 from safekd.spec import Spec
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def audit(student: nn.Module, data: Mapping[str, Any], spec: Spec,
         metrics: extra numbers to carry into the report (e.g. a baseline's accuracy).
 
     Returns:
-        An :class:`~safekd.audit.report.AuditReport`; ``report.passed`` iff every constraint passes.
+        An :class:`~safekd.auditing.report.AuditReport`; ``report.passed`` iff every constraint passes.
     """
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a safekd Spec (see safekd.load_spec), got {type(spec).__name__}")

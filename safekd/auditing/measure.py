@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from safekd.audit.bounds import Bound, bootstrap, clopper_pearson, empirical_bernstein
+from safekd.auditing.bounds import Bound, bootstrap, clopper_pearson, empirical_bernstein
 from safekd.constraints import StudentConstraint
 from safekd.unsafe import UnsafeSet
 

@@ -175,8 +175,8 @@ def _finite(x: Any) -> Any:
 
 
 def load_schema() -> dict[str, Any]:
-    """The report's JSON Schema (draft 2020-12), shipped as ``safekd/audit/schema_v1.json``."""
-    return json.loads(resources.files("safekd.audit").joinpath("schema_v1.json").read_text(encoding="utf-8"))
+    """The report's JSON Schema (draft 2020-12), shipped as ``safekd/auditing/schema_v1.json``."""
+    return json.loads(resources.files("safekd.auditing").joinpath("schema_v1.json").read_text(encoding="utf-8"))
 
 
 def validate_report_dict(d: dict[str, Any]) -> None:
