@@ -41,7 +41,8 @@ class _ReprMixin:
 class ProjectionResult(_ReprMixin):
     """Per-row outcome of :func:`solvers.project` (all tensors share the batch shape ``[...]`` of ``v``).
 
-    ``kkt_residual`` = max(|Σw−1|, bound violation, max_r |min(μ_r, b_r − a_r·w)|) on the (relaxed) set.
+    ``kkt_residual`` = max(|Σw−1|, bound violation, max_r |min(μ_r, b_r − a_r·w)|, relative stationarity
+    error ‖P_box∩Δ(v − Aᵀμ) − w‖∞ / max(1, ‖v‖∞, ‖Aᵀμ‖∞)) on the (relaxed) set.
     """
 
     success: bool
@@ -52,7 +53,7 @@ class ProjectionResult(_ReprMixin):
     active_lower: Tensor  #: BoolTensor[..., K]
     active_upper: Tensor  #: BoolTensor[..., K]
     iterations: Tensor  #: LongTensor[...]
-    relaxation: Tensor  #: [...]  uniform relaxation t ≥ 0 of the halfspace (and box) bounds; 0 unless RELAXED
+    relaxation: Tensor  #: [...]  uniform relaxation t ≥ 0 of the soft rows (and box) bounds; 0 unless RELAXED
     multipliers: Tensor  #: [..., m]  row multipliers μ ≥ 0
 
 
