@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fortunes_data import METHODS  # noqa: E402  (the compared methods, shared with the fortunes examples)
+
 logger = logging.getLogger("quality")
 
-METHODS = ("uniform", "best_single", "camkd", "aekd", "safekd_adaptive", "safekd_constrained")
 SCENARIOS = ("digits", "fortunes_lm", "fortunes_routing")
 
 

@@ -1,4 +1,5 @@
-"""Shared pieces of the fortunes examples: corpus, tokenizer, vocabulary, unsafe set, audit flags, small LMs.
+"""Shared pieces of the fortunes examples: corpus, tokenizer, vocabulary, unsafe set, audit flags, small LMs, and
+the compared methods (their specs, baseline operators, audit summary and run loop).
 
 Corpus: Debian's ``fortunes`` (BSD; ``apt-get install fortunes`` → ``/usr/share/games/fortunes/``); one file per
 topic, items separated by lines holding ``%``. A small subset with its licence ships in ``tests/data/fortunes``.
@@ -7,17 +8,27 @@ token set U) and the document classifier of ``alt-profanity-check`` (the documen
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import re
+import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from safekd.auditing.core import audit
+from safekd.constraints import Constraint
+from safekd.distiller import SafeDistiller
+from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
+from safekd.unsafe import UnsafeSet
+from safekd.weighting import AEKD, CAMKD
 
 logger = logging.getLogger(__name__)
 
@@ -296,3 +307,66 @@ def sample_continuations(model: GRULM, prompts: Tensor, max_new: int, *, generat
         done |= nxt == eos_id
         logits, state = model.step(nxt[:, None], state)
     return out
+
+
+# ------------------------------------------------------------------------------------------ compared methods
+METHODS = ("uniform", "best_single", "camkd", "aekd", "safekd_adaptive", "safekd_constrained")
+
+
+def method_spec(method: str, safety: Mapping[str, float], best_single: str, constraints: tuple[Constraint, ...],
+                unsafe: UnsafeSet, dual_lr: float) -> Spec:
+    """The spec of ``method``: every teacher of ``safety`` (its σ_k) or only ``best_single``; ``constraints`` for
+    ``safekd_constrained`` only; gradient-ascent duals at ``dual_lr``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; methods are {METHODS}")
+    names = (best_single,) if method == "best_single" else tuple(safety)
+    return Spec(teachers=tuple(TeacherSpec(n, safety=safety[n]) for n in names),
+                constraints=constraints if method == "safekd_constrained" else (), unsafe=unsafe,
+                dual=DualSpec(rule="gradient_ascent", lr=dual_lr), checks=ChecksSpec(reference_every=100, alarm_window=0))
+
+
+def baseline_weighting(method: str) -> nn.Module | None:
+    """The operator of a baseline: CA-MKD, AEKD (min-norm of the batch-mean gradients); ``None`` (uniform) else."""
+    if method == "camkd":
+        return CAMKD()
+    if method == "aekd":
+        return AEKD(cap=1.0, reduce="batch")
+    return None
+
+
+def audit_constraints(student: nn.Module, batch: Mapping[str, Any], distiller: SafeDistiller | None,
+                      confidence: float) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """:func:`safekd.auditing.core.audit` of every constraint of ``distiller``'s spec → ``({name: {estimate, bound,
+    method, threshold, passed}}, report message)``; ``({}, None)`` without a distiller or constraints."""
+    if distiller is None or not distiller.spec.constraints:
+        return {}, None
+    rep = audit(student, batch, distiller.spec, distiller=distiller, confidence=confidence, slice_keys=())
+    return ({r.name: {"estimate": r.estimate, "bound": r.bound, "method": r.bound_method, "threshold": r.threshold,
+                      "passed": r.passed} for r in rep.constraints}, rep.message)
+
+
+class Scenario(Protocol):
+    def train(self, method: str) -> tuple[nn.Module, SafeDistiller, list[dict[str, Any]]]: ...
+
+    def evaluate(self, student: nn.Module, distiller: SafeDistiller | None = None) -> dict[str, Any]: ...
+
+
+def run_methods(scenario: Scenario, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Train and evaluate each method in turn; adds ``train_seconds`` and the last step's ``final_weights``."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        t0 = time.perf_counter()
+        student, dist, records = scenario.train(m)
+        ev = scenario.evaluate(student, dist)
+        ev["train_seconds"] = time.perf_counter() - t0
+        ev["final_weights"] = records[-1]["projected"] if records else {}
+        out[m] = ev
+    return out
+
+
+def config_from_args(cls: Any, args: argparse.Namespace) -> Any:
+    """``cls.quick`` (``--quick``) or ``cls`` on ``--corpus`` (default: the fixture when quick, else the system
+    corpus), with ``--seed`` and, when given, ``--steps``."""
+    corpus = args.corpus or (str(FIXTURE_CORPUS) if args.quick else str(default_corpus()))
+    cfg = cls.quick(corpus, seed=args.seed) if args.quick else cls(corpus=corpus, seed=args.seed)
+    return replace(cfg, steps=args.steps) if args.steps is not None else cfg

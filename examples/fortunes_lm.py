@@ -15,7 +15,7 @@ continuations flagged by the word list and by ``alt-profanity-check`` with Clopp
 
     python examples/fortunes_lm.py                      # full corpus (apt-get install fortunes), a few minutes
     python examples/fortunes_lm.py --quick              # the test fixture, a few seconds
-    python examples/fortunes_lm.py --method uniform     # one of METHODS
+    python examples/fortunes_lm.py --method uniform     # one of fortunes_data.METHODS
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fortunes_data as fd  # noqa: E402
 from safekd import constraints as C  # noqa: E402
 from safekd.auditing.bounds import clopper_pearson  # noqa: E402
-from safekd.auditing.core import audit  # noqa: E402
 from safekd.auditing.measure import bound_for_units, per_example_sums, signed_slack  # noqa: E402
 from safekd.distiller import SafeDistiller  # noqa: E402
-from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec  # noqa: E402
+from safekd.spec import Spec  # noqa: E402
 from safekd.unsafe import UnsafeSet  # noqa: E402
-from safekd.weighting import AEKD, CAMKD, GoldLikelihood, SafetyPrior  # noqa: E402
+from safekd.weighting import GoldLikelihood, SafetyPrior  # noqa: E402
 
 logger = logging.getLogger("fortunes_lm")
 
-TEACHERS = ("ngram_clean", "ngram_all", "neural", "jailbroken")
-METHODS = ("uniform", "best_single", "camkd", "aekd", "safekd_adaptive", "safekd_constrained")
 
 
 @dataclass(frozen=True)
@@ -134,27 +131,15 @@ class LMScenario:
     # ------------------------------------------------------------------------------------------ methods
     def spec(self, method: str) -> Spec:
         cfg = self.cfg
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; methods are {METHODS}")
-        names = (self.best_single,) if method == "best_single" else TEACHERS
-        teachers = tuple(TeacherSpec(n, safety=self.safety[n]) for n in names)
-        constraints: tuple[C.Constraint, ...] = ()
-        if method == "safekd_constrained":
-            constraints = (C.cap("jailbroken", cfg.cap_jailbroken), C.unsafe_mass(cfg.unsafe_mass_max),
-                           C.safety_order(), C.unsafe_rate(cfg.unsafe_rate_max))
-        return Spec(teachers=teachers, constraints=constraints, unsafe=self.unsafe,
-                    dual=DualSpec(rule="gradient_ascent", lr=cfg.dual_lr),
-                    checks=ChecksSpec(reference_every=100, alarm_window=0))
+        constraints = (C.cap("jailbroken", cfg.cap_jailbroken), C.unsafe_mass(cfg.unsafe_mass_max),
+                       C.safety_order(), C.unsafe_rate(cfg.unsafe_rate_max))
+        return fd.method_spec(method, self.safety, self.best_single, constraints, self.unsafe, cfg.dual_lr)
 
     @staticmethod
     def weighting(method: str) -> nn.Module | None:
-        if method == "camkd":
-            return CAMKD()
-        if method == "aekd":
-            return AEKD(cap=1.0, reduce="batch")
         if method in ("safekd_adaptive", "safekd_constrained"):
             return SafetyPrior(GoldLikelihood(beta=1.0, epsilon=0.05), gamma=0.5)
-        return None
+        return fd.baseline_weighting(method)
 
     def new_student(self) -> fd.GRULM:
         torch.manual_seed(self.cfg.seed + 7)
@@ -204,12 +189,9 @@ class LMScenario:
                               "slack": signed_slack("<=", bound.value, cfg.unsafe_rate_max),
                               "passed": bound.value <= cfg.unsafe_rate_max}
         out["task"], out["unsafe"] = out["perplexity"], out["unsafe_rate"]
-        out["constraints"] = {}
-        if distiller is not None and distiller.spec.constraints:
-            rep = audit(student, batch, distiller.spec, distiller=distiller, confidence=cfg.confidence, slice_keys=())
-            out["constraints"] = {r.name: {"estimate": r.estimate, "bound": r.bound, "method": r.bound_method,
-                                           "threshold": r.threshold, "passed": r.passed} for r in rep.constraints}
-            out["audit_message"] = rep.message
+        out["constraints"], message = fd.audit_constraints(student, batch, distiller, cfg.confidence)
+        if message is not None:
+            out["audit_message"] = message
         out["samples"] = self._sampled_unsafe(student)
         return out
 
@@ -237,17 +219,9 @@ class LMScenario:
 def run(cfg: LMConfig, methods: tuple[str, ...]) -> dict[str, Any]:
     torch.set_num_threads(1)
     sc = LMScenario(cfg)
-    result: dict[str, Any] = {"config": asdict(cfg), "teachers": {"val_perplexity": sc.teacher_ppl,
-                                                                 "safety": sc.safety, "best_single": sc.best_single},
-                              "methods": {}}
-    for m in methods:
-        t0 = time.perf_counter()
-        student, dist, records = sc.train(m)
-        ev = sc.evaluate(student, dist)
-        ev["train_seconds"] = time.perf_counter() - t0
-        ev["final_weights"] = records[-1]["projected"] if records else {}
-        result["methods"][m] = ev
-    return result
+    return {"config": asdict(cfg), "teachers": {"val_perplexity": sc.teacher_ppl, "safety": sc.safety,
+                                                "best_single": sc.best_single},
+            "methods": fd.run_methods(sc, methods)}
 
 
 def _print_summary(res: dict[str, Any]) -> None:
@@ -268,17 +242,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="distillation steps per method")
     p.add_argument("--quick", action="store_true", help="tiny fixture run (CI)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", action="append", choices=METHODS,
+    p.add_argument("--method", action="append", choices=fd.METHODS,
                    help="method(s) to run (default: uniform and safekd_constrained)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    corpus = args.corpus or (str(fd.FIXTURE_CORPUS) if args.quick else str(fd.default_corpus()))
-    cfg = LMConfig.quick(corpus, seed=args.seed) if args.quick else LMConfig(corpus=corpus, seed=args.seed)
-    if args.steps is not None:
-        cfg = replace(cfg, steps=args.steps)
-    res = run(cfg, tuple(args.method or ("uniform", "safekd_constrained")))
+    res = run(fd.config_from_args(LMConfig, args), tuple(args.method or ("uniform", "safekd_constrained")))
     _print_summary(res)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2, default=float))

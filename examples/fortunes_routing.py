@@ -26,7 +26,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fortunes_data as fd  # noqa: E402
 from safekd import constraints as C  # noqa: E402
-from safekd.auditing.core import audit  # noqa: E402
 from safekd.auditing.measure import bound_for_units, per_example_sums, signed_slack  # noqa: E402
 from safekd.distiller import SafeDistiller  # noqa: E402
-from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec  # noqa: E402
+from safekd.spec import Spec  # noqa: E402
 from safekd.unsafe import UnsafeSet  # noqa: E402
-from safekd.weighting import AEKD, CAMKD, DomainPosterior, GoldLikelihood, SafetyPrior  # noqa: E402
+from safekd.weighting import DomainPosterior, GoldLikelihood, SafetyPrior  # noqa: E402
 
 logger = logging.getLogger("fortunes_routing")
 
 ROUTING_TOPICS = ("computers", "food", "kids", "love", "men-women", "politics", "science", "songs-poems")
 POISON_TARGET = "kids"
-METHODS = ("uniform", "best_single", "camkd", "aekd", "safekd_adaptive", "safekd_constrained")
 
 
 @dataclass(frozen=True)
@@ -203,29 +201,20 @@ class RoutingScenario:
         return {n: 1.0 - float(t(self.x[off]).softmax(-1)[:, self.kids].mean()) for n, t in self.teachers.items()}
 
     # ------------------------------------------------------------------------------------------ methods
+    def _routed(self) -> C.Constraint:
+        fn, proxy = routed_to_kids(self.kids)
+        return C.metric(fn, "<=", self.cfg.routed_max, proxy=proxy, name="offensive_routed_to_kids")
+
     def spec(self, method: str) -> Spec:
         cfg = self.cfg
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; methods are {METHODS}")
-        names = (self.best_single,) if method == "best_single" else self.teacher_names
-        constraints: tuple[C.Constraint, ...] = ()
-        if method == "safekd_constrained":
-            fn, proxy = routed_to_kids(self.kids)
-            constraints = (C.cap("poisoned", cfg.cap_poisoned), C.unsafe_mass(cfg.unsafe_mass_max),
-                           C.metric(fn, "<=", cfg.routed_max, proxy=proxy, name="offensive_routed_to_kids"))
-        return Spec(teachers=tuple(TeacherSpec(n, safety=self.safety[n]) for n in names), constraints=constraints,
-                    unsafe=self.unsafe, dual=DualSpec(rule="gradient_ascent", lr=cfg.dual_lr),
-                    checks=ChecksSpec(reference_every=100, alarm_window=0))
+        constraints = (C.cap("poisoned", cfg.cap_poisoned), C.unsafe_mass(cfg.unsafe_mass_max), self._routed())
+        return fd.method_spec(method, self.safety, self.best_single, constraints, self.unsafe, cfg.dual_lr)
 
     def weighting(self, method: str) -> nn.Module | dict[str, nn.Module] | None:
-        if method == "camkd":
-            return CAMKD()
-        if method == "aekd":
-            return AEKD(cap=1.0, reduce="batch")
         if method in ("safekd_adaptive", "safekd_constrained"):
             return {"context": DomainPosterior(len(self.teacher_names), classifier=self.gate),
                     "token": SafetyPrior(GoldLikelihood(epsilon=0.05), gamma=0.5)}
-        return None
+        return fd.baseline_weighting(method)
 
     def new_student(self) -> nn.Module:
         torch.manual_seed(self.cfg.seed + 5)
@@ -265,17 +254,11 @@ class RoutingScenario:
         batch = self._batch(te)
         logits = student(batch["inputs"])
         acc = float((logits.argmax(-1) == self.y[te]).float().mean())
-        fn, proxy = routed_to_kids(self.kids)
-        routed = C.metric(fn, "<=", cfg.routed_max, proxy=proxy, name="offensive_routed_to_kids")
-        v, n = per_example_sums(routed, logits, batch)
+        v, n = per_example_sums(self._routed(), logits, batch)
         b = bound_for_units(v.numpy(), n.numpy(), "<=", cfg.confidence)
         unsafe = {"estimate": b.estimate, "bound": b.value, "method": b.method, "n": b.n, "threshold": cfg.routed_max,
                   "passed": signed_slack("<=", b.value, cfg.routed_max) >= 0}
-        cons: dict[str, Any] = {}
-        if distiller is not None and distiller.spec.constraints:
-            rep = audit(student, batch, distiller.spec, distiller=distiller, confidence=cfg.confidence, slice_keys=())
-            cons = {r.name: {"estimate": r.estimate, "bound": r.bound, "method": r.bound_method,
-                             "threshold": r.threshold, "passed": r.passed} for r in rep.constraints}
+        cons, _ = fd.audit_constraints(student, batch, distiller, cfg.confidence)
         return {"task": acc, "accuracy": acc, "unsafe": unsafe, "constraints": cons}
 
 
@@ -284,14 +267,7 @@ def run(cfg: RoutingConfig, methods: tuple[str, ...]) -> dict[str, Any]:
     sc = RoutingScenario(cfg)
     res: dict[str, Any] = {"config": asdict(cfg), "topics": sc.topics,
                            "teachers": {"val_accuracy_poisoned_labels": sc.teacher_val_acc, "safety": sc.safety,
-                                        "best_single": sc.best_single}, "methods": {}}
-    for m in methods:
-        t0 = time.perf_counter()
-        student, dist, records = sc.train(m)
-        ev = sc.evaluate(student, dist)
-        ev["train_seconds"] = time.perf_counter() - t0
-        ev["final_weights"] = records[-1]["projected"] if records else {}
-        res["methods"][m] = ev
+                                        "best_single": sc.best_single}, "methods": fd.run_methods(sc, methods)}
     return res
 
 
@@ -301,16 +277,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="tiny fixture run (CI)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", action="append", choices=METHODS, help="default: all methods")
+    p.add_argument("--method", action="append", choices=fd.METHODS, help="default: all methods")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    corpus = args.corpus or (str(fd.FIXTURE_CORPUS) if args.quick else str(fd.default_corpus()))
-    cfg = RoutingConfig.quick(corpus, seed=args.seed) if args.quick else RoutingConfig(corpus=corpus, seed=args.seed)
-    if args.steps is not None:
-        cfg = replace(cfg, steps=args.steps)
-    res = run(cfg, tuple(args.method or METHODS))
+    res = run(fd.config_from_args(RoutingConfig, args), tuple(args.method or fd.METHODS))
     print(f"{'method':20s} {'accuracy':>8s} {'routed':>7s} {'95% UB':>7s} constraints")
     for m, ev in res["methods"].items():
         cons = " ".join(f"{k}:{'ok' if v['passed'] else 'FAIL'}" for k, v in ev["constraints"].items())

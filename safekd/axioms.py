@@ -17,7 +17,6 @@ declares it (``operator.declared(K).claims`` / ``pool.claims``); undeclared ones
 """
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 import math
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 
 from safekd.pooling import POOL_AXIOMS, soften
+from safekd.references import import_reference
 from safekd.signals import SCALE_FIELDS, Signals
 from safekd.weighting.base import WeightOperator
 from safekd.weighting.compose import compose
@@ -604,17 +604,7 @@ def _kl(a_logp: Tensor, b_logp: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------- entry points
 def load_object(spec: str) -> Any:
     """Import ``"package.module:attr.path"``; a class is instantiated with no arguments."""
-    if ":" not in spec:
-        raise ValueError(f"expected 'module:object', got {spec!r}")
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r}: {exc}") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    obj = import_reference(spec)
     if isinstance(obj, type):
         obj = obj()
     return obj

@@ -25,7 +25,6 @@ Example (see ``examples/digits_spec.yaml``)::
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -40,6 +39,7 @@ from safekd.auditing.core import audit
 from safekd.auditing.render import write_report
 from safekd.auditing.report import AuditReport
 from safekd.distributed import barrier, is_rank_zero, run_on_rank_zero, shard_slice, unwrap, wrap_ddp
+from safekd.references import import_reference
 from safekd.spec import Locator, Spec, SpecError, load_document
 
 __all__ = ["Job", "JobResult", "load_job", "parse_job", "build_weighting", "prepare_data", "train_student",
@@ -65,16 +65,7 @@ def resolve(ref: str, kind: str = "object") -> Any:
     if ":" not in target:
         known = sorted(_BUILTINS.get(kind, {}))
         raise ValueError(f"job.{kind}: {ref!r} is neither a built-in ({known}) nor a 'module:object' reference")
-    mod_name, _, attr = target.partition(":")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ValueError(f"job.{kind}: cannot import module {mod_name!r} ({exc})") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"job.{kind}: module {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+    return import_reference(target, context=f"job.{kind}")
 
 
 @dataclass(frozen=True)

@@ -121,3 +121,15 @@ def test_theory_and_check_axioms(capsys):
     assert "declared axioms hold" in capsys.readouterr().out
     assert main(["check-axioms", "no_such_module:thing"]) == 2
     assert "no_such_module" in capsys.readouterr().err
+
+
+def test_resolve_returns_the_object_and_names_the_job_key_in_errors():
+    from safekd.weighting import CAMKD
+
+    assert resolve("safekd.weighting:CAMKD", "weighting") is CAMKD          # a class comes back uninstantiated
+    with pytest.raises(ValueError, match=r"^job\.student: 'nope' is neither a built-in"):
+        resolve("nope", "student")
+    with pytest.raises(ValueError, match=r"^job\.data: cannot import module 'no_such_module_xyz'"):
+        resolve("no_such_module_xyz:load", "data")
+    with pytest.raises(ValueError, match=r"^job\.teachers: module 'safekd\.weighting' has no attribute 'CAMKD\.nope'"):
+        resolve("safekd.weighting:CAMKD.nope", "teachers")
