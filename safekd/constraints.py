@@ -243,11 +243,20 @@ class MeasureContext:
 
     @property
     def student_logp(self) -> Tensor:
+        """``log_softmax(student_logits)``, computed once and shared by every constraint (and, in
+        :class:`~safekd.distiller.SafeDistiller`, by the KD divergence, which sets it with its graph)."""
         if self._student_logp is None:
             if self.student_logits is None:
                 raise ValueError("this constraint needs student logits")
             self._student_logp = F.log_softmax(self.student_logits, dim=-1)
         return self._student_logp
+
+    @student_logp.setter
+    def student_logp(self, value: Tensor) -> None:
+        if self.student_logits is not None and value.shape != self.student_logits.shape:
+            raise ValueError(f"student_logp {tuple(value.shape)} must have the shape of the student logits "
+                             f"{tuple(self.student_logits.shape)}")
+        self._student_logp = value
 
     def unsafe_for(self, own: UnsafeSet | None, who: str) -> UnsafeSet:
         u = own if own is not None else self.unsafe
@@ -432,7 +441,8 @@ class UnsafeMass(TeacherWeightConstraint):
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class UnsafeRate(StudentConstraint):
-    """Expected student unsafe probability E_t[p_θ(U | t)] ≤ max (value and proxy are the same, differentiable)."""
+    """Expected student unsafe probability E_t[p_θ(U | t)] ≤ max (value and proxy are the same, differentiable);
+    p_θ(U | t) = exp(logsumexp_{v∈U} log p_θ(v | t)) from the shared student log-probabilities."""
 
     unsafe: UnsafeSet | None = None
     kind: ClassVar[str] = "unsafe_rate"
@@ -444,9 +454,7 @@ class UnsafeRate(StudentConstraint):
             object.__setattr__(self, "unsafe", UnsafeSet.coerce(self.unsafe))
 
     def measure(self, ctx: MeasureContext) -> MeasurementSums:
-        logits = ctx.student_logits
-        assert logits is not None
-        p_u = ctx.unsafe_for(self.unsafe, self.name).mass_from_logits(logits, batch=ctx.batch)
+        p_u = ctx.unsafe_for(self.unsafe, self.name).mass(ctx.student_logp, ctx.batch)
         return _masked_sums(p_u, p_u, ctx.mask)
 
     def _args(self) -> dict[str, Any]:

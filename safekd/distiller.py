@@ -39,7 +39,7 @@ import solvers
 from safekd import constraints as C
 from safekd.distributed import assert_states_identical, get_world_size, is_rank_zero, unwrap
 from safekd.measurement import ConstraintMeter, reduce_sums_counts
-from safekd.signals import Signals
+from safekd.signals import Signals, all_finite
 from safekd.spec import Spec
 from safekd.weighting.compose import SCALES, compose
 
@@ -127,14 +127,8 @@ class PendingStep:
     finished: bool = False
 
 
-def _all_finite(t: Tensor) -> bool:
-    """One reduction instead of an elementwise mask (25× cheaper): a sum is NaN/inf iff some entry is, barring an
-    overflow of the sum itself (|Σ| > 3e38 in float32; half precision is summed in float32)."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float32 if t.element_size() < 4 else None)))
-
-
 def _require_finite(what: str, t: Tensor, detail: Callable[[Tensor], str] | None = None) -> None:
-    if not _all_finite(t):
+    if not all_finite(t):
         extra = detail(t) if detail is not None else ""
         raise NonFiniteError(f"{what} contain NaN or inf{extra}; the step was stopped before any parameter changed")
 
@@ -190,7 +184,8 @@ class SafeDistiller:
         self.teachers = self._check_teachers(teachers)
         self.weighting = self._check_weighting(weighting)
         self.pool = pool if pool is not None else _default_pool()
-        self.divergence = divergence if divergence is not None else _default_divergence()
+        self._builtin_divergence = _default_divergence()  # accepts student_logp= (shared student normaliser)
+        self.divergence = divergence if divergence is not None else self._builtin_divergence
         self.static_constraints = tuple(c for c in spec.teacher_weight_constraints if not c.per_token)
         self.token_constraints = tuple(c for c in spec.teacher_weight_constraints if c.per_token)
         self.unsafe_mass_constraints = tuple(c for c in self.token_constraints if isinstance(c, C.UnsafeMass))
@@ -308,7 +303,12 @@ class SafeDistiller:
         teacher_logits = self._teacher_logits(batch)
         student_logits = self.student(batch["inputs"])
         t = self._targets(batch, teacher_logits, student_logits)
-        div = self.divergence(t.target_logp, student_logits, mask=t.mask, temperature=self.spec.temperature)
+        shared = {}
+        if self.divergence is self._builtin_divergence and self.spec.temperature == 1.0:
+            # one student normaliser for the KD term and the constraints (unsafe_rate, kl_to, retain)
+            shared["student_logp"] = t.context.student_logp = F.log_softmax(student_logits, dim=-1)
+        div = self.divergence(t.target_logp, student_logits, mask=t.mask, temperature=self.spec.temperature,
+                              **shared)
         kd_loss, kd_mean, states = self._reduce_terms(t.context, div.sum, div.count)
         loss = kd_loss + self._penalty([s["proxy_residual"] for s in states], kd_loss)
         _require_finite("the loss", loss.detach())
@@ -514,7 +514,9 @@ class SafeDistiller:
             u = c.unsafe if c.unsafe is not None else self.spec.unsafe
             assert u is not None
             eps = c.threshold
-            in_u = u.mask(target.shape[-1], batch, device=target.device).expand_as(target)[rows]
+            in_u = u.mask(target.shape[-1], batch, device=target.device)
+            if in_u.dim() > 1:  # a per-position mask: the relaxed rows' masks; a vocabulary mask [V] broadcasts
+                in_u = in_u.expand_as(target)[rows]
             log_unsafe = torch.logsumexp(torch.where(in_u, sub, neg_inf), dim=-1, keepdim=True)
             log_safe = torch.logsumexp(torch.where(in_u, neg_inf, sub), dim=-1, keepdim=True)
             need = log_unsafe.squeeze(-1).exp() > eps * (1 + 1e-6)
@@ -574,8 +576,9 @@ class SafeDistiller:
         return total
     def _check_grads(self) -> None:
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not _all_finite(torch.stack([g.sum(dtype=torch.float32 if g.element_size() < 4 else None)
-                                                  .to(torch.float64) for g in grads])):
+        # one reduction and one sync for all gradients; only an overflowing sum sends them to the exact scan
+        sums = [g.sum(dtype=torch.float32 if g.element_size() < 4 else None).to(torch.float64) for g in grads]
+        if grads and not bool(torch.isfinite(torch.stack(sums)).all()) and not all(all_finite(g) for g in grads):
             self.optimizer.zero_grad()
             raise NonFiniteError("student gradients contain NaN or inf; the step was stopped before any parameter "
                                  "changed")

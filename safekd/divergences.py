@@ -1,14 +1,15 @@
 """Distillation divergences between a target distribution and the student, with masks, T² scaling and
 token-count bookkeeping that stays exact under gradient accumulation and data parallelism.
 
-Every function takes ``(target_logp [..., V], student_logits [..., V], mask=None, temperature=1.0)`` and
-returns a `DivergenceOutput` with ``sum`` (Σ over unmasked tokens of the per-token divergence, times T²) and
-``count`` (number of unmasked tokens). Accumulate sums and counts over micro-batches/ranks and divide once
-(`DivergenceOutput.mean`, `DivergenceOutput.normalized`). At ``temperature = T`` the student is
-``log_softmax(z/T)`` and, unless ``soften_target=False`` (target already tempered, e.g. pooled from
-`safekd.pooling.soften`-ed teachers), the target is ``F_T(target) = log_softmax(target_logp/T)``.
-Zero probabilities (−inf) are handled exactly (``0·log 0 = 0``); a target token the student gives zero
-probability yields +inf in forward KL, never NaN.
+Every function takes ``(target_logp [..., V], student_logits [..., V], mask=None, temperature=1.0)`` (and
+``student_logp = log_softmax(student_logits / temperature)`` when the caller has it already, to share one student
+normaliser with other terms of its loss) and returns a `DivergenceOutput` with ``sum`` (Σ over unmasked tokens of
+the per-token divergence, times T²) and ``count`` (number of unmasked tokens). Accumulate sums and counts over
+micro-batches/ranks and divide once (`DivergenceOutput.mean`, `DivergenceOutput.normalized`). At
+``temperature = T`` the student is ``log_softmax(z/T)`` and, unless ``soften_target=False`` (target already
+tempered, e.g. pooled from `safekd.pooling.soften`-ed teachers), the target is
+``F_T(target) = log_softmax(target_logp/T)``. Zero probabilities (−inf) are handled exactly (``0·log 0 = 0``);
+a target token the student gives zero probability yields +inf in forward KL, never NaN.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+
+from safekd.signals import no_nan_or_posinf
 
 __all__ = [
     "DivergenceOutput",
@@ -56,13 +59,20 @@ class DivergenceOutput:
 
 
 def kl_per_token(a_logp: Tensor, b_logp: Tensor) -> Tensor:
-    """``KL(a‖b) = Σ_v a_v (log a_v − log b_v)`` over the last axis, with ``0·log 0 = 0`` (NaN-free gradients)."""
+    """``KL(a‖b) = Σ_v a_v (log a_v − log b_v)`` over the last axis, with ``0·log 0 = 0`` (NaN-free gradients).
+
+    Fast path: ``log a_v = −inf`` is clamped to the lowest finite value, so its term is ``0·(finite) = 0`` with no
+    masking ``where`` in the graph (finite ``log a`` are untouched: the same sums). Only where both ``a_v`` and
+    ``b_v`` are zero is that ``0·inf = NaN``; a NaN row sends the call to the masked formula."""
+    per_token = (a_logp.exp() * (a_logp.clamp_min(torch.finfo(a_logp.dtype).min) - b_logp)).sum(-1)
+    if not bool(per_token.isnan().any()):
+        return per_token
     diff = torch.where(a_logp > -math.inf, a_logp - b_logp, a_logp.new_zeros(()))
     return (a_logp.exp() * diff).sum(-1)
 
 
 def _prepare(target_logp: Tensor, student_logits: Tensor, mask: Tensor | None, temperature: float,
-             soften_target: bool, validate_args: bool) -> tuple[Tensor, Tensor, Tensor]:
+             soften_target: bool, validate_args: bool, student_logp: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if target_logp.shape != student_logits.shape:
@@ -71,11 +81,17 @@ def _prepare(target_logp: Tensor, student_logits: Tensor, mask: Tensor | None, t
     if mask is not None and mask.shape != target_logp.shape[:-1]:
         raise ValueError(f"mask must have shape {tuple(target_logp.shape[:-1])}, got {tuple(mask.shape)}")
     if validate_args:
-        if bool(torch.isnan(target_logp).any()) or bool((target_logp == math.inf).any()):
+        if not no_nan_or_posinf(target_logp):
             raise ValueError("target_logp contains NaN or +inf")
-        if bool(torch.isnan(student_logits).any()) or bool((student_logits == math.inf).any()):
+        if not no_nan_or_posinf(student_logits):
             raise ValueError("student_logits contains NaN or +inf")
-    lq = torch.log_softmax(student_logits / temperature, dim=-1)
+    if student_logp is not None:
+        if student_logp.shape != student_logits.shape:
+            raise ValueError(f"student_logp {tuple(student_logp.shape)} must have the shape of student_logits "
+                             f"{tuple(student_logits.shape)}")
+        lq = student_logp
+    else:  # z / 1.0 == z bit for bit: skip the [..., V] copy (and its backward) at the default temperature
+        lq = torch.log_softmax(student_logits if temperature == 1.0 else student_logits / temperature, dim=-1)
     lp = target_logp
     if soften_target and temperature != 1.0:
         lp = torch.log_softmax(target_logp / temperature, dim=-1)
@@ -85,32 +101,38 @@ def _prepare(target_logp: Tensor, student_logits: Tensor, mask: Tensor | None, t
 
 
 def _finish(per_token: Tensor, keep: Tensor, temperature: float) -> DivergenceOutput:
-    per_token = torch.where(keep, per_token * (temperature ** 2), per_token.new_zeros(()))
+    scaled = per_token if temperature == 1.0 else per_token * (temperature ** 2)
+    per_token = torch.where(keep, scaled, per_token.new_zeros(()))
     return DivergenceOutput(sum=per_token.sum(), count=keep.sum(), per_token=per_token)
 
 
 def forward_kl(target_logp: Tensor, student_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0,
-               soften_target: bool = True, validate_args: bool = True) -> DivergenceOutput:
+               soften_target: bool = True, validate_args: bool = True, student_logp: Tensor | None = None,
+        ) -> DivergenceOutput:
     """Forward KL ``T²·KL(p‖q)`` (Hinton et al. 2015): mode-covering."""
-    lp, lq, keep = _prepare(target_logp, student_logits, mask, temperature, soften_target, validate_args)
+    lp, lq, keep = _prepare(target_logp, student_logits, mask, temperature, soften_target, validate_args,
+                            student_logp)
     return _finish(kl_per_token(lp, lq), keep, temperature)
 
 
 def reverse_kl(target_logp: Tensor, student_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0,
-               soften_target: bool = True, validate_args: bool = True) -> DivergenceOutput:
+               soften_target: bool = True, validate_args: bool = True, student_logp: Tensor | None = None,
+        ) -> DivergenceOutput:
     """Reverse KL ``T²·KL(q‖p)`` (MiniLLM, Gu et al. 2024): mode-seeking."""
-    lp, lq, keep = _prepare(target_logp, student_logits, mask, temperature, soften_target, validate_args)
+    lp, lq, keep = _prepare(target_logp, student_logits, mask, temperature, soften_target, validate_args,
+                            student_logp)
     return _finish(kl_per_token(lq, lp), keep, temperature)
 
 
 def generalized_jsd(target_logp: Tensor, student_logits: Tensor, mask: Tensor | None = None,
                     temperature: float = 1.0, beta: float = 0.5, soften_target: bool = True,
-                    validate_args: bool = True) -> DivergenceOutput:
+                    validate_args: bool = True, student_logp: Tensor | None = None) -> DivergenceOutput:
     """``JSD_β = β·KL(p‖m) + (1−β)·KL(q‖m)``, ``m = βp + (1−β)q`` (GKD, Agarwal et al. ICLR 2024); following
     TRL, ``β = 0`` is forward ``KL(p‖q)`` and ``β = 1`` reverse ``KL(q‖p)``."""
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must lie in [0, 1], got {beta}")
-    lp, lq, keep = _prepare(target_logp, student_logits, mask, temperature, soften_target, validate_args)
+    lp, lq, keep = _prepare(target_logp, student_logits, mask, temperature, soften_target, validate_args,
+                            student_logp)
     if beta == 0.0:
         return _finish(kl_per_token(lp, lq), keep, temperature)
     if beta == 1.0:
@@ -121,12 +143,13 @@ def generalized_jsd(target_logp: Tensor, student_logits: Tensor, mask: Tensor | 
 
 def skew_kl(target_logp: Tensor, student_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0,
             alpha: float = 0.1, reverse: bool = False, soften_target: bool = True,
-            validate_args: bool = True) -> DivergenceOutput:
+            validate_args: bool = True, student_logp: Tensor | None = None) -> DivergenceOutput:
     """Skew KL (DistiLLM, Ko et al. ICML 2024): ``KL(p ‖ αp + (1−α)q)``, or with ``reverse=True``
     ``KL(q ‖ (1−α)p + αq)``; finite even where the other distribution has zeros (α > 0)."""
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"alpha must lie in [0, 1), got {alpha}")
-    lp, lq, keep = _prepare(target_logp, student_logits, mask, temperature, soften_target, validate_args)
+    lp, lq, keep = _prepare(target_logp, student_logits, mask, temperature, soften_target, validate_args,
+                            student_logp)
     if alpha == 0.0:
         mixed = lq if not reverse else lp
     elif not reverse:
@@ -138,9 +161,11 @@ def skew_kl(target_logp: Tensor, student_logits: Tensor, mask: Tensor | None = N
 
 
 def tvd(target_logp: Tensor, student_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0,
-        soften_target: bool = True, validate_args: bool = True) -> DivergenceOutput:
+        soften_target: bool = True, validate_args: bool = True, student_logp: Tensor | None = None,
+        ) -> DivergenceOutput:
     """Total variation ``T²·½Σ_v |p_v − q_v|``."""
-    lp, lq, keep = _prepare(target_logp, student_logits, mask, temperature, soften_target, validate_args)
+    lp, lq, keep = _prepare(target_logp, student_logits, mask, temperature, soften_target, validate_args,
+                            student_logp)
     return _finish(0.5 * (lp.exp() - lq.exp()).abs().sum(-1), keep, temperature)
 
 

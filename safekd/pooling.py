@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from safekd.signals import no_nan_or_posinf
+
 __all__ = [
     "linear_pool",
     "geometric_pool",
@@ -59,7 +61,7 @@ def _check(teacher_logp: Tensor, weights: Tensor) -> Tensor:
     K = teacher_logp.shape[-2]
     if weights.shape[-1] != K:
         raise ValueError(f"weights must have shape [..., K={K}], got {tuple(weights.shape)}")
-    if bool(torch.isnan(teacher_logp).any()) or bool((teacher_logp == math.inf).any()):
+    if not no_nan_or_posinf(teacher_logp):
         raise ValueError("teacher_logp contains NaN or +inf")
     if bool(torch.isnan(weights).any()) or bool((weights < 0).any()):
         raise ValueError("weights contain NaN or negative entries")
@@ -69,7 +71,19 @@ def _check(teacher_logp: Tensor, weights: Tensor) -> Tensor:
 def linear_pool(teacher_logp: Tensor, weights: Tensor, validate_args: bool = True) -> Tensor:
     """``log q = logsumexp_k(log w_k + log p_k)`` — the linear opinion pool ``q = Σ_k w_k p_k``."""
     w = _check(teacher_logp, weights) if validate_args else weights.to(teacher_logp.dtype)
-    return torch.logsumexp(torch.log(w).unsqueeze(-1) + teacher_logp, dim=-2)
+    x = torch.log(w).unsqueeze(-1) + teacher_logp
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.logsumexp(x, dim=-2)
+    return _logsumexp_teachers_(x)
+
+
+def _logsumexp_teachers_(x: Tensor) -> Tensor:
+    """``logsumexp`` over the teacher axis ``-2`` overwriting ``x`` (no second ``[..., K, V]`` buffer; the same
+    operations as ``torch.logsumexp``, so the same bits): ``m + log Σ_k exp(x_k − m)``, ``m = max_k x_k`` clamped
+    to the finite range (±inf maxima then give ``exp(x − m) ∈ {0, inf}`` exactly as torch's zeroed maxima do)."""
+    info = torch.finfo(x.dtype)
+    m = x.amax(dim=-2).clamp_(info.min, info.max)
+    return x.sub_(m.unsqueeze(-2)).exp_().sum(dim=-2).log_().add_(m)
 
 
 def _weighted_logp(teacher_logp: Tensor, w: Tensor, validate_args: bool) -> Tensor:

@@ -4,17 +4,22 @@ Shapes (teacher axis before vocabulary, weights on the last axis):
 ``teacher_logits``/``teacher_logprobs`` ``[..., K, V]``, ``sampled_logprobs`` ``[..., K]``,
 ``labels``/``task_ids``/``mask`` ``[...]``, ``context`` ``[..., F]``, ``safety`` ``[K]`` or ``[..., K]``,
 ``student_logits`` ``[..., V]``.
+
+`all_finite` and `no_nan_or_posinf` are the value scans used by every validating entry point of safekd (signals,
+pools, divergences, the distiller): one fused reduction per tensor, exact.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["Signals", "MissingSignalError", "SIGNAL_FIELDS", "TEACHER_FIELDS", "SCALE_FIELDS"]
+__all__ = ["Signals", "MissingSignalError", "SIGNAL_FIELDS", "TEACHER_FIELDS", "SCALE_FIELDS", "all_finite",
+           "no_nan_or_posinf"]
 
 SIGNAL_FIELDS: tuple[str, ...] = (
     "teacher_logits",
@@ -37,6 +42,29 @@ SCALE_FIELDS: dict[str, tuple[str, ...]] = {
     "task": ("task_ids",),
     "context": ("context",),
 }
+
+
+def _fused_sum(t: Tensor) -> Tensor:
+    """Σ t in at least single precision (half-precision sums would overflow at 65504)."""
+    return t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+
+
+def all_finite(t: Tensor) -> bool:
+    """True iff no entry of ``t`` is NaN or ±inf, from one reduction: Σ t is NaN/±inf iff an entry is, unless the
+    sum of finite entries overflows; only then the exact elementwise scan runs. Non-float tensors are finite."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    return bool(torch.isfinite(_fused_sum(t))) or bool(torch.isfinite(t).all())
+
+
+def no_nan_or_posinf(t: Tensor) -> bool:
+    """True iff no entry of ``t`` is NaN or +inf (−inf allowed: log-probabilities), from one reduction: Σ t is NaN
+    or +inf iff an entry is (+inf − inf = NaN), unless finite entries overflow to +inf; only then the exact scan
+    runs. Non-float tensors pass."""
+    if not t.is_floating_point():
+        return True
+    s = _fused_sum(t)
+    return not (bool(torch.isnan(s)) or bool(s == math.inf)) or not bool((torch.isnan(t) | (t == math.inf)).any())
 
 
 class MissingSignalError(ValueError):
@@ -129,11 +157,11 @@ class Signals:
                 raise ValueError(f"signal {name!r} has {t.shape[axis]} teachers on axis {axis}, expected {K}")
         for name in ("teacher_logits", "student_logits", "context", "safety"):
             t = getattr(self, name)
-            if t is not None and not bool(torch.isfinite(t).all()):
+            if t is not None and not all_finite(t):
                 raise ValueError(f"signal {name!r} contains NaN or inf")
         for name in ("teacher_logprobs", "sampled_logprobs"):
             t = getattr(self, name)
-            if t is not None and bool((torch.isnan(t) | (t == float("inf"))).any()):
+            if t is not None and not no_nan_or_posinf(t):
                 raise ValueError(f"signal {name!r} contains NaN or +inf (log-probabilities must be <= 0 or -inf)")
         for name in ("labels", "task_ids"):
             t = getattr(self, name)

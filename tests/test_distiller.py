@@ -46,6 +46,18 @@ def _snapshot(d):
     return [p.detach().clone() for p in d.student.parameters()], {n: t.clone() for n, t in d.multipliers.items()}
 
 
+
+def _capture_targets(d: SafeDistiller) -> dict:
+    """Wrap the distiller's divergence so the pooled target it receives is kept in the returned dict."""
+    seen = {}
+
+    def capture(target_logp, student_logits, mask=None, temperature=1.0):
+        seen["target"] = target_logp
+        return forward_kl(target_logp, student_logits, mask, temperature)
+
+    d.divergence = capture
+    return seen
+
 def test_convex_problem_converges_to_cvxpy_kkt_point():
     """Softmax regression, fixed target, one linear constraint (mean logit margin ≤ b) + ℓ2 (weight decay)."""
     g = torch.Generator().manual_seed(0)
@@ -82,13 +94,7 @@ def test_step_record_projection_and_feasibility_of_weights():
                          checks=ChecksSpec(reference_every=1, alarm_window=0))
     batch["mask"] = torch.ones(2, 6, dtype=torch.bool)
     batch["mask"][1, 3:] = False
-    seen = {}
-
-    def capture(target_logp, student_logits, mask=None, temperature=1.0):
-        seen["target"] = target_logp
-        return forward_kl(target_logp, student_logits, mask, temperature)
-
-    d.divergence = capture
+    seen = _capture_targets(d)
     rec = d.step(batch)
     assert rec.projection["tokens"] == 9
     assert rec.reference_check["rows"] > 0 and rec.reference_check["max_abs_diff"] < 1e-4
@@ -107,13 +113,7 @@ def test_relaxed_tokens_get_their_target_corrected():
     tl = batch["teacher_logits"]
     tl[0, 0, :, :2] += 8.0  # token (0, 0): all teachers unsafe
     tl[..., 1:, :, :2] -= 8.0  # all other tokens: teachers safe
-    seen = {}
-
-    def capture(target_logp, student_logits, mask=None, temperature=1.0):
-        seen["target"] = target_logp
-        return forward_kl(target_logp, student_logits, mask, temperature)
-
-    d.divergence = capture
+    seen = _capture_targets(d)
     rec = d.step(batch)
     assert rec.projection["relaxed_tokens"] == 1 and rec.projection["corrected_tokens"] == 1
     q = seen["target"].exp()
@@ -273,3 +273,34 @@ def test_every_token_set_empty_is_relaxed_not_raised():
     t = d.targets(batch)
     assert bool(t.relaxed.all()) and bool(t.corrected.all())
     assert float(UnsafeSet([0, 1]).mass(t.target_logp).max()) == pytest.approx(0.1, abs=1e-5)
+
+
+def test_finite_logits_whose_sum_overflows_are_not_a_nan_alarm():
+    """The fused finiteness check (one sum) falls back to the exact scan when a finite sum overflows."""
+    d, _, batch = _setup([C.cap("risky", 0.3), C.unsafe_rate(0.5)])
+    batch["teacher_logits"][..., 3] = 3e38  # Σ overflows to inf in float32; every entry is finite
+    t = d.targets(batch)
+    assert torch.isfinite(t.target_logp).all() and torch.allclose(t.target_logp.exp().sum(-1), torch.ones(2, 6))
+    batch["teacher_logits"][0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="teacher logits contain NaN or inf"):
+        d.targets(batch)
+
+
+def test_shared_student_logp_gives_the_same_loss_and_gradient_as_separate_normalisers():
+    """The built-in divergence and unsafe_rate/kl_to share one log_softmax of the student; a custom divergence
+    (computing its own) sees the same loss and gradient up to rounding."""
+    cons = [C.unsafe_rate(0.01), C.kl_to("mid", 0.1)]
+    d1, s1, batch = _setup(cons)
+    d2, s2, _ = _setup(cons, divergence=lambda t, z, mask=None, temperature=1.0: forward_kl(t, z, mask, temperature))
+    losses = []
+    for d, s in ((d1, s1), (d2, s2)):
+        loss, pending = d.loss(batch)
+        s.zero_grad()
+        loss.backward()
+        losses.append((loss.detach(), [p.grad.clone() for p in s.parameters()],
+                       [float(st["value"]) for st in pending.states]))
+    assert d1.divergence is d1._builtin_divergence and d2.divergence is not d2._builtin_divergence
+    torch.testing.assert_close(losses[0][0], losses[1][0])
+    for a, b in zip(losses[0][1], losses[1][1]):
+        torch.testing.assert_close(a, b)
+    assert losses[0][2] == pytest.approx(losses[1][2], rel=1e-6)

@@ -141,3 +141,21 @@ def test_argument_validation():
     with pytest.raises(ValueError, match="unknown divergence"):
         Divergence("hellinger")
     assert isinstance(forward_kl(t, z), DivergenceOutput)
+
+
+def test_kl_per_token_zero_in_both_is_zero_and_student_logp_is_used_as_given():
+    """0·log(0/0) = 0 (the masked fallback), not NaN; ``student_logp`` replaces the internal log_softmax."""
+    a = torch.log(torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64))
+    b = torch.log(torch.tensor([[0.25, 0.75, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64))
+    kl = kl_per_token(a, b)
+    assert torch.isfinite(kl).all()
+    torch.testing.assert_close(kl, torch.tensor([0.5 * math.log(2) + 0.5 * math.log(2 / 3), math.log(2)],
+                                                dtype=torch.float64))
+    lp, w, z = data()
+    target = linear_pool(lp, w)
+    for fn in DIVERGENCES.values():
+        ref = fn(target, z)
+        shared = fn(target, z, student_logp=torch.log_softmax(z, -1))
+        assert torch.equal(ref.per_token, shared.per_token)
+    with pytest.raises(ValueError, match="student_logp"):
+        forward_kl(target, z, student_logp=torch.log_softmax(z, -1)[..., :-1])

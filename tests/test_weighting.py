@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from safekd.signals import MissingSignalError, Signals
+from safekd.signals import MissingSignalError, Signals, all_finite, no_nan_or_posinf
 from safekd.weighting import (AEKD, CAMKD, AgreementSoftmax, ConfidenceSoftmax, DomainPosterior, EntropySoftmax,
                               GoldLikelihood, MTBert, Routing, SafetyPrior, Static, TaskQuality, Uniform,
                               capped_min_norm, compose, kd_logit_gradients, ordinal_rank)
@@ -215,3 +215,24 @@ def test_kd_logit_gradients_match_autograd(divergence):
     kl = (lp.exp() * (lp - lq)).sum(-1) if divergence == "forward" else (lq.exp() * (lq - lp)).sum(-1)
     auto = torch.stack([torch.autograd.grad(kl[:, k].sum(), z, retain_graph=True)[0] for k in range(K)], -2)
     torch.testing.assert_close(kd_logit_gradients(lp, s.student_logits, divergence), auto)
+
+
+def test_value_scans_are_exact_including_overflowing_sums():
+    """One fused sum decides; a finite sum that overflows falls back to the exact scan (no false alarm)."""
+    big = torch.full((8,), 3e38)  # Σ = inf in float32, every entry finite
+    assert all_finite(big) and no_nan_or_posinf(big)
+    assert all_finite(torch.full((4,), 6e4, dtype=torch.float16))  # summed in float32
+    for bad in (math.nan, math.inf, -math.inf):
+        t = big.clone()
+        t[3] = bad
+        assert not all_finite(t)
+        assert no_nan_or_posinf(t) == (bad == -math.inf)
+    mixed = torch.tensor([math.inf, -math.inf, 0.0])
+    assert not all_finite(mixed) and not no_nan_or_posinf(mixed)
+    assert all_finite(torch.tensor([1, 2])) and no_nan_or_posinf(torch.tensor([True]))
+    lp = torch.log_softmax(torch.randn(2, 3, 5), -1)
+    lp[0, 0, 0] = -math.inf
+    ConfidenceSoftmax()(Signals(teacher_logprobs=lp))  # −inf log-probabilities are valid
+    lp[0, 0, 1] = math.inf
+    with pytest.raises(ValueError, match="'teacher_logprobs' contains NaN or \\+inf"):
+        ConfidenceSoftmax()(Signals(teacher_logprobs=lp))
