@@ -7,8 +7,11 @@ Kernels (all batched over rows ``[N, K]``, no Python loop over rows):
 * box∩simplex: ``w = clamp(α + β c, lower, upper)`` with the scalar ``c`` solving ``Σ w = 1``, found exactly by
   a breakpoint search (sort the 2K breakpoints, cumulative piecewise-linear sum, linear solve on the segment).
   Euclidean: ``α = v, β = 1`` (``c = −τ``); KL: ``α = 0, β = v`` (``c = e^{−ν}``).
-* rows ``A w ≤ b``: the box∩simplex projection first (most rows are feasible there and are done); the rest
-  go to the batched Goldfarb–Idnani dual active-set method (:mod:`solvers.active_set`; bounds and rows are
+* rows ``A w ≤ b``: the box∩simplex projection first (most rows are feasible there and are done). Sets with an
+  ordinal chain and ``K ≥ _CHAIN_MIN_K`` (``FeasibleSet.chain``, from ``order_by``) then try the exact projection onto the superset
+  ``{Σw = 1, w ≥ 0, w decreasing along the chain}``: ``w = max(iso(v) − τ, 0)`` (:mod:`solvers.isotonic`), which is
+  the projection onto the full set wherever it lies in it (bounds and every row, verified with the isotonic
+  multipliers by stationarity). The rest go to the batched Goldfarb–Idnani dual active-set method (:mod:`solvers.active_set`; bounds and rows are
   inequalities, ``Σw = 1`` an equality; finite, exact up to round-off, active normals kept independent), and
   every such row is verified by stationarity ``w = P_box∩Δ(v − Aᵀμ)`` and complementarity. Rows it cannot finish
   (jointly empty rows, ``max_iter``) are relaxed by LP and re-solved; the cvxpy reference is the last resort,
@@ -29,6 +32,7 @@ from torch import Tensor
 
 from solvers.active_set import solve_active_set
 from solvers.errors import InfeasibleError
+from solvers.isotonic import block_means, isotonic_decreasing
 from solvers.results import ProjectionResult, Status
 from solvers.sets import FeasibleSet
 
@@ -37,6 +41,9 @@ __all__ = ["project"]
 logger = logging.getLogger(__name__)
 
 _METRICS = ("euclidean", "kl")
+# the chain fast path pays off from this K on (measured, one thread: K=4 the active set is ~20% cheaper, K=8 ~1.4×
+# slower, K=32 ~6× slower than the fast path)
+_CHAIN_MIN_K = 8
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -163,6 +170,114 @@ def _solve_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, tol: fl
     conv = conv.index_put((sel,), res.converged & (st <= 10 * tol) & (primal <= 10 * tol))
     stat = stat.index_put((sel,), st)
     return w, mu, it, conv, stat
+
+
+def _chain_point(y: Tensor, perm: Tensor, links: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``P_C(y) = max(iso_π(y) − τ, 0)`` onto ``C = {Σw = 1, w ≥ 0, w_{π_1} ≥ … ≥ w_{π_K}}`` (linked pairs only):
+    returns ``(x [n, K], μ [n, K−1], same [n, K−1])`` with the isotonic multipliers and blocks along ``π``."""
+    iso_p, mu, same = isotonic_decreasing(y.gather(-1, perm), links)
+    iso = torch.empty_like(iso_p).scatter_(-1, perm, iso_p)
+    return _euclid_box_simplex(iso, torch.zeros_like(iso), torch.ones_like(iso)), mu, same
+
+
+def _chain_halfspace(v: Tensor, perm: Tensor, links: Tensor, a: Tensor, beta: Tensor, tol: float,
+                     first: tuple[Tensor, Tensor, Tensor], steps: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+    """λ ≥ 0 with ``g(λ) = a·P_C(v − λa) − β = 0`` (``g`` nonincreasing, piecewise linear, ``g(0) > 0``) by Newton
+    (exact once inside the root's linear piece) safeguarded by a bracket (Illinois regula falsi inside it, doubling
+    before it closes); slope ``−(Σ_F ā² − |F| mean_F(ā)²)``, ``ā`` = block means of ``a`` on the free coordinates
+    ``F``. ``first`` = :func:`_chain_point` at λ = 0. Rows leave the loop once ``|g|`` is at round-off.
+    Returns ``(x, μ_chain, λ)`` at the last λ of each row (the caller verifies)."""
+    n = v.shape[0]
+    x_out, mu_out, lam_out = first[0].clone(), first[1].clone(), v.new_zeros(n)
+    rows = torch.arange(n, device=v.device)
+    lam, lo, hi = v.new_zeros(n), v.new_zeros(n), v.new_full((n,), math.inf)
+    g_lo, g_hi = v.new_zeros(n), v.new_zeros(n)
+    prev = torch.ones(n, dtype=torch.bool, device=v.device)
+    a_p = a.gather(-1, perm)
+    flat = 1e-9 * a_p.square().sum(-1)  # |slope| below this: g is flat here (Newton undefined)
+    x, mu, same = first
+    for k in range(steps + 1):
+        if k:
+            x, mu, same = _chain_point(v - lam[:, None] * a, perm, links)
+        g = (a * x).sum(-1) - beta
+        done = (g.abs() <= 1e-3 * tol) | (k == steps)
+        if bool(done.any()):
+            idx = rows[done]
+            x_out[idx], mu_out[idx], lam_out[idx] = x[done], mu[done], lam[done]
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            rows, v, perm, links, a, beta, a_p, flat = (t[keep] for t in (rows, v, perm, links, a, beta, a_p, flat))
+            x, same, g, lam, lo, hi, g_lo, g_hi, prev = (t[keep] for t in (x, same, g, lam, lo, hi, g_lo, g_hi, prev))
+        above = g > 0
+        stale = (above == prev) & (k > 0)  # the same end moved twice: halve the other end's value (Illinois)
+        g_lo, g_hi = torch.where(stale & ~above, 0.5 * g_lo, g_lo), torch.where(stale & above, 0.5 * g_hi, g_hi)
+        lo, g_lo = torch.where(above, lam, lo), torch.where(above, g, g_lo)
+        hi, g_hi = torch.where(above, hi, lam), torch.where(above, g_hi, g)
+        prev = above
+        a_bar = block_means(a_p, same)
+        free = (x.gather(-1, perm) > 0).to(v.dtype)
+        cnt = free.sum(-1).clamp_min(1)
+        slope = -((a_bar.square() * free).sum(-1) - (a_bar * free).sum(-1).square() / cnt)
+        newton = lam - g / torch.where(slope < -flat, slope, -math.inf)
+        secant = lo + g_lo * (hi - lo) / torch.where(g_lo > g_hi, g_lo - g_hi, math.inf)
+        inside = (newton > lo) & (newton < hi) & (newton != lam)
+        fallback = torch.where(torch.isinf(hi), 2 * lo + 1, torch.where(secant > lo, secant, 0.5 * (lo + hi)))
+        lam = torch.where(inside, newton, fallback)
+    return x_out, mu_out, lam_out
+
+
+def _min_over_chain(a: Tensor, links: Tensor) -> Tensor:
+    """``min_{x∈C} a·x`` for ``a [n, K]`` in chain order: the least mean of ``a`` over a prefix of a segment (the
+    vertices of ``C`` are the uniform distributions on such prefixes)."""
+    K = a.shape[-1]
+    pos = torch.arange(K, device=a.device).expand_as(a)
+    starts = torch.cat([torch.ones_like(links[:, :1]), ~links], dim=-1)
+    first = torch.where(starts, pos, 0).cummax(-1).values  # start of each position's segment
+    cs = torch.cat([a.new_zeros(a.shape[0], 1), a.cumsum(-1)], dim=-1)
+    return ((cs[:, 1:] - cs.gather(-1, first)) / (pos - first + 1)).amin(-1)
+
+
+def _chain_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, chain: Tensor, start: int, tol: float,
+                sel: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Superset fast path on the rows ``sel``: project onto ``C = {Σw = 1, w ≥ 0, w_{π_1} ≥ … ≥ w_{π_K}}``
+    (``π = chain``, rows ``start … start+K−2`` of ``A``; tied pairs are zero rows and split the chain) in closed form
+    ``w = max(iso_π(v) − τ, 0)``; where ``w`` lies in the full set it is its projection (the set is inside ``C``).
+    Where it violates one other row ``r`` (the worst), ``C ∩ {a_r·w = b_r}`` is tried next: ``w = P_C(v − λ a_r)``
+    with the scalar ``λ`` of :func:`_chain_halfspace`.
+
+    Returns ``(done, w [d, K], μ [d, m], stationarity residual [d], rest)``: the rows of ``sel`` accepted (verified
+    in float64 by bounds, every row, and ``w = P_box∩Δ(v − Aᵀμ)`` with the multipliers found) and the others.
+    """
+    n, K, m = sel.numel(), v.shape[-1], A.shape[-2]
+    v_s, lo_s, hi_s, A_s, b_s = (t[sel].double() for t in (v, lo, hi, A, b))
+    perm = chain[sel]
+    links = A_s[:, start:start + K - 1].abs().amax(-1) > 0  # zero rows (ties) split the chain
+    x, mu_chain, same = _chain_point(v_s, perm, links)
+    mu = v_s.new_zeros(n, m)
+    other = torch.ones(m, dtype=torch.bool, device=v.device)
+    other[start:start + K - 1] = False
+    if bool(other.any()):
+        worst, r = torch.where(other, (A_s * x[:, None, :]).sum(-1) - b_s, -math.inf).max(-1)
+        in_box = ((lo_s - x).amax(-1) <= tol) & ((x - hi_s).amax(-1) <= tol)
+        a_r = A_s.gather(1, r[:, None, None].expand(n, 1, K))[:, 0]
+        reachable = _min_over_chain(a_r.gather(-1, perm), links) <= b_s.gather(1, r[:, None])[:, 0]
+        idx = ((worst > tol) & in_box & reachable).nonzero()[:, 0]
+        if idx.numel():
+            ri = r[idx]
+            x_h, mu_h, lam = _chain_halfspace(v_s[idx], perm[idx], links[idx], A_s[idx, ri], b_s[idx, ri], tol,
+                                              (x[idx], mu_chain[idx], same[idx]))
+            x, mu_chain = x.index_put((idx,), x_h), mu_chain.index_put((idx,), mu_h)
+            mu = mu.index_put((idx, ri), lam)
+    mu[:, start:start + K - 1] = mu_chain
+    slack = b_s - (A_s * x[:, None, :]).sum(-1)
+    primal = torch.maximum(torch.maximum(lo_s - x, x - hi_s).amax(-1), (-slack).amax(-1))
+    shift = (mu[..., None] * A_s).sum(-2)
+    st = (_euclid_box_simplex(v_s - shift, lo_s, hi_s) - x).abs().amax(-1)
+    st = st / torch.maximum(v_s.abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)
+    ok = (primal <= tol) & (st <= tol) & (mu >= 0).all(-1) & (torch.minimum(mu, slack).abs().amax(-1) <= tol)
+    x = torch.minimum(torch.maximum(x.to(v.dtype), lo[sel]), hi[sel])
+    return sel[ok], x[ok], mu[ok].to(v.dtype), st[ok].to(v.dtype), sel[~ok]
 
 
 def _violated(w: Tensor, A: Tensor, b: Tensor, tol: float) -> Tensor:
@@ -296,6 +411,11 @@ def project(
             soft = torch.tensor([not h for h in fset.hard_rows], dtype=torch.bool, device=v.device)
             w, u = _euclid_box_simplex_u(vf, lo, hi)
             sel = _violated(w, A, b, tol)  # most rows are feasible here: only the rest need work
+            fast = sel[:0]
+            if fset.chain is not None and K >= _CHAIN_MIN_K and sel.numel():
+                chain = fset.chain.expand(*batch, K).reshape(N, K)
+                fast, w_fast, mu_fast, st_fast, sel = _chain_rows(vf, lo, hi, A, b, chain, fset.chain_start, tol, sel)
+                w = w.index_put((fast,), w_fast)
             if sel.numel():  # rows are empty only if violated at w: relax those by the least uniform t
                 # a lower bound on the least relaxation t*, exact (greedy fill) for a single row
                 t_row = (_min_linear(A[sel], lo[sel], hi[sel]) - b[sel]).amax(-1).clamp_min(0)
@@ -309,6 +429,8 @@ def project(
                     relax = relax.index_put((sel,), torch.maximum(relax[sel], t_row))
             _raise_if_all_empty(relax, tol, fset, batch, check_empty)
             w, info_mu, it, conv, stat = _solve_rows(vf, lo, hi, A, b, tol, max_iter, sel, w, u)
+            if fast.numel():
+                info_mu, stat = info_mu.index_put((fast,), mu_fast), stat.index_put((fast,), st_fast)
             if not bool(conv.all()):
                 w, info_mu, it, status, relax, b, stat = _rescue(vf, lo, hi, A, b, soft, w, info_mu, it, status, relax,
                                                                  conv, stat, tol, max_iter)

@@ -44,6 +44,9 @@ class FeasibleSet:
     ``upper_names[i]`` name the constraint that set bound ``i`` (``None`` = structural 0 or 1).
     ``hard_rows[r]`` marks row ``r`` as never relaxed: where a batch element's set is empty, only the other
     (soft) rows are relaxed, by the least uniform amount (all rows are soft by default).
+    ``chain`` (set by the first :meth:`order_by`): the permutation ``[..., K]`` (descending scores) whose K−1
+    ordinal rows start at row ``chain_start``; ``None`` otherwise. The projection uses it for a closed-form
+    fast path (isotonic regression) and verifies the result against the rows themselves.
     """
 
     lower: Tensor
@@ -54,6 +57,8 @@ class FeasibleSet:
     lower_names: tuple[str | None, ...] = ()
     upper_names: tuple[str | None, ...] = ()
     hard_rows: tuple[bool, ...] = ()
+    chain: Tensor | None = None
+    chain_start: int = 0
     _batch_shape: torch.Size = field(default=torch.Size(), repr=False)
 
     def __post_init__(self) -> None:
@@ -81,8 +86,16 @@ class FeasibleSet:
             raise ValueError(f"lower, upper, A, b must share dtype and device, got {dtypes} / {devices}")
         for name, t in (("lower", lower), ("upper", upper), ("A", A), ("b", b)):
             _check_finite(name, t)
+        chain_batch: tuple[int, ...] = ()
+        if self.chain is not None:
+            c = self.chain
+            if not isinstance(c, Tensor) or c.dtype != torch.long or c.dim() < 1 or c.shape[-1] != K:
+                raise ValueError(f"chain must be a LongTensor of shape [..., K={K}]")
+            if not 0 <= self.chain_start <= m - (K - 1):
+                raise ValueError(f"chain_start={self.chain_start} does not leave K-1={K - 1} rows in m={m}")
+            chain_batch = tuple(c.shape[:-1])
         try:
-            batch = torch.broadcast_shapes(lower.shape[:-1], upper.shape[:-1], A.shape[:-2], b.shape[:-1])
+            batch = torch.broadcast_shapes(lower.shape[:-1], upper.shape[:-1], A.shape[:-2], b.shape[:-1], chain_batch)
         except RuntimeError as exc:
             raise ValueError(f"batch dims of lower/upper/A/b do not broadcast: {exc}") from None
         if len(self.row_names) != m:
@@ -217,7 +230,8 @@ class FeasibleSet:
 
     def order_by(self, scores: Tensor | Sequence[float], name: str = "order_by", *, hard: bool = False) -> "FeasibleSet":
         """w ordered like ``scores`` ([K] or [..., K]): K−1 rows w_{(k+1)} − w_{(k)} ≤ 0 for consecutive
-        coordinates in descending score order; tied pairs give an all-zero (always satisfied) row."""
+        coordinates in descending score order; tied pairs give an all-zero (always satisfied) row. The first
+        ``order_by`` of a set records its permutation as ``chain`` (see the class docstring)."""
         s = _as_tensor("scores", scores, self.lower)
         if s.dim() < 1 or s.shape[-1] != self.K:
             raise ValueError(f"scores must have shape [..., K={self.K}], got {tuple(s.shape)}")
@@ -229,7 +243,10 @@ class FeasibleSet:
         strict = (s_sorted[..., :-1] > s_sorted[..., 1:]).to(self.dtype)[..., None]
         a = (E[..., 1:, :] - E[..., :-1, :]) * strict
         b = torch.zeros(a.shape[:-1], dtype=self.dtype, device=self.device)
-        return self._add_rows(a, b, tuple(f"{name}[{k}]" for k in range(self.K - 1)), hard)
+        out = self._add_rows(a, b, tuple(f"{name}[{k}]" for k in range(self.K - 1)), hard)
+        if self.chain is None:
+            out = replace(out, chain=perm, chain_start=self.num_rows)
+        return out
 
     # ------------------------------------------------------------------ evaluation
     def residual(self, w: Tensor) -> Tensor:
@@ -257,19 +274,23 @@ class FeasibleSet:
     # ------------------------------------------------------------------ conversion
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FeasibleSet":
         kw = {"device": device, "dtype": dtype}
-        return replace(self, lower=self.lower.to(**kw), upper=self.upper.to(**kw), A=self.A.to(**kw), b=self.b.to(**kw))
+        chain = None if self.chain is None else self.chain.to(device=device)
+        return replace(self, lower=self.lower.to(**kw), upper=self.upper.to(**kw), A=self.A.to(**kw), b=self.b.to(**kw),
+                       chain=chain)
 
     def expand(self, batch_shape: Sequence[int]) -> "FeasibleSet":
         """Broadcast every tensor to ``batch_shape`` (views, no copies)."""
         bs = tuple(batch_shape)
         K, m = self.K, self.num_rows
+        chain = None if self.chain is None else self.chain.expand(*bs, K)
         return replace(self, lower=self.lower.expand(*bs, K), upper=self.upper.expand(*bs, K),
-                       A=self.A.expand(*bs, m, K), b=self.b.expand(*bs, m))
+                       A=self.A.expand(*bs, m, K), b=self.b.expand(*bs, m), chain=chain)
 
     def __getitem__(self, index: int | tuple[int, ...]) -> "FeasibleSet":
         """The set of one batch element (``index`` into ``batch_shape``)."""
         e = self.expand(self.batch_shape)
-        return replace(self, lower=e.lower[index], upper=e.upper[index], A=e.A[index], b=e.b[index])
+        chain = None if e.chain is None else e.chain[index]
+        return replace(self, lower=e.lower[index], upper=e.upper[index], A=e.A[index], b=e.b[index], chain=chain)
 
     def constraint_names(self) -> list[str]:
         """All named constraints: named bounds, rows, and the simplex equality ``sum(w)=1``."""

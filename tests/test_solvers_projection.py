@@ -344,3 +344,142 @@ def test_batched_relaxation_lp_matches_per_row_lps():
         t_i, _ = least_uniform_relaxation(lo[i:i + 1].numpy(), hi[i:i + 1].numpy(), A[i:i + 1].numpy(),
                                           b[i:i + 1].numpy(), hard)
         assert abs(t[i] - t_i[0]) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------- ordinal chain fast path
+@pytest.fixture
+def chain_fast_path_for_all_k(monkeypatch):
+    """The fast path runs from K = 8 on by default (the active set is cheaper below); test it for every K."""
+    from solvers import projection
+
+    monkeypatch.setattr(projection, "_CHAIN_MIN_K", 1)
+
+
+def _chain_set(rng: np.random.Generator, K: int, N: int, box: bool, halfspace: bool, tied: bool,
+               per_row: bool) -> FeasibleSet:
+    """Chain (order_by) sets that contain the uniform point 1/K (never empty): + caps/floors, + a halfspace."""
+    shape = (N, K) if per_row else (K,)
+    scores = rng.integers(0, 3, shape) if tied else rng.permuted(np.tile(np.arange(K), (N, 1)), axis=-1) \
+        if per_row else rng.permutation(K)
+    fs = FeasibleSet.simplex(K, dtype=F64)
+    if box:
+        fs = fs.cap(int(rng.integers(K)), float(rng.uniform(1.0 / K, 1.0)), name="cap")
+        fs = fs.floor(int(rng.integers(K)), float(rng.uniform(0, 1.0 / K)), name="floor")
+    fs = fs.order_by(torch.tensor(scores, dtype=F64), name="chain")
+    if halfspace:
+        a = rng.uniform(0, 1, (N, K))
+        fs = fs.halfspace(torch.tensor(a), torch.tensor(a.mean(-1) + rng.uniform(0, 0.3, N)), name="unsafe")
+    return fs
+
+
+def test_isotonic_decreasing_matches_pav_with_split_chains():
+    from sklearn.isotonic import IsotonicRegression
+
+    from solvers.isotonic import isotonic_decreasing
+
+    rng = np.random.default_rng(0)
+    for K in (1, 2, 5, 16, 64):
+        y = rng.normal(size=(40, K)) * 3 + 5
+        y[:10] = np.round(y[:10])  # ties in y
+        links = rng.uniform(size=(40, max(K - 1, 0))) < 0.8
+        iso, mu, same = isotonic_decreasing(torch.tensor(y), torch.tensor(links))
+        for i in range(40):
+            seg = np.r_[0, np.cumsum(~links[i])]
+            ref = np.concatenate([IsotonicRegression(increasing=False).fit_transform(np.arange((seg == s).sum()), y[i, seg == s])
+                                  for s in np.unique(seg)])
+            assert np.abs(iso[i].numpy() - ref).max() <= 1e-12
+        # stationarity iso − y + Σ_k μ_k (e_{k+1} − e_k) = 0, μ ≥ 0, μ = 0 off the blocks and on unlinked pairs
+        st = iso - torch.tensor(y)
+        st[:, 1:] += mu
+        st[:, :-1] -= mu
+        assert float(st.abs().max()) <= 1e-11 and bool((mu >= 0).all()) and not bool(mu[~torch.tensor(links)].any())
+        assert not bool(mu[~same].any())
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), K=st.sampled_from([1, 2, 3, 5, 8, 16]), box=st.booleans(), halfspace=st.booleans(),
+       tied=st.booleans(), per_row=st.booleans(), scale=st.sampled_from([0.1, 1.0, 10.0]))
+def test_chain_sets_match_reference(chain_fast_path_for_all_k, seed, K, box, halfspace, tied, per_row, scale):
+    rng = np.random.default_rng(seed)
+    N = 6
+    fs = _chain_set(rng, K, N, box, halfspace, tied, per_row)
+    v = torch.tensor(rng.normal(size=(N, K)) * scale)
+    w, info = _check_against_reference(v, fs)
+    assert bool((info.status == int(Status.OPTIMAL)).all()) and bool((info.kkt_residual <= 1e-9).all())
+    assert torch.allclose(info.multipliers * fs.residual(w), torch.zeros_like(w[:, :1]), atol=1e-9)  # complementarity
+
+
+def test_chain_superset_path_taken_and_not_taken(chain_fast_path_for_all_k):
+    """Chain-violating rows whose isotonic point lies in the set are solved without active-set steps (exact, with the
+    isotonic multipliers); rows where a cap binds fall through to the active set; both agree with cvxpy."""
+    K = 5
+    fs = FeasibleSet.simplex(K, dtype=F64).cap(0, 0.5, name="cap").order_by(torch.tensor([5.0, 4, 3, 2, 1], dtype=F64))
+    v = torch.tensor([[0.1, 0.3, 0.2, 0.4, 0.0],   # chain violated, isotonic point inside the cap: fast path
+                      [2.0, 0.0, 1.0, 0.0, 0.0],   # w0 wants > 0.5: the cap binds, active set
+                      [0.4, 0.3, 0.2, 0.1, 0.0]], dtype=F64)  # already feasible
+    w, info = _check_against_reference(v, fs)
+    assert info.iterations.tolist()[0] == 0 and int(info.iterations[1]) >= 1 and int(info.iterations[2]) == 0
+    assert torch.allclose(w[0], torch.tensor([0.25, 0.25, 0.25, 0.25, 0.0], dtype=F64), atol=1e-12)
+    assert info.active[0].tolist() == [True, True, True, False] and not bool(info.active[2].any())
+    # μ_k = Σ_{l≤k} (block mean − v_l) over the pooled block (v_0..v_3, mean 0.25)
+    assert torch.allclose(info.multipliers[0], torch.tensor([0.15, 0.1, 0.15, 0.0], dtype=F64), atol=1e-12)
+    assert bool(info.active_upper[1, 0])
+
+
+def test_chain_with_one_active_halfspace_is_solved_in_closed_form(chain_fast_path_for_all_k):
+    rng = np.random.default_rng(4)
+    K, N = 8, 64
+    order = rng.permutation(K)
+    v = torch.tensor(rng.normal(size=(N, K)))
+    a = torch.tensor(rng.uniform(0, 1, (N, K)))
+    fs = FeasibleSet.simplex(K, dtype=F64).order_by(torch.tensor(order, dtype=F64)).halfspace(a, a.mean(-1) + 0.02, name="u")
+    w, info = project(v, fs, return_info=True)
+    u = info.active[:, -1]
+    assert int(u.sum()) >= 10 and bool((info.iterations[u] == 0).all())  # halfspace active, no active-set steps
+    assert bool((info.kkt_residual <= 1e-9).all()) and bool((info.status == int(Status.OPTIMAL)).all())
+    idx = u.nonzero()[:12, 0]
+    assert torch.allclose(w[idx], reference.project(v[idx], fs[idx]), atol=1e-6)
+
+
+def test_chain_is_carried_by_set_operations_and_stale_chains_are_safe(chain_fast_path_for_all_k):
+    import dataclasses
+
+    scores = torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]], dtype=F64)
+    fs = FeasibleSet.simplex(3, dtype=F64).cap(1, 0.9).order_by(scores).order_by([1.0, 2.0, 3.0], name="second")
+    assert fs.chain.tolist() == [[0, 2, 1], [2, 1, 0]] and fs.chain_start == 0  # the first order_by is the chain
+    assert fs[1].chain.tolist() == [2, 1, 0] and fs.expand((4, 2)).chain.shape == (4, 2, 3)
+    assert fs.to(dtype=torch.float32).chain.dtype == torch.long and FeasibleSet.simplex(3).chain is None
+    with pytest.raises(ValueError, match="chain"):
+        dataclasses.replace(fs, chain=fs.chain.double())
+    # a chain that no longer matches the rows (A replaced) is caught by the verification: still the exact projection
+    v = torch.tensor([[0.1, 0.5, 0.4], [0.6, 0.3, 0.1]], dtype=F64)
+    stale = dataclasses.replace(fs, A=fs.A.flip(-1))
+    w, info = project(v, stale, return_info=True)
+    assert torch.allclose(w, reference.project(v, stale), atol=1e-6) and bool((info.kkt_residual <= 1e-9).all())
+
+
+def test_chain_float32_and_gradcheck(chain_fast_path_for_all_k):
+    rng = np.random.default_rng(9)
+    fs = _chain_set(rng, 6, 32, box=True, halfspace=True, tied=False, per_row=True)
+    v = torch.tensor(rng.normal(size=(32, 6)))
+    w64, i64 = project(v, fs, return_info=True)
+    w32, i32 = project(v.float(), fs.to(dtype=torch.float32), return_info=True)
+    assert w32.dtype == torch.float32 and bool((i32.status == int(Status.OPTIMAL)).all())
+    assert torch.allclose(w32.double(), w64, atol=1e-5)
+    # gradcheck on rows solved by the fast path (chain blocks, a zero tail, an active halfspace)
+    fsg = FeasibleSet.simplex(4, dtype=F64).order_by(torch.tensor([4.0, 3, 2, 1], dtype=F64)) \
+        .halfspace([0.9, 0.1, 0.3, 0.2], 0.45, name="u")
+    vg = torch.tensor([[0.1, 0.5, 0.2, -0.3], [0.2, 0.25, 0.8, 0.0], [0.0, 0.1, 0.3, 0.7]], dtype=F64, requires_grad=True)
+    _, info = project(vg.detach(), fsg, return_info=True)
+    assert bool((info.iterations == 0).all()) and bool(info.active.any(-1).all())
+    torch.autograd.gradcheck(lambda x: project(x, fsg), (vg,))
+
+
+def test_chain_fast_path_runs_from_k8_by_default():
+    rng = np.random.default_rng(2)
+    for K, fast in ((4, False), (8, True)):
+        fs = FeasibleSet.simplex(K, dtype=F64).order_by(torch.tensor(rng.permutation(K), dtype=F64))
+        v = torch.tensor(rng.normal(size=(16, K)))
+        w, info = project(v, fs, return_info=True)
+        assert bool((info.iterations == 0).all()) == fast and bool((info.kkt_residual <= 1e-9).all())
+        assert torch.allclose(w, reference.project(v, fs), atol=1e-6)
