@@ -29,8 +29,11 @@ _SUM = "sum(w)=1"
 
 
 def _lp(c, A_ub, b_ub, A_eq, b_eq, bounds):
-    res = linprog(c, A_ub=A_ub if A_ub is not None and len(A_ub) else None, b_ub=b_ub if A_ub is not None and len(A_ub) else None,
-                  A_eq=A_eq, b_eq=b_eq, bounds=bounds, method="highs")
+    """``linprog(method="highs")`` that drops an empty ``A_ub``; statuses other than 0 (optimal) and 2 (infeasible)
+    raise :class:`SolverError`."""
+    has_ub = A_ub is not None and len(A_ub) > 0
+    res = linprog(c, A_ub=A_ub if has_ub else None, b_ub=b_ub if has_ub else None, A_eq=A_eq, b_eq=b_eq,
+                  bounds=bounds, method="highs")
     if res.status not in (0, 2):
         raise SolverError(f"linprog(method='highs') failed with status {res.status}: {res.message}")
     return res

@@ -34,17 +34,22 @@ def _minmax(y: Tensor, seg: Tensor) -> Tensor:
     return tail_max.masked_fill(~valid, torch.inf).amin(-2)  # min over j ≤ i in the segment
 
 
+def _run_ids(joined: Tensor) -> Tensor:
+    """Ids ``[n, K]`` (0, 1, … along each row) of the maximal runs of consecutive entries joined by ``joined [n, K−1]``."""
+    return torch.cat([torch.zeros_like(joined[:, :1], dtype=torch.long), (~joined).long().cumsum(-1)], dim=-1)
+
+
 def block_means(x: Tensor, same: Tensor) -> Tensor:
     """Replace ``x [n, K]`` by its mean over each block of consecutive entries joined by ``same [n, K−1]``."""
     n, K = x.shape
-    block = torch.cat([torch.zeros_like(same[:, :1], dtype=torch.long), (~same).long().cumsum(-1)], dim=-1)
+    block = _run_ids(same)
     flat = (block + K * torch.arange(n, device=x.device)[:, None]).reshape(-1)
     total = x.new_zeros(n * K).index_add_(0, flat, x.reshape(-1))
     count = x.new_zeros(n * K).index_add_(0, flat, torch.ones_like(x).reshape(-1))
     return (total / count.clamp_min(1))[flat].reshape(n, K)
 
 
-def isotonic_decreasing(y: Tensor, links: Tensor) -> tuple[Tensor, Tensor]:
+def isotonic_decreasing(y: Tensor, links: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Decreasing isotonic regression of ``y [n, K]`` along its last axis, with ``links [n, K−1]`` (bool) marking
     the constrained consecutive pairs. Returns ``(iso [n, K], mu [n, K−1] ≥ 0, same [n, K−1])``: ``mu`` the
     multipliers of the rows ``x_{k+1} − x_k ≤ 0`` (0 for unlinked pairs), ``same`` the pairs inside one block."""
@@ -55,7 +60,7 @@ def isotonic_decreasing(y: Tensor, links: Tensor) -> tuple[Tensor, Tensor]:
         return y.clone(), y.new_zeros(n, max(K - 1, 0)), links.clone()
     shift = y.amax(-1, keepdim=True)
     y = y - shift  # iso is shift-equivariant; the shift keeps the cumulative sums small
-    seg = torch.cat([torch.zeros_like(links[:, :1], dtype=torch.long), (~links).long().cumsum(-1)], dim=-1)
+    seg = _run_ids(links)
     step = max(1, _CHUNK_ELEMENTS // (K * K))
     iso = torch.cat([_minmax(y[i:i + step], seg[i:i + step]) for i in range(0, n, step)], dim=0)
     # blocks: linked pairs whose fitted values agree up to round-off; re-average each block exactly

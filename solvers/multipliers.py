@@ -38,7 +38,7 @@ class _DualRule(Optimizer):
                     yield group, p
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():

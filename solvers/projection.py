@@ -8,19 +8,21 @@ Kernels (all batched over rows ``[N, K]``, no Python loop over rows):
   a breakpoint search (sort the 2K breakpoints, cumulative piecewise-linear sum, linear solve on the segment).
   Euclidean: ``α = v, β = 1`` (``c = −τ``); KL: ``α = 0, β = v`` (``c = e^{−ν}``).
 * rows ``A w ≤ b``: the box∩simplex projection first (most rows are feasible there and are done). Sets with an
-  ordinal chain and ``K ≥ _CHAIN_MIN_K`` (``FeasibleSet.chain``, from ``order_by``) then try the exact projection onto the superset
-  ``{Σw = 1, w ≥ 0, w decreasing along the chain}``: ``w = max(iso(v) − τ, 0)`` (:mod:`solvers.isotonic`), which is
-  the projection onto the full set wherever it lies in it (bounds and every row, verified with the isotonic
-  multipliers by stationarity). The rest go to the batched Goldfarb–Idnani dual active-set method (:mod:`solvers.active_set`; bounds and rows are
-  inequalities, ``Σw = 1`` an equality; finite, exact up to round-off, active normals kept independent), and
+  ordinal chain and ``K ≥ _CHAIN_MIN_K`` (``FeasibleSet.chain``, from ``order_by``) then try the exact projection
+  onto the superset ``{Σw = 1, w ≥ 0, w decreasing along the chain}``: ``w = max(iso(v) − τ, 0)``
+  (:mod:`solvers.isotonic`), which is the projection onto the full set wherever it lies in it (bounds and every
+  row, verified with the isotonic multipliers by stationarity). The rest go to the batched Goldfarb–Idnani dual
+  active-set method (:mod:`solvers.active_set`; bounds and rows are inequalities, ``Σw = 1`` an equality; finite,
+  exact up to round-off, active normals kept independent), and
   every such row is verified by stationarity ``w = P_box∩Δ(v − Aᵀμ)`` and complementarity. Rows it cannot finish
   (jointly empty rows, ``max_iter``) are relaxed by LP and re-solved; the cvxpy reference is the last resort,
   flagged ``MAX_ITER``.
 * empty rows: the box is relaxed by the least ``t`` making ``Σ lower ≤ 1 ≤ Σ upper`` (closed form, a simplex
   threshold), then the halfspaces by the least uniform ``t`` with ``{A w ≤ b + t}`` non-empty:
-  ``t* = min_{w∈box∩Δ} max_r (a_r·w − b_r)``; closed form (greedy fill by ascending ``a``) for one row, scipy
-  ``linprog`` (HiGHS) per affected row for several (only rows infeasible at the box∩simplex projection can be
-  empty, so only those are checked). Such rows are flagged ``RELAXED`` with ``relaxation = t``.
+  ``t* = min_{w∈box∩Δ} max_r (a_r·w − b_r)``; closed form (greedy fill by ascending ``a``) for one row, one
+  block-diagonal scipy ``linprog`` (HiGHS) over all affected rows for several (only rows infeasible at the
+  box∩simplex projection can be empty, so only those are checked). Such rows are flagged ``RELAXED`` with
+  ``relaxation = t``.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ _CHAIN_MIN_K = 8
 
 
 def _tolerance(dtype: torch.dtype) -> float:
-    """KKT tolerance: 1e-10 in float64, ~1e-5 in float32/16."""
+    """KKT tolerance: 1e-10 in float64, 100·eps otherwise (~1.2e-5 in float32)."""
     return 1e-10 if dtype == torch.float64 else 100.0 * torch.finfo(dtype).eps
 
 
@@ -83,16 +85,17 @@ def _box_simplex(alpha: Tensor, beta: Tensor | None, lo: Tensor, hi: Tensor) -> 
     return w, c
 
 
-def _euclid_box_simplex(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Euclidean projection onto {lo ≤ w ≤ hi, Σw = 1} (rows of v; projection is invariant to v + const)."""
-    return _box_simplex(v - v.amax(-1, keepdim=True), None, lo, hi)[0]
-
-
 def _euclid_box_simplex_u(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """``(w, u)``: the projection ``w = clamp(u, lo, hi)`` and its unclamped values ``u = v − τ``."""
+    """Euclidean projection onto {lo ≤ w ≤ hi, Σw = 1} (rows of v; invariant to v + const): ``(w, u)``, the
+    projection ``w = clamp(u, lo, hi)`` and its unclamped values ``u = v − τ``."""
     alpha = v - v.amax(-1, keepdim=True)
     w, c = _box_simplex(alpha, None, lo, hi)
     return w, alpha + c
+
+
+def _euclid_box_simplex(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Euclidean projection onto {lo ≤ w ≤ hi, Σw = 1} (the ``w`` of :func:`_euclid_box_simplex_u`)."""
+    return _euclid_box_simplex_u(v, lo, hi)[0]
 
 
 def _kl_box_simplex(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -101,8 +104,9 @@ def _kl_box_simplex(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- relaxations
-def _box_relaxation(lo: Tensor, hi: Tensor) -> Tensor:
-    """Least t ≥ 0 with Σ max(lo−t, 0) ≤ 1 ≤ Σ min(hi+t, 1) → [N]. Both are simplex thresholds."""
+def _relax_box(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Least t ≥ 0 with Σ max(lo−t, 0) ≤ 1 ≤ Σ min(hi+t, 1) (both simplex thresholds), per row of
+    ``lo, hi [N, K]``: returns the relaxed box ``(max(lo − t, 0), min(hi + t, 1))`` and ``t [N]`` (0: unchanged)."""
     zero, one = torch.zeros_like(lo), torch.ones_like(lo)
     t = torch.zeros_like(lo[..., 0])
     over = lo.sum(-1) > 1
@@ -111,7 +115,8 @@ def _box_relaxation(lo: Tensor, hi: Tensor) -> Tensor:
         t = torch.where(over, -_box_simplex(lo, None, zero, one)[1][..., 0], t)
     if bool(under.any()):
         t = torch.maximum(t, torch.where(under, _box_simplex(hi, None, zero, one)[1][..., 0], t))
-    return t.clamp_min(0)
+    t = t.clamp_min(0)
+    return (lo - t[:, None]).clamp_min(0), (hi + t[:, None]).clamp_max(1), t
 
 
 def _min_linear(a: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
@@ -137,6 +142,19 @@ def _relax_rows_lp(lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, soft: Tensor) -
 
 
 # ---------------------------------------------------------------------------------------------- rows: active set
+def _verify(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, x: Tensor,
+            mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """KKT parts of ``x`` with row multipliers ``μ`` (batch ``[n, ...]``, ``m ≥ 1``): ``(slack b − A x [n, m],
+    bound and row violation [n], stationarity [n])``, the stationarity error
+    ``‖P_box∩Δ(v − Aᵀμ) − x‖∞ / max(1, ‖v‖∞, ‖Aᵀμ‖∞)`` relative to the size of the shifted point (multipliers are
+    large on thin, e.g. relaxed, sets)."""
+    slack = b - (A * x[:, None, :]).sum(-1)
+    primal = torch.maximum(torch.maximum(lo - x, x - hi).amax(-1), (-slack).amax(-1))
+    shift = (mu[..., None] * A).sum(-2)
+    st = (_euclid_box_simplex(v - shift, lo, hi) - x).abs().amax(-1)
+    return slack, primal, st / torch.maximum(v.abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)
+
+
 def _solve_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, tol: float, max_iter: int,
                 sel: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Goldfarb–Idnani active-set method on the rows ``sel`` that the box∩simplex projection ``w = clamp(u)``
@@ -154,19 +172,13 @@ def _solve_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, tol: fl
         return w, mu, it, conv, stat
     v_s, lo_s, hi_s, A_s = v[sel], lo[sel], hi[sel], A[sel]
     res = solve_active_set(lo_s, hi_s, A_s, b[sel], w[sel], u[sel], max_iter, feas_tol=1e-2 * tol, round_off=10 * tol)
-    # verification in float64 (the solver's precision): primal feasibility, then stationarity relative to the
-    # size of the shifted point v − Aᵀμ (multipliers are large on thin, e.g. relaxed, sets)
-    x64, mu64 = res.x, res.mu
-    lo64, hi64, A64 = lo_s.double(), hi_s.double(), A_s.double()
-    primal = torch.maximum(((A64 * x64[:, None, :]).sum(-1) - b[sel].double()).amax(-1), (x64.sum(-1) - 1).abs())
-    primal = torch.maximum(primal, torch.maximum(lo64 - x64, x64 - hi64).amax(-1))
-    shift = (mu64[..., None] * A64).sum(-2)
-    st = (_euclid_box_simplex(v_s.double() - shift, lo64, hi64) - x64).abs().amax(-1)
-    st = (st / torch.maximum(v_s.double().abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)).to(v.dtype)
-    primal = primal.to(v.dtype)
-    x = torch.minimum(torch.maximum(x64.to(v.dtype), lo_s), hi_s)
-    mu_s = mu64.to(v.dtype)
-    w, mu, it = w.index_put((sel,), x), mu.index_put((sel,), mu_s), it.index_put((sel,), res.iterations)
+    # verification in float64 (the solver's precision): primal feasibility (with Σx = 1), then stationarity
+    x64 = res.x
+    _, primal, st = _verify(*(t.double() for t in (v_s, lo_s, hi_s, A_s, b[sel])), x64, res.mu)
+    primal = torch.maximum(primal, (x64.sum(-1) - 1).abs()).to(v.dtype)
+    st = st.to(v.dtype)
+    x = x64.to(v.dtype).clamp(lo_s, hi_s)
+    w, mu, it = w.index_put((sel,), x), mu.index_put((sel,), res.mu.to(v.dtype)), it.index_put((sel,), res.iterations)
     conv = conv.index_put((sel,), res.converged & (st <= 10 * tol) & (primal <= 10 * tol))
     stat = stat.index_put((sel,), st)
     return w, mu, it, conv, stat
@@ -270,13 +282,9 @@ def _chain_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, chain: 
             x, mu_chain = x.index_put((idx,), x_h), mu_chain.index_put((idx,), mu_h)
             mu = mu.index_put((idx, ri), lam)
     mu[:, start:start + K - 1] = mu_chain
-    slack = b_s - (A_s * x[:, None, :]).sum(-1)
-    primal = torch.maximum(torch.maximum(lo_s - x, x - hi_s).amax(-1), (-slack).amax(-1))
-    shift = (mu[..., None] * A_s).sum(-2)
-    st = (_euclid_box_simplex(v_s - shift, lo_s, hi_s) - x).abs().amax(-1)
-    st = st / torch.maximum(v_s.abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)
+    slack, primal, st = _verify(v_s, lo_s, hi_s, A_s, b_s, x, mu)
     ok = (primal <= tol) & (st <= tol) & (mu >= 0).all(-1) & (torch.minimum(mu, slack).abs().amax(-1) <= tol)
-    x = torch.minimum(torch.maximum(x.to(v.dtype), lo[sel]), hi[sel])
+    x = x.to(v.dtype).clamp(lo[sel], hi[sel])
     return sel[ok], x[ok], mu[ok].to(v.dtype), st[ok].to(v.dtype), sel[~ok]
 
 
@@ -397,15 +405,11 @@ def project(
     if N == 0:
         w = v.detach().clone()
     else:
-        t_box = _box_relaxation(lo, hi)
-        if bool((t_box > 0).any()):
-            lo, hi = (lo - t_box[:, None]).clamp_min(0), (hi + t_box[:, None]).clamp_max(1)
-        relax = t_box
+        lo, hi, relax = _relax_box(lo, hi)
+        _raise_if_all_empty(relax, tol, fset, batch, check_empty)
         if metric == "kl":
-            _raise_if_all_empty(relax, tol, fset, batch, check_empty)
             w = _kl_box_simplex(vf, lo, hi)
         elif m == 0:
-            _raise_if_all_empty(relax, tol, fset, batch, check_empty)
             w = _euclid_box_simplex(vf, lo, hi)
         else:
             soft = torch.tensor([not h for h in fset.hard_rows], dtype=torch.bool, device=v.device)

@@ -25,13 +25,14 @@ __all__ = ["project", "build_problem"]
 
 logger = logging.getLogger(__name__)
 
-_CACHE: dict[tuple[int, int, str], tuple[cp.Problem, dict[str, cp.Parameter], cp.Variable, cp.Constraint | None]] = {}
+_Built = tuple[cp.Problem, dict[str, cp.Parameter], cp.Variable, "cp.Constraint | None"]
+_CACHE: dict[tuple[int, int, str], _Built] = {}
 _SOLVED = {cp.OPTIMAL, cp.OPTIMAL_INACCURATE}
 _DEFAULT_OPTS = {"CLARABEL": {"tol_gap_abs": 1e-12, "tol_gap_rel": 1e-12, "tol_feas": 1e-12, "tol_ktratio": 1e-10}}
 
 
 def build_problem(K: int, m: int, metric: str = "euclidean",
-                  extra_constraints: Callable[[cp.Variable], list] | None = None):
+                  extra_constraints: Callable[[cp.Variable], list] | None = None) -> _Built:
     """(problem, parameters, w, row_constraint); cached per (K, m, metric) unless ``extra_constraints``."""
     key = (K, m, metric)
     if extra_constraints is None and key in _CACHE:
@@ -75,7 +76,7 @@ def project(
     Returns the result in ``v``'s dtype and device; ``return_info`` adds a :class:`ProjectionResult`
     (``iterations`` holds the solver's iteration count where reported). Not differentiable.
     """
-    from solvers.projection import _box_relaxation, _validate
+    from solvers.projection import _relax_box, _validate
 
     fset = _validate(v, fset, metric, allow_rows_kl=True)
     if solver not in cp.installed_solvers():
@@ -85,10 +86,8 @@ def project(
     batch = shape[:-1]
     N = math.prod(batch)
     e = fset.expand(batch).to(device="cpu", dtype=torch.float64)
-    lo_t, hi_t = e.lower.reshape(N, K), e.upper.reshape(N, K)
-    t_box = _box_relaxation(lo_t, hi_t) if N else lo_t.new_zeros(0)
-    lo = (lo_t - t_box[:, None]).clamp_min(0).numpy()
-    hi = (hi_t + t_box[:, None]).clamp_max(1).numpy()
+    lo_t, hi_t, t_box = _relax_box(e.lower.reshape(N, K), e.upper.reshape(N, K))
+    lo, hi = lo_t.numpy(), hi_t.numpy()
     A, b = e.A.reshape(N, m, K).numpy(), e.b.reshape(N, m).numpy().copy()
     hard = np.array(fset.hard_rows, dtype=bool)
     vv = v.detach().reshape(N, K).to("cpu", torch.float64).numpy()
