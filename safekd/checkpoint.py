@@ -62,10 +62,10 @@ def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller") ->
 
     Returns the path written, or None on ranks other than 0 (which write nothing).
     """
-    path = Path(path)
-    payload = {"format_version": FORMAT_VERSION, "distiller": distiller.state_dict(), "rng": rng_state()}
     if not is_rank_zero():
         return None
+    path = Path(path)
+    payload = {"format_version": FORMAT_VERSION, "distiller": distiller.state_dict(), "rng": rng_state()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:

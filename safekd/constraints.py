@@ -144,7 +144,12 @@ class Constraint:
         return value - self.threshold if self.sense == "<=" else self.threshold - value
 
     def satisfied(self, value: Tensor | float) -> bool:
+        """g ≤ tolerance."""
         return bool(self.residual(value) <= self.tolerance)
+
+    def teachers_used(self) -> tuple[str, ...]:
+        """The teacher names this constraint refers to (checked against the spec's teachers)."""
+        return ()
 
     def __bool__(self) -> bool:
         raise TypeError(f"the truth value of constraint {self.name!r} is ambiguous; use .satisfied(value)")
@@ -169,9 +174,6 @@ class TeacherWeightConstraint(Constraint):
     family: ClassVar[str] = "teacher_weight"
     per_token: ClassVar[bool] = False
 
-    def teachers_used(self) -> tuple[str, ...]:
-        return ()
-
     def apply_static(self, fset: Any, index: Mapping[str, int], safety: Tensor | None) -> Any:
         raise NotImplementedError(f"{type(self).__name__} is a per-token constraint")
 
@@ -184,9 +186,6 @@ class StudentConstraint(Constraint):
     """A constraint on the student, enforced by a multiplier: measured on a batch as sums and counts."""
 
     family: ClassVar[str] = "student"
-
-    def teachers_used(self) -> tuple[str, ...]:
-        return ()
 
     def measure(self, ctx: "MeasureContext") -> MeasurementSums:
         raise NotImplementedError
@@ -208,7 +207,8 @@ class StudentConstraint(Constraint):
 
 @dataclass
 class MeasureContext:
-    """What a constraint may read at one batch. Token mask defaults to all-true; log-softmax is cached."""
+    """What a constraint may read at one batch. Token mask defaults to all-true; the mask and the log-softmax are
+    computed once and cached."""
 
     student_logits: Tensor | None
     batch: Batch
@@ -217,6 +217,7 @@ class MeasureContext:
     unsafe: UnsafeSet | None = None
     target_logp: Tensor | None = None
     _student_logp: Tensor | None = None
+    _mask: Tensor | None = None
 
     @property
     def token_shape(self) -> torch.Size:
@@ -232,14 +233,22 @@ class MeasureContext:
 
     @property
     def mask(self) -> Tensor:
-        m = self.batch.get("mask")
-        if m is None:
-            return torch.ones(self.token_shape, dtype=torch.bool, device=self.device)
-        m = torch.as_tensor(m, device=self.device)
-        if m.dtype != torch.bool or m.shape != self.token_shape:
-            raise ValueError(f"batch['mask'] must be a bool tensor of shape {tuple(self.token_shape)}, "
-                             f"got {m.dtype} {tuple(m.shape)}")
-        return m
+        """``batch["mask"]`` (bool, of the token shape; all-true when absent), validated once.
+
+        Raises:
+            ValueError: the mask is not a bool tensor of the token shape.
+        """
+        if self._mask is None:
+            m = self.batch.get("mask")
+            if m is None:
+                m = torch.ones(self.token_shape, dtype=torch.bool, device=self.device)
+            else:
+                m = torch.as_tensor(m, device=self.device)
+                if m.dtype != torch.bool or m.shape != self.token_shape:
+                    raise ValueError(f"batch['mask'] must be a bool tensor of shape {tuple(self.token_shape)}, "
+                                     f"got {m.dtype} {tuple(m.shape)}")
+            self._mask = m
+        return self._mask
 
     @property
     def student_logp(self) -> Tensor:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import solvers
 from safekd import constraints as C
-from safekd.distributed import assert_states_identical, get_world_size, is_rank_zero, unwrap
+from safekd.distributed import assert_states_identical, get_world_size, is_rank_zero, token_mean_scale, unwrap
 from safekd.measurement import ConstraintMeter, reduce_sums_counts
 from safekd.signals import Signals, all_finite
 from safekd.spec import Spec
@@ -66,7 +66,8 @@ class MultiplierAlarm(UserWarning):
 
 @dataclass
 class StepRecord:
-    """What one step did. ``constraints[name]`` = {sense, value, threshold, residual, multiplier, count};
+    """What one step did. ``constraints[name]`` = {sense, value, threshold, residual, multiplier, count,
+    satisfied (residual ≤ tolerance)};
     ``weights[scale][teacher]`` = mean weight over unmasked tokens for each scale, ``composed`` and ``projected``;
     ``projection`` = {tokens (unmasked), projected_tokens (outside their set, sent to the solver), active (per
     constraint name), relaxed_tokens, corrected_tokens, max_kkt_residual};
@@ -393,17 +394,6 @@ class SafeDistiller:
         _require_finite("teacher logits", t, which)
         return t.detach()
 
-    @staticmethod
-    def _mask(batch: Batch, token_shape: torch.Size, device: torch.device) -> Tensor:
-        m = batch.get("mask")
-        if m is None:
-            return torch.ones(token_shape, dtype=torch.bool, device=device)
-        m = torch.as_tensor(m, device=device)
-        if m.dtype != torch.bool or m.shape != token_shape:
-            raise ValueError(f"batch['mask'] must be a bool tensor of shape {tuple(token_shape)}, got "
-                             f"{m.dtype} {tuple(m.shape)}")
-        return m
-
     def _targets(self, batch: Batch, teacher_logits: Tensor, student_logits: Tensor) -> Targets:
         """:meth:`targets` from teacher logits already read (so :meth:`loss` runs teachers before the student)."""
         if not isinstance(student_logits, Tensor):
@@ -412,15 +402,15 @@ class SafeDistiller:
         if student_logits.shape[:-1] != teacher_logits.shape[:-2] or student_logits.shape[-1] != teacher_logits.shape[-1]:
             raise ValueError(f"student logits {tuple(student_logits.shape)} do not match teacher logits "
                              f"{tuple(teacher_logits.shape)} (expected [..., V] and [..., K, V])")
-        mask = self._mask(batch, student_logits.shape[:-1], student_logits.device)
         with torch.no_grad():
             temps = self.spec.teacher_temperatures()
             scaled = teacher_logits if all(t == 1.0 for t in temps) else \
                 teacher_logits / teacher_logits.new_tensor(temps).unsqueeze(-1)
             teacher_logp = F.log_softmax(scaled, dim=-1)
-            per_scale, composed = self._weights(batch, teacher_logits, teacher_logp, student_logits, mask)
             ctx = C.MeasureContext(student_logits=student_logits, batch=batch, teacher_logprobs=teacher_logp,
                                    teacher_index=self.teacher_index, unsafe=self.spec.unsafe)
+            mask = ctx.mask  # validated once, shared by the weights, the projection and every constraint
+            per_scale, composed = self._weights(batch, teacher_logits, teacher_logp, student_logits, mask)
             weights, fset, relaxed, stats = self._project(composed, ctx, mask)
             target, corrected, stats["corrected_tokens"] = self._correct(self.pool(teacher_logp, weights), relaxed,
                                                                          batch)
@@ -428,6 +418,7 @@ class SafeDistiller:
         return Targets(teacher_logits=teacher_logits, teacher_logp=teacher_logp, mask=mask, per_scale=per_scale,
                        composed=composed, weights=weights, feasible_set=fset, relaxed=relaxed, corrected=corrected,
                        target_logp=target, projection=stats, context=ctx)
+
     def _weights(self, batch: Batch, teacher_logits: Tensor, teacher_logp: Tensor, student_logits: Tensor,
                  mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         token_shape = mask.shape
@@ -551,7 +542,7 @@ class SafeDistiller:
             torch.stack([kd_sum, *(m.value_sum.to(dtype) for m in ms), *proxy_sums]),
             torch.stack([torch.as_tensor(kd_count, dtype=dtype, device=device), *counts, *counts]))
         world, J = get_world_size(), len(ms)
-        kd_loss, kd_mean = kd_sum * _mean_scale(g_counts[0], world), g_sums[0] * _mean_scale(g_counts[0], 1)
+        kd_loss, kd_mean = kd_sum * token_mean_scale(g_counts[0], world), g_sums[0] * token_mean_scale(g_counts[0], 1)
         values = g_sums[1:J + 1] / g_counts[1:J + 1].clamp_min(1)
         states = []
         for j, c in enumerate(self.student_constraints):
@@ -574,6 +565,7 @@ class SafeDistiller:
                 rho = float(self.dual_optimizer.penalty_coefficient(j))  # type: ignore[union-attr]
                 total = total + 0.5 * rho * r.clamp_min(0).square()
         return total
+
     def _check_grads(self) -> None:
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         # one reduction and one sync for all gradients; only an overflowing sum sends them to the exact scan
@@ -683,6 +675,7 @@ class SafeDistiller:
                                        f"reference on {int(keep.sum())} sampled rows: max |Δw| = {worst:.3g} > "
                                        f"tolerance {tol:g} (checks.reference_tol)")
         return {"rows": int(keep.sum()), "max_abs_diff": worst}
+
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Student, optimizer, multipliers (by constraint name), dual rule, weighting buffers, meter, alarm history,
@@ -706,9 +699,9 @@ class SafeDistiller:
         names = sorted(self.multipliers)
         if sorted(state["multipliers"]) != names:
             raise ValueError(f"checkpoint constraints {sorted(state['multipliers'])} != this spec's {names}")
-        if state["spec"]["teachers"] != self.spec.to_dict()["teachers"]:
-            raise ValueError(f"checkpoint teachers {state['spec']['teachers']} != this spec's "
-                             f"{self.spec.to_dict()['teachers']}")
+        teachers = self.spec.to_dict()["teachers"]
+        if state["spec"]["teachers"] != teachers:
+            raise ValueError(f"checkpoint teachers {state['spec']['teachers']} != this spec's {teachers}")
         for n, t in state["multipliers"].items():
             if not bool((t >= 0).all()) or not bool(torch.isfinite(t).all()):
                 raise ValueError(f"checkpoint multiplier {n!r} = {t.tolist()} is not finite and >= 0")
@@ -742,12 +735,6 @@ class SafeDistiller:
         from safekd.checkpoint import load_checkpoint
 
         load_checkpoint(path, self)
-
-
-def _mean_scale(total: Tensor, world: int) -> Tensor:
-    """W / N for a global count N > 0, else 0 (a zero loss that keeps the graph); no host sync."""
-    positive = total > 0
-    return torch.where(positive, world / torch.where(positive, total, torch.ones_like(total)), torch.zeros_like(total))
 
 
 def _projection_dtype(v: Tensor) -> torch.dtype:

@@ -41,6 +41,7 @@ __all__ = [
     "is_rank_zero",
     "run_on_rank_zero",
     "shard_slice",
+    "token_mean_scale",
     "unwrap",
     "wrap_ddp",
 ]
@@ -169,10 +170,15 @@ def global_token_mean(local_sum: Tensor, local_count: Tensor | int | float) -> T
     if count.ndim != 0:
         raise ValueError(f"global_token_mean: local_count must be a scalar, got shape {tuple(count.shape)}")
     total = all_reduce_sums(count.reshape(1)).reshape(())
-    positive = total > 0  # no host sync: the scale stays on the device
-    scale = torch.where(positive, get_world_size() / torch.where(positive, total, torch.ones_like(total)),
-                        torch.zeros_like(total))
-    return local_sum * scale
+    return local_sum * token_mean_scale(total, get_world_size())
+
+
+def token_mean_scale(total: Tensor, world_size: int) -> Tensor:
+    """``W / N`` for a global count ``N = total > 0``, else 0 (so ``S·scale`` is a zero loss that keeps the graph);
+    computed on ``total``'s device without a host sync."""
+    positive = total > 0
+    return torch.where(positive, world_size / torch.where(positive, total, torch.ones_like(total)),
+                       torch.zeros_like(total))
 
 
 def assert_identical_across_ranks(name: str, tensor: Tensor, *, atol: float = 0.0, rtol: float = 0.0) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from safekd.distributed import all_reduce_sums
 
-__all__ = ["MeasurementSums", "ConstraintState", "ConstraintMeter", "reduce_sums_counts"]
+__all__ = ["MeasurementSums", "ConstraintMeter", "reduce_sums_counts"]
 
 
 @dataclass(frozen=True)
@@ -36,18 +36,6 @@ class MeasurementSums:
     def proxy(self) -> Tensor:
         """Local differentiable rate Σ proxy / count (0 when the count is 0)."""
         return self.proxy_sum / self.count.clamp_min(1)
-
-
-@dataclass(frozen=True)
-class ConstraintState:
-    """A student constraint at one step. ``residual`` is signed (g ≤ 0 is satisfied): value − threshold for
-    ``<=`` and threshold − value for ``>=``; ``proxy_residual`` is the same with the differentiable proxy."""
-
-    name: str
-    value: Tensor
-    residual: Tensor
-    proxy_residual: Tensor
-    count: Tensor
 
 
 def reduce_sums_counts(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:

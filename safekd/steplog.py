@@ -3,8 +3,9 @@
 
 JSONL format: each line is ``StepRecord.to_dict()`` — keys ``step``, ``loss``, ``kd_loss``, ``penalty``,
 ``constraints`` ({name: {sense, threshold, value, residual, multiplier, count, satisfied}}), ``weights``
-({scale | "composed" | "projected": {teacher: mean weight}}), ``projection`` ({tokens, active, relaxed_tokens,
-corrected_tokens, max_kkt_residual}), ``alarms`` ([{constraint, message}]), ``dual_updated``, ``reference_check``.
+({scale | "composed" | "projected": {teacher: mean weight}}), ``projection`` ({tokens, projected_tokens, active,
+relaxed_tokens, corrected_tokens, max_kkt_residual}), ``alarms`` ([{constraint, message}]), ``dual_updated``,
+``reference_check`` ({rows, max_abs_diff} or null).
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class StepLog:
             self._tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: "StepRecord") -> None:
+        """Append ``record`` as one JSON line, mirror it to TensorBoard, and log a summary every ``summary_every``
+        steps."""
         d = record.to_dict()
         if self._fh is not None:
             self._fh.write(json.dumps(d, allow_nan=True) + "\n")

@@ -93,3 +93,13 @@ def test_metric_true_value_and_proxy_are_separate():
     assert float(m.count) == 4 and not m.value_sum.requires_grad
     torch.testing.assert_close(m.proxy, logits.softmax(-1)[:, 0].mean())
     assert m.proxy_sum.requires_grad
+
+
+def test_measure_context_validates_the_mask_once_and_rejects_a_bad_one() -> None:
+    logits = torch.zeros(2, 3, 4)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    ctx = C.MeasureContext(student_logits=logits, batch={"mask": mask})
+    assert ctx.mask is ctx.mask and torch.equal(ctx.mask, mask)
+    assert C.MeasureContext(student_logits=logits, batch={}).mask.all()
+    with pytest.raises(ValueError, match=r"batch\['mask'\] must be a bool tensor of shape \(2, 3\)"):
+        _ = C.MeasureContext(student_logits=logits, batch={"mask": mask.float()}).mask

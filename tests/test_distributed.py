@@ -60,6 +60,12 @@ def test_single_process_helpers_are_identities() -> None:
     assert sd.run_on_rank_zero(lambda a, b: a + b, 2, b=3) == 5
 
 
+def test_token_mean_scale_is_world_over_count_and_zero_for_no_tokens() -> None:
+    assert sd.token_mean_scale(torch.tensor(8.0, dtype=torch.float64), 4).item() == 0.5
+    zero = sd.token_mean_scale(torch.tensor(0.0), 3)
+    assert zero.item() == 0.0 and torch.isfinite(zero)
+
+
 def test_shard_slice_partitions_exactly() -> None:
     for n in (0, 1, 7, 10):
         for world in (1, 2, 3, 4):

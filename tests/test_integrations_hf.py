@@ -97,3 +97,13 @@ def test_trainer_trains_respects_cap_logs_and_audits(tmp_path: Path) -> None:
     assert {c["name"] for c in saved["constraints"]} == {"cap(risky)", "unsafe_rate"}
     assert report.constraint("cap(risky)").passed
     assert report.constraint("cap(risky)").bound <= CAP + 1e-6
+
+
+def test_weighting_to_moves_module_operators_and_passes_the_rest_through() -> None:
+    from safekd.integrations.base import weighting_to
+
+    op, fn = torch.nn.Linear(2, 2), (lambda s: s)
+    moved = weighting_to({"token": op, "task": fn}, "meta")
+    assert moved["token"].weight.device.type == "meta" and moved["task"] is fn
+    assert weighting_to(torch.nn.Linear(2, 2), "meta").weight.device.type == "meta"
+    assert weighting_to(None, "cpu") is None

@@ -3,7 +3,7 @@
 - :mod:`safekd.integrations.hf` — ``SafeKDTrainer``, a ``transformers.Trainer`` subclass (needs ``safekd[hf]``);
 - :mod:`safekd.integrations.lightning` — ``SafeKDModule``, a ``LightningModule`` base/mix-in (needs ``safekd[lightning]``);
 - :mod:`safekd.integrations.base` — the framework-neutral pieces both use (``LogitsOf``,
-  ``record_metrics``).
+  ``record_metrics``, ``weighting_to``).
 
 ``import safekd`` and ``import safekd.integrations`` import neither framework; the attributes below are
 resolved on first access.

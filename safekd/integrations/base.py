@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from safekd.distiller import StepRecord
 
-__all__ = ["LogitsOf", "record_metrics"]
+__all__ = ["LogitsOf", "record_metrics", "weighting_to"]
 
 
 class LogitsOf(nn.Module):
@@ -54,3 +55,14 @@ def record_metrics(record: StepRecord, prefix: str = "safekd/") -> dict[str, flo
             out[f"{prefix}{key}/{teacher}"] = float(w)
     return out
 
+
+
+def weighting_to(weighting: nn.Module | Mapping[str, nn.Module] | None, device: torch.device | str
+                 ) -> nn.Module | Mapping[str, nn.Module] | None:
+    """``weighting`` (one operator or ``{scale: operator}``) with every ``nn.Module`` operator moved to ``device``;
+    other callables and None pass through."""
+    if isinstance(weighting, nn.Module):
+        return weighting.to(device)
+    if isinstance(weighting, Mapping):
+        return {s: op.to(device) if isinstance(op, nn.Module) else op for s, op in weighting.items()}
+    return weighting

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from safekd.distiller import SafeDistiller, StepRecord
-from safekd.integrations.base import LogitsOf, record_metrics
+from safekd.integrations.base import LogitsOf, record_metrics, weighting_to
 from safekd.spec import Spec
 
 __all__ = ["SafeKDTrainer", "safekd_batch", "LogitsOf"]
@@ -107,14 +107,9 @@ class SafeKDTrainer(Trainer):
 
     def _distiller(self, model: nn.Module) -> SafeDistiller:
         if self.distiller is None:
-            weighting = self.weighting
-            if isinstance(weighting, nn.Module):
-                weighting = weighting.to(self.args.device)
-            elif isinstance(weighting, Mapping):
-                weighting = {s: op.to(self.args.device) if isinstance(op, nn.Module) else op
-                             for s, op in weighting.items()}
             self.distiller = SafeDistiller(LogitsOf(model), self.teachers, self.optimizer, self.spec,
-                                           weighting=weighting, **self._distiller_kwargs)
+                                           weighting=weighting_to(self.weighting, self.args.device),
+                                           **self._distiller_kwargs)
         else:
             self.distiller.student.model = model  # the (possibly DDP-wrapped) model of this call
         return self.distiller

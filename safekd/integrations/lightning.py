@@ -25,7 +25,7 @@ import lightning as L
 from torch import Tensor, nn
 
 from safekd.distiller import SafeDistiller, StepRecord
-from safekd.integrations.base import record_metrics
+from safekd.integrations.base import record_metrics, weighting_to
 from safekd.spec import Spec
 
 __all__ = ["SafeKDModule"]
@@ -81,13 +81,8 @@ class SafeKDModule(L.LightningModule):
             for t in self.teachers.values():
                 if isinstance(t, nn.Module):
                     t.to(self.device).eval().requires_grad_(False)
-        weighting = self.weighting
-        if isinstance(weighting, nn.Module):
-            weighting = weighting.to(self.device)
-        elif isinstance(weighting, Mapping):
-            weighting = {s: op.to(self.device) if isinstance(op, nn.Module) else op for s, op in weighting.items()}
-        return SafeDistiller(self.student, self.teachers, optimizers[0], self.spec, weighting=weighting,
-                             **self._distiller_kwargs)
+        return SafeDistiller(self.student, self.teachers, optimizers[0], self.spec,
+                             weighting=weighting_to(self.weighting, self.device), **self._distiller_kwargs)
 
     def safekd_step(self, batch: Mapping[str, Any]) -> Tensor:
         """One safekd step on ``batch``: logs its scalars and returns the Lagrangian for Lightning's backward."""
