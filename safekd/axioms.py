@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from safekd.divergences import kl_per_token
 from safekd.pooling import POOL_AXIOMS, soften
 from safekd.references import import_reference
 from safekd.signals import SCALE_FIELDS, Signals
@@ -130,8 +131,8 @@ def _short(obj: Any, limit: int = 600) -> str:
 
 
 def _round(t: Tensor) -> list:
-    return [round(float(x), 6) for x in t.reshape(-1)] if t.numel() <= 64 else \
-        [round(float(x), 6) for x in t.reshape(-1)[:64]] + ["..."]
+    head = [round(float(x), 6) for x in t.reshape(-1)[:64]]
+    return head if t.numel() <= 64 else head + ["..."]
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -201,14 +202,16 @@ def _resample(s: Signals, names: tuple[str, ...], operator: Any, seed: int) -> S
     return s.replace(**{n: getattr(fresh, n) for n in names if getattr(s, n) is not None})
 
 
+def _pw(cases: list[str], row: int, seed: int, **tensors: Tensor) -> dict[str, Any]:
+    """A witness: seed, row, edge case and each tensor's ``row`` (rounded)."""
+    return {"seed": seed, "row": row, "case": cases[row]} | {k: _round(v[row]) for k, v in tensors.items()}
+
+
 def _witness(s: Signals, row: int, cases: list[str], seed: int, **extra: Tensor) -> dict[str, Any]:
-    w: dict[str, Any] = {"seed": seed, "row": row, "case": cases[row]}
-    for name in ("teacher_logits", "labels", "task_ids", "context", "safety", "student_logits"):
-        t = getattr(s, name)
-        if t is not None:
-            w[name] = _round(t[row])
-    w.update({k: _round(v[row]) for k, v in extra.items()})
-    return w
+    """`_pw` of the signals' present fields, then ``extra``."""
+    fields = {n: getattr(s, n) for n in ("teacher_logits", "labels", "task_ids", "context", "safety", "student_logits")
+              if getattr(s, n) is not None}
+    return _pw(cases, row, seed, **fields, **extra)
 
 
 # ---------------------------------------------------------------------------------------------- operator checks
@@ -227,10 +230,15 @@ def _check_normalization(op, s, cases, seed, declared) -> AxiomResult:
                        "" if worst <= 1e-9 else "weights leave the simplex")
 
 
+def _ratio(w: Tensor) -> Tensor:
+    """``max_k w_k / min_k w_k`` per row."""
+    return w.amax(-1) / w.amin(-1)
+
+
 def _check_bounds(op, s, cases, seed, declared, d) -> AxiomResult:
     w = _run(op, s)
     w_min, w_max = float(w.min()), float(w.max())
-    ratio = float((w.amax(-1) / w.amin(-1)).max()) if w_min > 0 else math.inf
+    ratio = float(_ratio(w).max()) if w_min > 0 else math.inf
     measured = {"w_min": w_min, "w_max": w_max, "max_ratio": ratio}
     ok = w_min > 0 and w_max < 1 or w.shape[-1] == 1
     msg = []
@@ -292,26 +300,28 @@ def _lipschitz_search(f: Callable[[Signals], Tensor], s: Signals, fields: tuple[
     return best, deltas
 
 
+def _lipschitz_and_jump(f: Callable[[Signals], Tensor], s: Signals, fields: tuple[str, ...], g: torch.Generator,
+                        steps: int) -> tuple[Tensor, Tensor]:
+    """Per-row Lipschitz estimate (max of `_lipschitz_search` at radii 1e-1 and 1e-3) and ``max ‖Δf‖₁`` at radius
+    ``_JUMP_RADIUS`` (a jump there is a discontinuity)."""
+    est = torch.stack([_lipschitz_search(f, s, fields, radius, g, steps)[0] for radius in (1e-1, 1e-3)]).amax(0)
+    jump, _ = _lipschitz_search(f, s, fields, _JUMP_RADIUS, g, max(steps // 2, 1))
+    return est, jump * _JUMP_RADIUS
+
+
 def _check_continuity(op, s, cases, seed, declared, d, steps: int) -> AxiomResult:
     fields = tuple(f for f in d.lipschitz_wrt if getattr(s, f) is not None)
     if not fields:
         return AxiomResult("continuity", "W3", True, "continuity" in declared, {"lipschitz_estimate": 0.0},
                            None, seed, "no continuous inputs: weights are piecewise constant in discrete keys only")
     g = torch.Generator().manual_seed(seed)
-    f = lambda x: _run(op, x)  # noqa: E731
-    estimates, argmax = [], []
-    for radius in (1e-1, 1e-3):
-        est, _ = _lipschitz_search(f, s, fields, radius, g, steps)
-        estimates.append(est)
-    jump, _ = _lipschitz_search(f, s, fields, _JUMP_RADIUS, g, max(steps // 2, 1))
-    jump_l1 = jump * _JUMP_RADIUS
-    est = torch.stack(estimates).amax(0)
+    est, jump_l1 = _lipschitz_and_jump(lambda x: _run(op, x), s, fields, g, steps)
     row = int(est.argmax())
     L_hat, max_jump = float(est.max()), float(jump_l1.max())
     measured = {"lipschitz_estimate": L_hat, "max_jump_at_1e-7": max_jump}
     ok = max_jump <= _JUMP_TOL
     msg = "" if ok else f"discontinuity: ‖Δw‖₁ = {max_jump:.3g} for ‖Δs‖∞ ≤ {_JUMP_RADIUS:g}"
-    if ok is False:
+    if not ok:
         row = int(jump_l1.argmax())
     if d.lipschitz is not None:
         measured["declared_lipschitz"] = d.lipschitz
@@ -398,10 +408,6 @@ def _check_separation(op, s, cases, seed, declared) -> AxiomResult:
                        if worst <= 1e-12 else f"{op.scale}-scale weights change with {', '.join(others)}")
 
 
-def _ratio(w: Tensor) -> Tensor:
-    return w.amax(-1) / w.amin(-1)
-
-
 def _check_composition(op, s, cases, seed) -> AxiomResult:
     g = torch.Generator().manual_seed(seed)
     w1 = _run(op, s)
@@ -475,10 +481,6 @@ def _pool_inputs(K: int, V: int, B: int, seed: int,
     return torch.log_softmax(logits, -1), w, cases, g
 
 
-def _pw(cases: list[str], row: int, seed: int, **tensors: Tensor) -> dict[str, Any]:
-    return {"seed": seed, "row": row, "case": cases[row]} | {k: _round(v[row]) for k, v in tensors.items()}
-
-
 def check_pool(pool: Callable[[Tensor, Tensor], Tensor], num_teachers: int = 4, batch: int = 56, vocab: int = 8,
                seed: int = 0, steps: int = 8, dtype: torch.dtype = torch.float64) -> AxiomReport:
     """Check an aggregation operator ``pool(teacher_logp [..., K, V], weights [..., K]) -> logp [..., V]``
@@ -537,13 +539,8 @@ def check_pool(pool: Callable[[Tensor, Tensor], Tensor], num_teachers: int = 4, 
         return pool(torch.log_softmax(x.teacher_logits, -1), torch.softmax(x.context, -1)).to(dtype).exp()
 
     sig = Signals(teacher_logits=lp, context=torch.log(w))
-    est = []
-    for radius in (1e-1, 1e-3):
-        e, _ = _lipschitz_search(f, sig, ("teacher_logits", "context"), radius, g, steps)
-        est.append(e)
-    jump, _ = _lipschitz_search(f, sig, ("teacher_logits", "context"), _JUMP_RADIUS, g, max(steps // 2, 1))
-    est_all = torch.stack(est).amax(0)
-    max_jump = float((jump * _JUMP_RADIUS).max())
+    est_all, jump_l1 = _lipschitz_and_jump(f, sig, ("teacher_logits", "context"), g, steps)
+    max_jump = float(jump_l1.max())
     res("continuity", max_jump <= _JUMP_TOL,
         {"lipschitz_estimate": float(est_all.max()), "max_jump_at_1e-7": max_jump},
         _pw(cases, int(est_all.argmax()), seed, w=w, teacher_logp=lp),
@@ -558,10 +555,10 @@ def check_pool(pool: Callable[[Tensor, Tensor], Tensor], num_teachers: int = 4, 
             pk = lp[:, k]
             for eps in (0.05, 0.3):
                 q2 = pool(lp, (1 - eps) * w + eps * ek).to(dtype)
-                fwd = _kl(pk, q2) - _kl(pk, q)
-                rev = _kl(q2, pk) - _kl(q, pk)
-                fwd = fwd - 1e-9 * (1 + _kl(pk, q).abs())
-                rev = rev - 1e-9 * (1 + _kl(q, pk).abs())
+                fwd = kl_per_token(pk, q2) - kl_per_token(pk, q)
+                rev = kl_per_token(q2, pk) - kl_per_token(q, pk)
+                fwd = fwd - 1e-9 * (1 + kl_per_token(pk, q).abs())
+                rev = rev - 1e-9 * (1 + kl_per_token(q, pk).abs())
                 if float(fwd.max()) > worst_f:
                     worst_f = float(fwd.max())
                     wit_f = _pw(cases, int(fwd.argmax()), seed, w=w, teacher_logp=lp) | {"k": k, "eps": eps}
@@ -582,7 +579,7 @@ def check_pool(pool: Callable[[Tensor, Tensor], Tensor], num_teachers: int = 4, 
             "pool(F_T(p_1..p_K); w) = F_T(pool(p; w)) for T in {0.5, 2, 5}")
         ones = pool(soften(lp, torch.ones(K, dtype=dtype)), w).to(dtype)
         id_err = float((ones.exp() - Q).abs().sum(-1).max())
-        hot = pool(soften(lp[:, :, :], torch.full((K,), 1e6, dtype=dtype)), w).to(dtype).exp()
+        hot = pool(soften(lp, torch.full((K,), 1e6, dtype=dtype)), w).to(dtype).exp()
         unif_err = float((hot - 1.0 / V).abs().sum(-1).max())
         t1 = pool(soften(lp, torch.full((K,), 2.0, dtype=dtype)), w).to(dtype).exp()
         t2 = pool(soften(lp, torch.full((K,), 2.0 + 1e-7, dtype=dtype)), w).to(dtype).exp()
@@ -594,11 +591,6 @@ def check_pool(pool: Callable[[Tensor, Tensor], Tensor], num_teachers: int = 4, 
     order = {n: i for i, n in enumerate(POOL_AXIOMS)}
     results.sort(key=lambda r: order[r.name])
     return AxiomReport(str(name), "pool", results, seed)
-
-
-def _kl(a_logp: Tensor, b_logp: Tensor) -> Tensor:
-    diff = torch.where(a_logp > -math.inf, a_logp - b_logp, a_logp.new_zeros(()))
-    return (a_logp.exp() * diff).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------- entry points

@@ -223,6 +223,12 @@ def prepare_data(job: Job, device: str | torch.device = "cpu") -> dict[str, dict
     return splits
 
 
+def _build_student(job: Job, device: torch.device) -> nn.Module:
+    """A fresh student from the job's factory, seeded with ``job.seed``, on ``device``."""
+    torch.manual_seed(job.seed)
+    return resolve(job.student, "student")(seed=job.seed, **job.student_args).to(device)
+
+
 def _make_distiller(job: Job, student: nn.Module, log: Any | None = None) -> Any:
     from safekd.distiller import SafeDistiller
 
@@ -239,8 +245,7 @@ def train_student(job: Job, train: Mapping[str, Tensor], *, device: str | torch.
     from safekd.steplog import StepLog
 
     dev = _device(device)
-    torch.manual_seed(job.seed)
-    student = resolve(job.student, "student")(seed=job.seed, **job.student_args).to(dev)
+    student = _build_student(job, dev)
     data = {k: v.to(dev) for k, v in train.items() if isinstance(v, Tensor)}
     n = data["inputs"].shape[0]
     gen = torch.Generator().manual_seed(job.seed)
@@ -324,8 +329,7 @@ def audit_checkpoint(job: Job, checkpoint: str | Path, data: str | Path | None =
         if name not in splits:
             raise ValueError(f"--data {name!r}: not a .pt file and not a split of job.data (splits: {sorted(splits)})")
         audit_data = splits[name]
-    torch.manual_seed(job.seed)
-    student = resolve(job.student, "student")(seed=job.seed, **job.student_args).to(dev)
+    student = _build_student(job, dev)
     distiller = _make_distiller(job, student)
     distiller.load_checkpoint(str(ckpt))
     student.eval()

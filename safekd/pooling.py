@@ -55,7 +55,10 @@ POOL_AXIOMS: tuple[str, ...] = (
 )
 
 
-def _check(teacher_logp: Tensor, weights: Tensor) -> Tensor:
+def _weights(teacher_logp: Tensor, weights: Tensor, validate_args: bool) -> Tensor:
+    """``weights`` in the dtype of ``teacher_logp``, after the shape and value checks when ``validate_args``."""
+    if not validate_args:
+        return weights.to(teacher_logp.dtype)
     if teacher_logp.dim() < 2:
         raise ValueError(f"teacher_logp must have shape [..., K, V], got {tuple(teacher_logp.shape)}")
     K = teacher_logp.shape[-2]
@@ -70,7 +73,7 @@ def _check(teacher_logp: Tensor, weights: Tensor) -> Tensor:
 
 def linear_pool(teacher_logp: Tensor, weights: Tensor, validate_args: bool = True) -> Tensor:
     """``log q = logsumexp_k(log w_k + log p_k)`` — the linear opinion pool ``q = Σ_k w_k p_k``."""
-    w = _check(teacher_logp, weights) if validate_args else weights.to(teacher_logp.dtype)
+    w = _weights(teacher_logp, weights, validate_args)
     x = torch.log(w).unsqueeze(-1) + teacher_logp
     if torch.is_grad_enabled() and x.requires_grad:
         return torch.logsumexp(x, dim=-2)
@@ -103,7 +106,7 @@ def _weighted_logp(teacher_logp: Tensor, w: Tensor, validate_args: bool) -> Tens
 
 def geometric_pool(teacher_logp: Tensor, weights: Tensor, validate_args: bool = True) -> Tensor:
     """``log q = Σ_k w_k log p_k − log Z`` (logarithmic pool / product of experts, renormalised over V)."""
-    w = _check(teacher_logp, weights) if validate_args else weights.to(teacher_logp.dtype)
+    w = _weights(teacher_logp, weights, validate_args)
     return torch.log_softmax(_weighted_logp(teacher_logp, w, validate_args), dim=-1)
 
 
@@ -111,7 +114,7 @@ def tempered_pool(teacher_logp: Tensor, weights: Tensor, lam: float = 0.0, valid
     """Entropic projection ``argmin_q Σ_k w_k KL(q‖p_k) + λ KL(q‖u)``: ``log q = (Σ_k w_k log p_k)/(1+λ) − log Z``."""
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam}")
-    w = _check(teacher_logp, weights) if validate_args else weights.to(teacher_logp.dtype)
+    w = _weights(teacher_logp, weights, validate_args)
     return torch.log_softmax(_weighted_logp(teacher_logp, w, validate_args) / (1.0 + lam), dim=-1)
 
 
@@ -121,7 +124,7 @@ def power_mean_pool(teacher_logp: Tensor, weights: Tensor, r: float = 0.5, valid
         raise ValueError(f"r must be finite, got {r}")
     if r == 0:
         return geometric_pool(teacher_logp, weights, validate_args)
-    w = _check(teacher_logp, weights) if validate_args else weights.to(teacher_logp.dtype)
+    w = _weights(teacher_logp, weights, validate_args)
     lw = torch.log(w).unsqueeze(-1)
     terms = lw + r * teacher_logp
     if r < 0:  # w_k = 0 must drop teacher k even where p_k(v) = 0 (−inf + inf)

@@ -183,9 +183,10 @@ def build_vocab_map(teacher_vocab: VocabLike, student_vocab: VocabLike, *, stude
             if tok in s_stoi:
                 exact.add(s)
     encode_index[unk] = t_unk
+    vmap = VocabMap(index, encode_index, covered, len(s_itos), unk)
     logger.info("vocab map: %d teacher tokens -> %d student tokens, student coverage %.3f",
-                len(t_itos), len(s_itos), float(covered.float().mean()))
-    return VocabMap(index, encode_index, covered, len(s_itos), unk)
+                vmap.teacher_size, vmap.student_size, vmap.coverage)
+    return vmap
 
 
 class MappedTeacher(nn.Module):

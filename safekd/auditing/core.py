@@ -92,10 +92,10 @@ def _slice_keys(data: Mapping[str, Any], n: int, keys: Sequence[str]) -> dict[st
 
 
 def _result(c: C.Constraint, kind: str, measure: str, b: Bound, confidence: float, slices: list[SliceResult],
-            description: str = "", method: str | None = None) -> ConstraintResult:
+            description: str = "") -> ConstraintResult:
     slack = signed_slack(c.sense, b.value, c.threshold, c.tolerance)
     return ConstraintResult(name=c.name, kind=kind, measure=measure, direction=c.sense, threshold=c.threshold,
-                            estimate=b.estimate, bound=b.value, bound_method=method or b.method, confidence=confidence,
+                            estimate=b.estimate, bound=b.value, bound_method=b.method, confidence=confidence,
                             slack=slack, passed=bool(slack >= 0), n=b.n, count=b.count, description=description,
                             slices=slices)
 
@@ -282,9 +282,9 @@ def audit(student: nn.Module, data: Mapping[str, Any], spec: Spec,
     if per_example_w:
         ew = {s: torch.cat(v) for s, v in per_example_w.items()}
         by_slice = {}
+        fin = ew["final"].numpy()
         for key, lab in slice_labels.items():
             vals = np.unique(lab)
-            fin = ew["final"].numpy()
             by_slice[key] = {"values": [str(v.item()) for v in vals],
                              "mean_weight": [fin[lab == v].mean(0).tolist() for v in vals]}
         tw = TeacherWeightSummary(

@@ -44,6 +44,14 @@ def _frank_wolfe_gap(grad: Tensor, alpha: Tensor, cap: float) -> Tensor:
     return (grad * (alpha - s)).sum(-1)
 
 
+def _check_cap(gram: Tensor, cap: float) -> int:
+    """``K`` of ``gram [..., K, K]``; raises unless the capped simplex is non-empty (``1/K ≤ cap ≤ 1``)."""
+    K = gram.shape[-1]
+    if not 1.0 / K - 1e-12 <= cap <= 1.0:
+        raise ValueError(f"cap must lie in [1/K, 1] = [{1.0 / K:.4g}, 1], got {cap}")
+    return K
+
+
 def capped_min_norm(gram: Tensor, cap: float, max_iter: int = 500, tol: float = 1e-8) -> Tensor:
     """``argmin_α αᵀGα`` over ``{α ∈ Δ_K, α_k ≤ cap}``, batched over ``gram [..., K, K]`` (PSD).
 
@@ -52,9 +60,7 @@ def capped_min_norm(gram: Tensor, cap: float, max_iter: int = 500, tol: float = 
     permutation-equivariant); stops when the Frank–Wolfe duality gap (an upper bound on the objective
     error) is ≤ ``tol`` in every row.
     """
-    K = gram.shape[-1]
-    if not 1.0 / K - 1e-12 <= cap <= 1.0:
-        raise ValueError(f"cap must lie in [1/K, 1] = [{1.0 / K:.4g}, 1], got {cap}")
+    K = _check_cap(gram, cap)
     G = gram.to(torch.float64)
     zeros = torch.zeros(K, dtype=G.dtype, device=G.device)
     fset = FeasibleSet(zeros, torch.full_like(zeros, cap), zeros.new_zeros(0, K), zeros.new_zeros(0), ())
@@ -85,9 +91,7 @@ def capped_min_norm_exact(gram: Tensor, cap: float) -> Tensor:
     pseudo-inverse (consistent singular systems included); the feasible candidates of least objective are
     averaged, which keeps the result permutation-equivariant when the minimiser is not unique.
     """
-    K = gram.shape[-1]
-    if not 1.0 / K - 1e-12 <= cap <= 1.0:
-        raise ValueError(f"cap must lie in [1/K, 1] = [{1.0 / K:.4g}, 1], got {cap}")
+    K = _check_cap(gram, cap)
     G = gram.to(torch.float64)
     codes = torch.tensor(list(itertools.product((0, 1, 2), repeat=K)), device=G.device)  # [P, K]
     free = (codes == 1).to(G.dtype)

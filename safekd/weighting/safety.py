@@ -6,7 +6,7 @@ import dataclasses
 from torch import Tensor
 
 from safekd.signals import Signals
-from safekd.weighting.base import DeclaredConstants, SafetyMode, WeightOperator, mix_softmax, template_bounds
+from safekd.weighting.base import DeclaredConstants, SafetyMode, WeightOperator, template_bounds
 
 __all__ = ["ordinal_rank", "SafetyPrior"]
 
@@ -51,16 +51,11 @@ class SafetyPrior(WeightOperator):
         rank = ordinal_rank(s.safety.to(base.dtype).to(base.device))
         return base + self.gamma * rank
 
-    def forward(self, s: Signals) -> Tensor:
-        self.check_signals(s)
-        return mix_softmax(self.scores(s), self.template_beta, self.epsilon)
-
     def weight_bounds(self, K: int) -> tuple[float, float, float | None]:
+        """The template's bounds for the base's score width widened by the rank term's ``γ·(K−1)``."""
         width = self.base.score_width()
-        if width is None:
-            u = self.epsilon / K
-            return u, 1.0 - self.epsilon + u, None if u == 0 else (1.0 - self.epsilon + u) / u
-        return template_bounds(K, self.template_beta, self.epsilon, width + self.gamma * (K - 1))
+        return template_bounds(K, self.template_beta, self.epsilon,
+                               None if width is None else width + self.gamma * (K - 1))
 
     def score_lipschitz(self) -> float | None:
         return self.base.score_lipschitz()

@@ -12,8 +12,9 @@ from safekd.weighting.base import Scale, WeightOperator
 __all__ = ["Uniform", "Static", "broadcast_scores"]
 
 
-def broadcast_scores(op: WeightOperator, s: Signals, row: Tensor) -> Tensor:
-    """Broadcast per-teacher scores ``row`` ``[K]`` to ``[*batch, K]`` of the signals ``s``."""
+def broadcast_scores(s: Signals, row: Tensor) -> Tensor:
+    """Broadcast per-teacher scores ``row`` ``[K]`` to ``[*batch, K]`` of the signals ``s``, on their device and
+    (floating) dtype."""
     shape = s.batch_shape()
     ref = s.reference()
     if ref is not None:
@@ -36,10 +37,7 @@ class Uniform(WeightOperator):
         K = s.num_teachers() or self.num_teachers
         if K is None:
             raise MissingSignalError("Uniform: no teacher-indexed signal and num_teachers is None; pass num_teachers")
-        ref = s.reference()
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.get_default_dtype()
-        device = ref.device if ref is not None else None
-        return broadcast_scores(self, s, torch.zeros(K, dtype=dtype, device=device))
+        return broadcast_scores(s, torch.zeros(K))
 
     def score_width(self) -> float | None:
         return 0.0
@@ -72,7 +70,7 @@ class Static(WeightOperator):
         K = s.num_teachers()
         if K is not None and K != self.num_teachers:
             raise ValueError(f"Static has {self.num_teachers} weights but the signals have {K} teachers")
-        return broadcast_scores(self, s, self.log_weights)
+        return broadcast_scores(s, self.log_weights)
 
     def score_width(self) -> float | None:
         finite = self.log_weights[torch.isfinite(self.log_weights)]

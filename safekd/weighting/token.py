@@ -143,7 +143,6 @@ class CAMKD(WeightOperator):
         ce = -s.gold_logprobs().clamp_min(LOGP_FLOOR)
         if ce.shape[-1] < 2:
             raise ValueError("CAMKD needs at least 2 teachers")
-        # log(1 − softmax(x)) = log(Σ_{j≠k} e^{x_j}) − logsumexp(x), stable without forming 1 − softmax
         x = self.beta * ce
         K = x.shape[-1]
         eye = torch.eye(K, dtype=torch.bool, device=x.device)
