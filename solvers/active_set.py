@@ -41,8 +41,11 @@ class ActiveSetResult:
 
 
 def solve_active_set(lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, x0: Tensor, u0: Tensor,
-                     max_iter: int = 50, feas_tol: float = 1e-12, round_off: float = 1e-9) -> ActiveSetResult:
-    """GI from the box∩simplex projection ``x0 = clamp(u0, lo, hi)`` of ``v`` (``u0 = v − τ``, Σx0 = 1).
+                     max_iter: int = 50, feas_tol: float = 1e-12, round_off: float = 1e-9,
+                     mu0: Tensor | None = None) -> ActiveSetResult:
+    """GI from ``x0 = clamp(u0, lo, hi)``, the projection of ``v`` onto ``{Σx = 1, lo ≤ x ≤ hi, a_r·x = b_r for
+    μ0_r > 0}`` with ``u0 = v − τ − Aᵀμ0`` (``mu0 [n, m] ≥ 0``, default 0: the box∩simplex projection, Σx0 = 1).
+    The rows with ``μ0_r > 0`` start active and, with the bounds ``u0 ∉ [lo, hi]``, must be linearly independent.
 
     Shapes: ``lo, hi, x0, u0: [n, K]``, ``A: [n, m, K]``, ``b: [n, m]``. ``max_iter`` bounds the GI steps
     (adds + drops) per row; a constraint counts as violated when its slack divided by its normal's norm is below
@@ -56,9 +59,10 @@ def solve_active_set(lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, x0: Tensor, u
     d = torch.cat([lo, -hi, -b], dim=-1)  # c_jᵀx ≥ d_j with c = (e_i | −e_i | −a_r)
     rnorm = A.norm(dim=-1).clamp_min(1e-300)
     Gm = torch.cat([torch.ones(n, 1, K, dtype=dt, device=dev), -A], dim=1)  # Σx = 1 and the rows (≥ form)
-    # initial active bounds: strictly positive multipliers (lo − u0 resp. u0 − hi) of the box∩simplex projection
-    act = torch.cat([u0 < lo, u0 > hi, torch.zeros(n, m, dtype=torch.bool, device=dev)], -1)
-    mult = torch.cat([(lo - u0).clamp_min(0), (u0 - hi).clamp_min(0), torch.zeros(n, m, dtype=dt, device=dev)], -1) * act
+    # initial active bounds: strictly positive multipliers (lo − u0 resp. u0 − hi) of the starting projection
+    mu0 = torch.zeros(n, m, dtype=dt, device=dev) if mu0 is None else mu0.to(dt).clamp_min(0)
+    act = torch.cat([u0 < lo, u0 > hi, mu0 > 0], -1)
+    mult = torch.cat([(lo - u0).clamp_min(0), (u0 - hi).clamp_min(0), mu0], -1) * act
     nofree = (act[:, :K] | act[:, K:2 * K]).all(-1)
     if bool(nofree.any()):  # K bounds + Σx = 1 are dependent: release the bound with the smallest multiplier
         j = torch.where(act, mult, math.inf).argmin(-1)

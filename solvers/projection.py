@@ -35,6 +35,7 @@ from torch import Tensor
 from solvers.active_set import solve_active_set
 from solvers.errors import InfeasibleError
 from solvers.isotonic import block_means, isotonic_decreasing
+from solvers.ordered import project_ordered_halfspace
 from solvers.results import ProjectionResult, Status
 from solvers.sets import FeasibleSet
 
@@ -46,6 +47,8 @@ _METRICS = ("euclidean", "kl")
 # the chain fast path pays off from this K on (measured, one thread: K=4 the active set is ~20% cheaper, K=8 ~1.4×
 # slower, K=32 ~6× slower than the fast path)
 _CHAIN_MIN_K = 8
+# up to this K the chain ∩ one row is solved by enumerating its 2^K − 1 block structures (solvers.ordered)
+_ENUM_MAX_K = 6
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -119,15 +122,47 @@ def _relax_box(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (lo - t[:, None]).clamp_min(0), (hi + t[:, None]).clamp_max(1), t
 
 
-def _min_linear(a: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """min_{w ∈ box∩Δ} a_r·w for every row r (greedy fill by ascending a): a [N,m,K] → [N,m]."""
+def _argmin_linear(a: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """argmin_{w ∈ box∩Δ} a_r·w for every row r (greedy fill by ascending a): a [N,m,K] → w [N,m,K]."""
     a_s, idx = a.sort(dim=-1)
-    lo_e = lo[:, None, :].expand_as(a)
     cap = (hi - lo)[:, None, :].expand_as(a).gather(-1, idx)
     room = (1 - lo.sum(-1))[:, None, None]
     before = cap.cumsum(-1) - cap
     fill = torch.minimum((room - before).clamp_min(0), cap)
-    return (a * lo_e).sum(-1) + (a_s * fill).sum(-1)
+    return lo[:, None, :] + torch.zeros_like(a).scatter_(-1, idx, fill)
+
+
+def _least_relaxation(A: Tensor, b: Tensor, lo: Tensor, hi: Tensor, soft: Tensor,
+                      chain: tuple[Tensor, Tensor] | None, tol: float) -> tuple[Tensor, Tensor]:
+    """Per row of the batch: ``(t, exact)``, a lower bound ``t ≥ 0`` on the least uniform relaxation
+    ``t* = min_{w∈box∩Δ, hard rows} max_{r soft} (a_r·w − b_r)`` (clamped at 0) and where it is ``t*`` itself.
+
+    The bound is ``max_r min_{w∈S} a_r·w − b_r`` over supersets ``S`` of the feasible region: ``box∩Δ`` (greedy
+    fill) and, given ``chain = (perm [n, K], links [n, K−1])`` whose rows are all hard, the ordered simplex
+    ``C`` (least prefix mean, :func:`_argmin_over_chain`). With one soft row it is exact wherever a minimiser over
+    ``S`` satisfies every other constraint (certificate checked to ``tol``); otherwise the caller solves the LP.
+    """
+    n, m, K = A.shape
+    hard = ~soft
+    gap = lambda w: (A * w[:, None, :]).sum(-1) - b  # noqa: E731  [n, m]: a_r·w − b_r
+    if int(soft.sum()) != 1:
+        w = _argmin_linear(A, lo, hi)
+        t = ((A * w).sum(-1) - b).amax(-1).clamp_min(0)
+        return t, torch.zeros(n, dtype=torch.bool, device=A.device)
+    r = int(soft.nonzero()[0, 0])
+    a = A[:, r]
+    w_box = _argmin_linear(a[:, None, :], lo, hi)[:, 0]
+    t = (a * w_box).sum(-1) - b[:, r]
+    exact = (gap(w_box)[:, hard] <= tol).all(-1)
+    if chain is not None:
+        perm, links = chain
+        t_c, x_c = _argmin_over_chain(a.gather(-1, perm), links)
+        w_c = torch.empty_like(x_c).scatter_(-1, perm, x_c)
+        in_box = ((lo - w_c).amax(-1) <= tol) & ((w_c - hi).amax(-1) <= tol)
+        exact_c = in_box & (gap(w_c)[:, hard] <= tol).all(-1)
+        t = torch.where(exact_c, t_c - b[:, r], torch.maximum(t, t_c - b[:, r]))
+        exact = exact | exact_c
+    return t.clamp_min(0), exact
 
 
 def _relax_rows_lp(lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, soft: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,10 +190,20 @@ def _verify(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, x: Tensor,
     return slack, primal, st / torch.maximum(v.abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)
 
 
+def _certified(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, x: Tensor, mu: Tensor,
+               tol: float) -> tuple[Tensor, Tensor]:
+    """Rows where ``x`` with row multipliers ``μ`` passes the KKT check (bounds, every row, ``μ ≥ 0``,
+    complementarity and stationarity ``x = P_box∩Δ(v − Aᵀμ)``, all to ``tol``): ``(ok [n], stationarity [n])``."""
+    slack, primal, st = _verify(v, lo, hi, A, b, x, mu)
+    return (primal <= tol) & (st <= tol) & (mu >= 0).all(-1) & (torch.minimum(mu, slack).abs().amax(-1) <= tol), st
+
+
 def _solve_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, tol: float, max_iter: int,
-                sel: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                sel: Tensor, w: Tensor, u: Tensor,
+                start: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Goldfarb–Idnani active-set method on the rows ``sel`` that the box∩simplex projection ``w = clamp(u)``
-    leaves violating ``A w ≤ b``, verified by stationarity ``w = P_box∩Δ(v − Aᵀμ)``.
+    leaves violating ``A w ≤ b``, verified by stationarity ``w = P_box∩Δ(v − Aᵀμ)``. ``start = (x0, u0, μ0)``
+    (rows of ``sel``) warm-starts it (see :func:`~solvers.active_set.solve_active_set`); default ``(w, u, 0)``.
 
     Returns ``(w, μ [N, m], iterations [N], converged [N], stationarity residual [N])``; the residual
     ``‖P_box∩Δ(v − Aᵀμ) − w‖∞ / max(1, ‖v‖∞, ‖Aᵀμ‖∞)`` is 0 for rows feasible at ``w``.
@@ -171,7 +216,9 @@ def _solve_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, tol: fl
     if sel.numel() == 0:
         return w, mu, it, conv, stat
     v_s, lo_s, hi_s, A_s = v[sel], lo[sel], hi[sel], A[sel]
-    res = solve_active_set(lo_s, hi_s, A_s, b[sel], w[sel], u[sel], max_iter, feas_tol=1e-2 * tol, round_off=10 * tol)
+    x0, u0, mu0 = start if start is not None else (w[sel], u[sel], None)
+    res = solve_active_set(lo_s, hi_s, A_s, b[sel], x0, u0, max_iter, feas_tol=1e-2 * tol, round_off=10 * tol,
+                           mu0=mu0)
     # verification in float64 (the solver's precision): primal feasibility (with Σx = 1), then stationarity
     x64 = res.x
     _, primal, st = _verify(*(t.double() for t in (v_s, lo_s, hi_s, A_s, b[sel])), x64, res.mu)
@@ -184,12 +231,14 @@ def _solve_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, tol: fl
     return w, mu, it, conv, stat
 
 
-def _chain_point(y: Tensor, perm: Tensor, links: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _chain_point(y: Tensor, perm: Tensor, links: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``P_C(y) = max(iso_π(y) − τ, 0)`` onto ``C = {Σw = 1, w ≥ 0, w_{π_1} ≥ … ≥ w_{π_K}}`` (linked pairs only):
-    returns ``(x [n, K], μ [n, K−1], same [n, K−1])`` with the isotonic multipliers and blocks along ``π``."""
+    returns ``(x [n, K], u = iso(y) − τ [n, K], μ [n, K−1], same [n, K−1])`` with the isotonic multipliers and
+    blocks along ``π``."""
     iso_p, mu, same = isotonic_decreasing(y.gather(-1, perm), links)
     iso = torch.empty_like(iso_p).scatter_(-1, perm, iso_p)
-    return _euclid_box_simplex(iso, torch.zeros_like(iso), torch.ones_like(iso)), mu, same
+    x, u = _euclid_box_simplex_u(iso, torch.zeros_like(iso), torch.ones_like(iso))
+    return x, u, mu, same
 
 
 def _chain_halfspace(v: Tensor, perm: Tensor, links: Tensor, a: Tensor, beta: Tensor, tol: float,
@@ -197,7 +246,7 @@ def _chain_halfspace(v: Tensor, perm: Tensor, links: Tensor, a: Tensor, beta: Te
     """λ ≥ 0 with ``g(λ) = a·P_C(v − λa) − β = 0`` (``g`` nonincreasing, piecewise linear, ``g(0) > 0``) by Newton
     (exact once inside the root's linear piece) safeguarded by a bracket (Illinois regula falsi inside it, doubling
     before it closes); slope ``−(Σ_F ā² − |F| mean_F(ā)²)``, ``ā`` = block means of ``a`` on the free coordinates
-    ``F``. ``first`` = :func:`_chain_point` at λ = 0. Rows leave the loop once ``|g|`` is at round-off.
+    ``F``. ``first`` = ``(x, μ, same)`` of :func:`_chain_point` at λ = 0. Rows leave the loop once ``|g|`` is at round-off.
     Returns ``(x, μ_chain, λ)`` at the last λ of each row (the caller verifies)."""
     n = v.shape[0]
     x_out, mu_out, lam_out = first[0].clone(), first[1].clone(), v.new_zeros(n)
@@ -210,7 +259,7 @@ def _chain_halfspace(v: Tensor, perm: Tensor, links: Tensor, a: Tensor, beta: Te
     x, mu, same = first
     for k in range(steps + 1):
         if k:
-            x, mu, same = _chain_point(v - lam[:, None] * a, perm, links)
+            x, _, mu, same = _chain_point(v - lam[:, None] * a, perm, links)
         g = (a * x).sum(-1) - beta
         done = (g.abs() <= 1e-3 * tol) | (k == steps)
         if bool(done.any()):
@@ -239,58 +288,116 @@ def _chain_halfspace(v: Tensor, perm: Tensor, links: Tensor, a: Tensor, beta: Te
     return x_out, mu_out, lam_out
 
 
-def _min_over_chain(a: Tensor, links: Tensor) -> Tensor:
-    """``min_{x∈C} a·x`` for ``a [n, K]`` in chain order: the least mean of ``a`` over a prefix of a segment (the
-    vertices of ``C`` are the uniform distributions on such prefixes)."""
+def _argmin_over_chain(a: Tensor, links: Tensor) -> tuple[Tensor, Tensor]:
+    """``min_{x∈C} a·x`` and a minimiser, for ``a [n, K]`` in chain order: the vertices of ``C`` are the uniform
+    distributions on prefixes of a segment, so the least prefix mean of ``a`` and the uniform vertex on it."""
     K = a.shape[-1]
     pos = torch.arange(K, device=a.device).expand_as(a)
     starts = torch.cat([torch.ones_like(links[:, :1]), ~links], dim=-1)
     first = torch.where(starts, pos, 0).cummax(-1).values  # start of each position's segment
     cs = torch.cat([a.new_zeros(a.shape[0], 1), a.cumsum(-1)], dim=-1)
-    return ((cs[:, 1:] - cs.gather(-1, first)) / (pos - first + 1)).amin(-1)
+    value, end = ((cs[:, 1:] - cs.gather(-1, first)) / (pos - first + 1)).min(-1)
+    begin = first.gather(-1, end[:, None])
+    on = (pos >= begin) & (pos <= end[:, None])
+    return value, on.to(a.dtype) / (end[:, None] - begin + 1).to(a.dtype)
 
 
-def _chain_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, chain: Tensor, start: int, tol: float,
-                sel: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _chain_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, chain: tuple[Tensor, Tensor], start: int,
+                tol: float, sel: Tensor, newton: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Superset fast path on the rows ``sel``: project onto ``C = {Σw = 1, w ≥ 0, w_{π_1} ≥ … ≥ w_{π_K}}``
-    (``π = chain``, rows ``start … start+K−2`` of ``A``; tied pairs are zero rows and split the chain) in closed form
-    ``w = max(iso_π(v) − τ, 0)``; where ``w`` lies in the full set it is its projection (the set is inside ``C``).
-    Where it violates one other row ``r`` (the worst), ``C ∩ {a_r·w = b_r}`` is tried next: ``w = P_C(v − λ a_r)``
-    with the scalar ``λ`` of :func:`_chain_halfspace`.
+    (``chain = (π, links)`` of the rows ``sel`` from :func:`_chain_of`, rows ``start … start+K−2`` of ``A``) in
+    closed form ``w = max(iso_π(v) − τ, 0)``; where ``w`` lies in the full set it is its projection (the set is
+    inside ``C``). Where it violates one other row ``r`` (the worst), ``C ∩ {a_r·w ≤ b_r}`` is tried next (the row
+    is then active): for ``K ≤ _ENUM_MAX_K`` and a fully linked chain in closed form over all block structures
+    (:func:`solvers.ordered.project_ordered_halfspace`), with ``newton`` as ``w = P_C(v − λ a_r)`` with the scalar
+    ``λ`` of :func:`_chain_halfspace`.
 
-    Returns ``(done, w [d, K], μ [d, m], stationarity residual [d], rest)``: the rows of ``sel`` accepted (verified
-    in float64 by bounds, every row, and ``w = P_box∩Δ(v − Aᵀμ)`` with the multipliers found) and the others.
+    Returns ``(done, w [d, K], μ [d, m], stationarity residual [d], rest, warm)``: the rows of ``sel`` accepted
+    (verified in float64 by bounds, every row, and ``w = P_box∩Δ(v − Aᵀμ)`` with the multipliers found), the
+    others, and for those a warm start of the active-set method ``(x0, u0, μ0 [r, m], valid [r])``: the chain
+    point, optimal for the chain rows with ``μ > 0``, valid where it is the box-clamp of ``u0`` and no active
+    chain row joins two zero coordinates (which would make the active normals dependent).
     """
     n, K, m = sel.numel(), v.shape[-1], A.shape[-2]
     v_s, lo_s, hi_s, A_s, b_s = (t[sel].double() for t in (v, lo, hi, A, b))
-    perm = chain[sel]
-    links = A_s[:, start:start + K - 1].abs().amax(-1) > 0  # zero rows (ties) split the chain
-    x, mu_chain, same = _chain_point(v_s, perm, links)
+    perm, links = chain
+    x0, u0, mu_chain, same = _chain_point(v_s, perm, links)
+    x = x0
     mu = v_s.new_zeros(n, m)
+    mu[:, start:start + K - 1] = mu_chain
+    mu0 = mu.clone()
     other = torch.ones(m, dtype=torch.bool, device=v.device)
     other[start:start + K - 1] = False
     if bool(other.any()):
         worst, r = torch.where(other, (A_s * x[:, None, :]).sum(-1) - b_s, -math.inf).max(-1)
-        in_box = ((lo_s - x).amax(-1) <= tol) & ((x - hi_s).amax(-1) <= tol)
-        a_r = A_s.gather(1, r[:, None, None].expand(n, 1, K))[:, 0]
-        reachable = _min_over_chain(a_r.gather(-1, perm), links) <= b_s.gather(1, r[:, None])[:, 0]
-        idx = ((worst > tol) & in_box & reachable).nonzero()[:, 0]
+        a_r, beta = A_s.gather(1, r[:, None, None].expand(n, 1, K))[:, 0], b_s.gather(1, r[:, None])[:, 0]
+        if K <= _ENUM_MAX_K:  # every block structure at once (fully linked chains)
+            idx = ((worst > tol) & links.all(-1)).nonzero()[:, 0]
+            if idx.numel():
+                p = perm[idx]
+                x_h, lam, mu_h, found = project_ordered_halfspace(v_s[idx].gather(-1, p), a_r[idx].gather(-1, p),
+                                                                  beta[idx], tol)
+                idx, p, x_h, lam, mu_h = idx[found], p[found], x_h[found], lam[found], mu_h[found]
+                x_h = torch.empty_like(x_h).scatter_(-1, p, x_h)
+        else:
+            in_box = ((lo_s - x).amax(-1) <= tol) & ((x - hi_s).amax(-1) <= tol)
+            reachable = _argmin_over_chain(a_r.gather(-1, perm), links)[0] <= beta
+            idx = ((worst > tol) & in_box & reachable).nonzero()[:, 0] if newton else sel[:0]
+            if idx.numel():
+                x_h, mu_h, lam = _chain_halfspace(v_s[idx], perm[idx], links[idx], a_r[idx], beta[idx], tol,
+                                                  (x[idx], mu_chain[idx], same[idx]))
         if idx.numel():
-            ri = r[idx]
-            x_h, mu_h, lam = _chain_halfspace(v_s[idx], perm[idx], links[idx], A_s[idx, ri], b_s[idx, ri], tol,
-                                              (x[idx], mu_chain[idx], same[idx]))
-            x, mu_chain = x.index_put((idx,), x_h), mu_chain.index_put((idx,), mu_h)
-            mu = mu.index_put((idx, ri), lam)
-    mu[:, start:start + K - 1] = mu_chain
-    slack, primal, st = _verify(v_s, lo_s, hi_s, A_s, b_s, x, mu)
-    ok = (primal <= tol) & (st <= tol) & (mu >= 0).all(-1) & (torch.minimum(mu, slack).abs().amax(-1) <= tol)
+            x = x.index_put((idx,), x_h)
+            mu = mu.index_put((idx,), torch.zeros_like(mu[idx]).index_put((torch.arange(idx.numel(), device=v.device), r[idx]), lam))
+            mu[idx, start:start + K - 1] = mu_h
+    ok, st = _certified(v_s, lo_s, hi_s, A_s, b_s, x, mu, tol)
+    rest = ~ok
     x = x.to(v.dtype).clamp(lo[sel], hi[sel])
-    return sel[ok], x[ok], mu[ok].to(v.dtype), st[ok].to(v.dtype), sel[~ok]
+    return sel[ok], x[ok], mu[ok].to(v.dtype), st[ok].to(v.dtype), sel[rest], \
+        _warm_start(x0[rest], u0[rest], mu0[rest], perm[rest], links[rest], lo_s[rest], hi_s[rest], start, tol)
+
+
+def _warm_start(x: Tensor, u: Tensor, mu: Tensor, perm: Tensor, links: Tensor, lo: Tensor, hi: Tensor, start: int,
+                tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The chain point ``x = max(u, 0)`` as a start of the active-set method: ``(x, u', μ' [n, m], valid [n])``.
+
+    Its active constraints must be independent, but in a zero tail (positions ``p…K`` along the chain) the chain
+    rows and every lower bound are active together. The tail is pinned instead by its chain rows and the last
+    bound alone: with the isotonic stationarity, the tail's multipliers become ``μ'_k = μ_k − Σ_{l=p}^{k} u_l ≥ μ_k``
+    and ``ν_K = −Σ_{l=p}^{K} u_l`` (``u'_K = −ν_K``; ``u'_l = 0`` on the other tail coordinates: no bound active).
+    Valid where ``x`` is the box-clamp of ``u`` and the chain links every pair (else only without active chain
+    rows between zeros)."""
+    K = x.shape[-1]
+    u_p = u.gather(-1, perm)
+    tail = x.gather(-1, perm) <= 0
+    joined = tail[:, 1:] & tail[:, :-1]  # chain pairs inside the zero tail
+    run = torch.where(tail, u_p, 0.0).cumsum(-1)  # Σ_{l=p}^{k} u_l (zero before the tail)
+    mu_c = mu[:, start:start + K - 1]
+    linked = links.all(-1, keepdim=True)
+    mu_c = torch.where(joined & linked, mu_c - run[:, :-1], mu_c)
+    last = tail[:, -1:] & linked
+    u_new = torch.where(tail & linked, 0.0, u_p)
+    u_new[:, -1:] = torch.where(last, run[:, -1:], u_p[:, -1:])
+    mu = mu.clone()
+    mu[:, start:start + K - 1] = mu_c
+    valid = ((x - u.clamp(lo, hi)).abs().amax(-1) <= tol) & (linked[:, 0] | ~((mu_c > 0) & joined).any(-1))
+    return x, torch.empty_like(u_new).scatter_(-1, perm, u_new), mu, valid
 
 
 def _violated(w: Tensor, A: Tensor, b: Tensor, tol: float) -> Tensor:
     """Indices of the rows with max_r (a_r·w − b_r) > tol."""
     return (((A * w[:, None, :]).sum(-1) - b).amax(-1) > tol).nonzero()[:, 0]
+
+
+def _chain_of(fset: FeasibleSet, batch: torch.Size, A: Tensor, sel: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(perm [n, K], links [n, K−1])`` of the rows ``sel`` when ``fset`` has an ordinal chain (tied pairs, zero
+    rows, unlink it), else ``None``."""
+    if fset.chain is None:
+        return None
+    K, start = fset.K, fset.chain_start
+    perm = fset.chain.expand(*batch, K).reshape(-1, K)[sel]
+    return perm, A[sel, start:start + K - 1].abs().amax(-1) > 0
 
 
 # ---------------------------------------------------------------------------------------------- autograd
@@ -415,24 +522,31 @@ def project(
             soft = torch.tensor([not h for h in fset.hard_rows], dtype=torch.bool, device=v.device)
             w, u = _euclid_box_simplex_u(vf, lo, hi)
             sel = _violated(w, A, b, tol)  # most rows are feasible here: only the rest need work
-            fast = sel[:0]
-            if fset.chain is not None and K >= _CHAIN_MIN_K and sel.numel():
-                chain = fset.chain.expand(*batch, K).reshape(N, K)
-                fast, w_fast, mu_fast, st_fast, sel = _chain_rows(vf, lo, hi, A, b, chain, fset.chain_start, tol, sel)
-                w = w.index_put((fast,), w_fast)
+            chain_hard = fset.chain is not None and not bool(soft[fset.chain_start:fset.chain_start + K - 1].any())
             if sel.numel():  # rows are empty only if violated at w: relax those by the least uniform t
-                # a lower bound on the least relaxation t*, exact (greedy fill) for a single row
-                t_row = (_min_linear(A[sel], lo[sel], hi[sel]) - b[sel]).amax(-1).clamp_min(0)
-                if m > 1 and bool((t_row > 0).any()):
-                    s2 = sel[(t_row > 0).nonzero()[:, 0]]
+                t_row, exact = _least_relaxation(A[sel], b[sel], lo[sel], hi[sel], soft,
+                                                 _chain_of(fset, batch, A, sel) if chain_hard else None, tol)
+                pos = t_row > 0
+                if bool((pos & ~exact).any()):
+                    s2 = sel[(pos & ~exact).nonzero()[:, 0]]
                     t_lp, b_lp = _relax_rows_lp(lo[s2], hi[s2], A[s2], b[s2], soft)
                     b = b.index_put((s2,), b_lp)
                     relax = relax.index_put((s2,), torch.maximum(relax[s2], t_lp))
-                elif m == 1:
-                    b = b.index_put((sel,), b[sel] + t_row[:, None])
-                    relax = relax.index_put((sel,), torch.maximum(relax[sel], t_row))
+                if bool((pos & exact).any()):  # one soft row, t* in closed form
+                    s1, t1 = sel[pos & exact], t_row[pos & exact]
+                    b = b.index_put((s1,), b[s1] + t1[:, None] * soft.to(b.dtype))
+                    relax = relax.index_put((s1,), torch.maximum(relax[s1], t1))
             _raise_if_all_empty(relax, tol, fset, batch, check_empty)
-            w, info_mu, it, conv, stat = _solve_rows(vf, lo, hi, A, b, tol, max_iter, sel, w, u)
+            fast, start = sel[:0], None
+            if fset.chain is not None and sel.numel():  # closed forms on the ordinal chain; the rest is warm-started
+                fast, w_fast, mu_fast, st_fast, sel, warm = _chain_rows(
+                    vf, lo, hi, A, b, _chain_of(fset, batch, A, sel), fset.chain_start, tol, sel, K >= _CHAIN_MIN_K)
+                w = w.index_put((fast,), w_fast)
+                x0, u0, mu0, valid = warm  # the chain point is a valid start where the chain rows were not relaxed
+                valid = (valid & (chain_hard | (relax[sel] == 0)))[:, None]
+                start = (torch.where(valid, x0, w[sel].double()), torch.where(valid, u0, u[sel].double()),
+                         torch.where(valid, mu0, 0.0))
+            w, info_mu, it, conv, stat = _solve_rows(vf, lo, hi, A, b, tol, max_iter, sel, w, u, start)
             if fast.numel():
                 info_mu, stat = info_mu.index_put((fast,), mu_fast), stat.index_put((fast,), st_fast)
             if not bool(conv.all()):

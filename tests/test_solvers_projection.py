@@ -475,11 +475,26 @@ def test_chain_float32_and_gradcheck(chain_fast_path_for_all_k):
     torch.autograd.gradcheck(lambda x: project(x, fsg), (vg,))
 
 
-def test_chain_fast_path_runs_from_k8_by_default():
+def test_chain_closed_forms_by_k():
+    import dataclasses
+
+    """The chain point is exact for every K; one active halfspace on the chain is closed-form by enumeration up to
+    K = 6 and by the Newton path from K = 8; K = 7 warm-starts the active set from the chain point."""
     rng = np.random.default_rng(2)
-    for K, fast in ((4, False), (8, True)):
-        fs = FeasibleSet.simplex(K, dtype=F64).order_by(torch.tensor(rng.permutation(K), dtype=F64))
+    for K in (4, 6, 7, 8):
+        order = torch.tensor(rng.permutation(K), dtype=F64)
         v = torch.tensor(rng.normal(size=(16, K)))
+        fs = FeasibleSet.simplex(K, dtype=F64).order_by(order, hard=True)
         w, info = project(v, fs, return_info=True)
-        assert bool((info.iterations == 0).all()) == fast and bool((info.kkt_residual <= 1e-9).all())
+        assert bool((info.iterations == 0).all()) and bool((info.kkt_residual <= 1e-9).all())
         assert torch.allclose(w, reference.project(v, fs), atol=1e-6)
+        a = torch.tensor(rng.uniform(0, 1, (16, K)))
+        fs_h = fs.halfspace(a, a.mean(-1) - 0.02, name="u")  # some rows are empty: relaxed (the chain is hard)
+        w, info = project(v, fs_h, return_info=True)
+        on = info.active[:, -1] & (info.relaxation == 0)
+        assert int(on.sum()) >= 4 and bool((info.kkt_residual <= 1e-9).all())
+        assert bool((info.iterations[on] == 0).all()) == (K != 7)
+        relaxed = dataclasses.replace(fs_h, b=fs_h.b + info.relaxation[:, None] * torch.tensor([0.0] * (K - 1) + [1.0], dtype=F64))
+        assert torch.allclose(w, reference.project(v, relaxed), atol=1e-6)
+        if K <= 6:  # on a relaxed row (one point: a vertex of the ordered simplex) as well
+            assert bool((info.relaxation > 0).any()) and bool((info.iterations == 0).all())
