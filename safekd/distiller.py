@@ -184,7 +184,8 @@ class SafeDistiller:
         self.K = len(self.teacher_names)
         self.teachers = self._check_teachers(teachers)
         self.weighting = self._check_weighting(weighting)
-        self.pool = pool if pool is not None else _default_pool()
+        self._builtin_pool = _default_pool()  # returns a fresh tensor: relaxed tokens are corrected in place
+        self.pool = pool if pool is not None else self._builtin_pool
         self._builtin_divergence = _default_divergence()  # accepts student_logp= (shared student normaliser)
         self.divergence = divergence if divergence is not None else self._builtin_divergence
         self.static_constraints = tuple(c for c in spec.teacher_weight_constraints if not c.per_token)
@@ -433,12 +434,11 @@ class SafeDistiller:
                      for s, op in self.weighting.items()}
         return per_scale, compose(**per_scale).weights
 
-    def _token_set(self, ctx: C.MeasureContext, sel: Tensor, n: int, dtype: torch.dtype) -> solvers.FeasibleSet:
+    def _token_set(self, ctx: C.MeasureContext, sel: Tensor, dtype: torch.dtype) -> solvers.FeasibleSet:
         """The feasible sets of the ``n`` selected tokens: static set expanded plus per-token rows."""
         fs = self._static_set(dtype, ctx.device)
         if not self.token_constraints:
             return fs
-        fs = fs.expand((n,))
         for c in self.token_constraints:
             a, b = c.token_rows(ctx, sel)
             fs = fs.halfspace(a.to(dtype), b.to(dtype), name=c.name)
@@ -460,7 +460,7 @@ class SafeDistiller:
         stats["tokens"] = n
         if n == 0:
             return composed, None, none_relaxed, stats
-        fs = self._token_set(ctx, mask, n, v.dtype)
+        fs = self._token_set(ctx, mask, v.dtype)
         # Π_W(v) = v for v ∈ W: only tokens whose weights leave their set go to the solver (exact, and cheap).
         todo = (~fs.contains(v, tol=0.0)).nonzero()[:, 0]
         w = v.clone()
@@ -519,7 +519,10 @@ class SafeDistiller:
             fixed = torch.where(in_u, sub + math.log(eps) - log_unsafe if eps > 0 else neg_inf, log_s)
             sub = torch.where(need.unsqueeze(-1), fixed, sub)
             done |= need
-        target = target.index_put(rows, sub)
+        if self.pool is self._builtin_pool:  # its fresh output: in place (no second [..., V] buffer)
+            target[rows] = sub
+        else:  # a user's pool may return a tensor it keeps
+            target = target.index_put(rows, sub)
         corrected = torch.zeros_like(relaxed).index_put(rows, done)
         count = int(corrected.sum())
         if count:

@@ -61,10 +61,9 @@ class DivergenceOutput:
 def kl_per_token(a_logp: Tensor, b_logp: Tensor) -> Tensor:
     """``KL(a‖b) = Σ_v a_v (log a_v − log b_v)`` over the last axis, with ``0·log 0 = 0`` (NaN-free gradients).
 
-    Fast path: ``log a_v = −inf`` is clamped to the lowest finite value, so its term is ``0·(finite) = 0`` with no
-    masking ``where`` in the graph (finite ``log a`` are untouched: the same sums). Only where both ``a_v`` and
-    ``b_v`` are zero is that ``0·inf = NaN``; a NaN row sends the call to the masked formula."""
-    per_token = (a_logp.exp() * (a_logp.clamp_min(torch.finfo(a_logp.dtype).min) - b_logp)).sum(-1)
+    Fast path: the plain formula, with no masking ``where`` in the graph. A term with ``a_v = 0`` there is
+    ``0·(−inf − log b_v) = NaN``; a NaN row sends the call to the masked formula (``0·log 0 = 0``)."""
+    per_token = (a_logp.exp() * (a_logp - b_logp)).sum(-1)
     if not bool(per_token.isnan().any()):
         return per_token
     diff = torch.where(a_logp > -math.inf, a_logp - b_logp, a_logp.new_zeros(()))

@@ -82,7 +82,9 @@ class UnsafeSet:
         V = logp.shape[-1]
         if self.ids is not None:
             self._check_ids(V)
-            return torch.logsumexp(logp.index_select(-1, self.ids.to(logp.device)), dim=-1).exp()
+            # on a 2-D view (index_select over the last axis of a 4-D tensor is ~3× slower); log p ≤ 0: no overflow
+            rows = logp.reshape(-1, V).index_select(1, self.ids.to(logp.device))
+            return rows.exp().sum(-1).view(logp.shape[:-1])
         m = self.mask(V, batch, device=logp.device)
         if teacher_axis and m.dim() >= 2:
             m = m.unsqueeze(-2)

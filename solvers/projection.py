@@ -132,6 +132,11 @@ def _argmin_linear(a: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return lo[:, None, :] + torch.zeros_like(a).scatter_(-1, idx, fill)
 
 
+def _holds(A: Tensor, b: Tensor, w: Tensor, tol: float) -> Tensor:
+    """Rows where ``A w ≤ b + tol`` (``A [n, m, K]``, ``b [n, m]``, ``w [n, K]``)."""
+    return ((A * w[:, None, :]).sum(-1) - b <= tol).all(-1)
+
+
 def _least_relaxation(A: Tensor, b: Tensor, lo: Tensor, hi: Tensor, soft: Tensor,
                       chain: tuple[Tensor, Tensor] | None, tol: float) -> tuple[Tensor, Tensor]:
     """Per row of the batch: ``(t, exact)``, a lower bound ``t ≥ 0`` on the least uniform relaxation
@@ -144,24 +149,27 @@ def _least_relaxation(A: Tensor, b: Tensor, lo: Tensor, hi: Tensor, soft: Tensor
     """
     n, m, K = A.shape
     hard = ~soft
-    gap = lambda w: (A * w[:, None, :]).sum(-1) - b  # noqa: E731  [n, m]: a_r·w − b_r
     if int(soft.sum()) != 1:
         w = _argmin_linear(A, lo, hi)
         t = ((A * w).sum(-1) - b).amax(-1).clamp_min(0)
         return t, torch.zeros(n, dtype=torch.bool, device=A.device)
     r = int(soft.nonzero()[0, 0])
     a = A[:, r]
-    w_box = _argmin_linear(a[:, None, :], lo, hi)[:, 0]
-    t = (a * w_box).sum(-1) - b[:, r]
-    exact = (gap(w_box)[:, hard] <= tol).all(-1)
-    if chain is not None:
+    t = a.new_full((n,), -math.inf)
+    exact = torch.zeros(n, dtype=torch.bool, device=A.device)
+    if chain is not None:  # first: over the ordered simplex (usually certified, and cheaper than the greedy fill)
         perm, links = chain
-        t_c, x_c = _argmin_over_chain(a.gather(-1, perm), links)
+        t, x_c = _argmin_over_chain(a.gather(-1, perm), links)
+        t = t - b[:, r]
         w_c = torch.empty_like(x_c).scatter_(-1, perm, x_c)
         in_box = ((lo - w_c).amax(-1) <= tol) & ((w_c - hi).amax(-1) <= tol)
-        exact_c = in_box & (gap(w_c)[:, hard] <= tol).all(-1)
-        t = torch.where(exact_c, t_c - b[:, r], torch.maximum(t, t_c - b[:, r]))
-        exact = exact | exact_c
+        exact = in_box & _holds(A[:, hard], b[:, hard], w_c, tol)
+    rest = (~exact).nonzero()[:, 0]
+    if rest.numel():  # over box∩Δ where the chain bound is not certified
+        A, b, a = A[rest], b[rest], a[rest]
+        w_box = _argmin_linear(a[:, None, :], lo[rest], hi[rest])[:, 0]
+        t = t.index_put((rest,), torch.maximum(t[rest], (a * w_box).sum(-1) - b[:, r]))
+        exact = exact.index_put((rest,), _holds(A[:, hard], b[:, hard], w_box, tol))
     return t.clamp_min(0), exact
 
 
@@ -387,7 +395,7 @@ def _warm_start(x: Tensor, u: Tensor, mu: Tensor, perm: Tensor, links: Tensor, l
 
 def _violated(w: Tensor, A: Tensor, b: Tensor, tol: float) -> Tensor:
     """Indices of the rows with max_r (a_r·w − b_r) > tol."""
-    return (((A * w[:, None, :]).sum(-1) - b).amax(-1) > tol).nonzero()[:, 0]
+    return (~_holds(A, b, w, tol)).nonzero()[:, 0]
 
 
 def _chain_of(fset: FeasibleSet, batch: torch.Size, A: Tensor, sel: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -6,6 +6,7 @@ and ``violation = max(residual, 0)``. All tensors may carry leading batch dimens
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Sequence
@@ -284,14 +285,26 @@ class FeasibleSet:
         bs = tuple(batch_shape)
         K, m = self.K, self.num_rows
         chain = None if self.chain is None else self.chain.expand(*bs, K)
-        return replace(self, lower=self.lower.expand(*bs, K), upper=self.upper.expand(*bs, K),
-                       A=self.A.expand(*bs, m, K), b=self.b.expand(*bs, m), chain=chain)
+        return self._derived(lower=self.lower.expand(*bs, K), upper=self.upper.expand(*bs, K),
+                             A=self.A.expand(*bs, m, K), b=self.b.expand(*bs, m), chain=chain)
 
-    def __getitem__(self, index: int | tuple[int, ...]) -> "FeasibleSet":
-        """The set of one batch element (``index`` into ``batch_shape``)."""
+    def __getitem__(self, index: int | tuple[int, ...] | Tensor) -> "FeasibleSet":
+        """The set of one batch element, or of the elements an index tensor selects (``index`` into
+        ``batch_shape``)."""
         e = self.expand(self.batch_shape)
         chain = None if e.chain is None else e.chain[index]
-        return replace(self, lower=e.lower[index], upper=e.upper[index], A=e.A[index], b=e.b[index], chain=chain)
+        return self._derived(lower=e.lower[index], upper=e.upper[index], A=e.A[index], b=e.b[index], chain=chain)
+
+    def _derived(self, **tensors: Tensor | None) -> "FeasibleSet":
+        """This set with its tensors replaced by views or selections of them (already validated: no second pass
+        over the data; the batch shape is recomputed)."""
+        out = copy.copy(self)
+        for name, t in tensors.items():
+            object.__setattr__(out, name, t)
+        object.__setattr__(out, "_batch_shape", torch.broadcast_shapes(
+            out.lower.shape[:-1], out.upper.shape[:-1], out.A.shape[:-2], out.b.shape[:-1],
+            () if out.chain is None else out.chain.shape[:-1]))
+        return out
 
     def constraint_names(self) -> list[str]:
         """All named constraints: named bounds, rows, and the simplex equality ``sum(w)=1``."""
