@@ -508,7 +508,8 @@ class SafeDistiller:
             in_u = u.mask(target.shape[-1], batch, device=target.device)
             if in_u.dim() > 1:  # a per-position mask: the relaxed rows' masks; a vocabulary mask [V] broadcasts
                 in_u = in_u.expand_as(target)[rows]
-            log_unsafe = torch.logsumexp(torch.where(in_u, sub, neg_inf), dim=-1, keepdim=True)
+            log_unsafe = (u.log_mass(sub) if u.ids is not None else
+                          torch.logsumexp(torch.where(in_u, sub, neg_inf), dim=-1)).unsqueeze(-1)
             log_safe = torch.logsumexp(torch.where(in_u, neg_inf, sub), dim=-1, keepdim=True)
             need = log_unsafe.squeeze(-1).exp() > eps * (1 + 1e-6)
             if not bool(need.any()):

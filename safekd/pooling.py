@@ -74,19 +74,27 @@ def _weights(teacher_logp: Tensor, weights: Tensor, validate_args: bool) -> Tens
 def linear_pool(teacher_logp: Tensor, weights: Tensor, validate_args: bool = True) -> Tensor:
     """``log q = logsumexp_k(log w_k + log p_k)`` — the linear opinion pool ``q = Σ_k w_k p_k``."""
     w = _weights(teacher_logp, weights, validate_args)
-    x = torch.log(w).unsqueeze(-1) + teacher_logp
-    if torch.is_grad_enabled() and x.requires_grad:
-        return torch.logsumexp(x, dim=-2)
-    return _logsumexp_teachers_(x)
+    if torch.is_grad_enabled() and (teacher_logp.requires_grad or w.requires_grad):
+        return torch.logsumexp(torch.log(w).unsqueeze(-1) + teacher_logp, dim=-2)
+    return _linear_pool_probs(teacher_logp, w)
 
 
-def _logsumexp_teachers_(x: Tensor) -> Tensor:
-    """``logsumexp`` over the teacher axis ``-2`` overwriting ``x`` (no second ``[..., K, V]`` buffer; the same
-    operations as ``torch.logsumexp``, so the same bits): ``m + log Σ_k exp(x_k − m)``, ``m = max_k x_k`` clamped
-    to the finite range (±inf maxima then give ``exp(x − m) ∈ {0, inf}`` exactly as torch's zeroed maxima do)."""
-    info = torch.finfo(x.dtype)
-    m = x.amax(dim=-2).clamp_(info.min, info.max)
-    return x.sub_(m.unsqueeze(-2)).exp_().sum(dim=-2).log_().add_(m)
+def _linear_pool_probs(teacher_logp: Tensor, w: Tensor) -> Tensor:
+    """The pool without autograd, in probability space: ``log(w @ exp(log p))`` — one pass fewer over the
+    ``[..., K, V]`` tensor than ``logsumexp``, and no ``[..., K, V]`` temporary besides ``exp(log p)``. Equal to the
+    log-space formula up to rounding wherever ``q ≥ tiny/eps`` (any term lost to underflow there is below ``eps·q``);
+    the rarer smaller entries are recomputed with ``logsumexp`` over the teachers, so ``log q`` stays exact and
+    finite down to ``q = 0`` (``−inf`` only where every weighted teacher gives probability 0)."""
+    q = torch.einsum("...k,...kv->...v", w, teacher_logp.exp())
+    info = torch.finfo(q.dtype)
+    small = q < info.tiny / info.eps
+    out = q.log_()
+    if bool(small.any()):
+        idx = small.nonzero(as_tuple=True)
+        lead = idx[:-1]
+        terms = torch.log(w[lead]) + teacher_logp.movedim(-2, -1)[idx]  # [n, K]
+        out[idx] = torch.logsumexp(terms, dim=-1)
+    return out
 
 
 def _weighted_logp(teacher_logp: Tensor, w: Tensor, validate_args: bool) -> Tensor:

@@ -20,7 +20,8 @@ MaskFn = Callable[[Mapping[str, Any] | None, int], Tensor]
 class UnsafeSet:
     """U as sorted unique indices, or as a callable mask ``fn(batch, V) -> Bool[..., V]``.
 
-    ``mass(logp)`` gives p(U) = Σ_{v∈U} exp(logp_v) over the last axis (exact log-sum-exp).
+    ``mass(logp)`` gives p(U) = Σ_{v∈U} exp(logp_v) over the last axis; ``log_mass(logp)`` its logarithm by an
+    exact log-sum-exp (finite for masses below the floating-point range).
     """
 
     def __init__(self, ids: Sequence[int] | Tensor | None = None, *, fn: MaskFn | None = None,
@@ -73,36 +74,43 @@ class UnsafeSet:
             raise ValueError(f"UnsafeSet {self.name!r}: mask last dim {m.shape[-1]} != vocabulary size {vocab_size}")
         return m
 
+    def _select(self, logp: Tensor) -> Tensor:
+        """``logp[..., U]`` for an id set, gathered on a 2-D view (index_select over the last axis of a 4-D tensor is
+        ~3× slower)."""
+        V = logp.shape[-1]
+        self._check_ids(V)
+        assert self.ids is not None
+        return logp.reshape(-1, V).index_select(1, self.ids.to(logp.device)).view(*logp.shape[:-1], -1)
+
+    def _masked(self, logp: Tensor, batch: Mapping[str, Any] | None, teacher_axis: bool) -> Tensor:
+        """``logp`` with −inf off U for a mask callable (``teacher_axis``: broadcast a per-position mask over K)."""
+        m = self.mask(logp.shape[-1], batch, device=logp.device)
+        if teacher_axis and m.dim() >= 2:
+            m = m.unsqueeze(-2)
+        return logp.masked_fill(~m, float("-inf"))
+
     def mass(self, logp: Tensor, batch: Mapping[str, Any] | None = None, *, teacher_axis: bool = False) -> Tensor:
         """p(U) = Σ_{v∈U} exp(logp[..., v]) for log-probabilities ``logp [..., V]`` → ``[...]`` (differentiable).
 
         ``teacher_axis=True`` when ``logp`` is ``[..., K, V]``: a per-position mask ``[..., V]`` is then broadcast
         over the teacher axis.
         """
-        V = logp.shape[-1]
         if self.ids is not None:
-            self._check_ids(V)
-            # on a 2-D view (index_select over the last axis of a 4-D tensor is ~3× slower); log p ≤ 0: no overflow
-            rows = logp.reshape(-1, V).index_select(1, self.ids.to(logp.device))
-            return rows.exp().sum(-1).view(logp.shape[:-1])
-        m = self.mask(V, batch, device=logp.device)
-        if teacher_axis and m.dim() >= 2:
-            m = m.unsqueeze(-2)
-        return torch.logsumexp(logp.masked_fill(~m, float("-inf")), dim=-1).exp()
+            return self._select(logp).exp().sum(-1)  # log p ≤ 0: no overflow
+        return torch.logsumexp(self._masked(logp, batch, teacher_axis), dim=-1).exp()
+
+    def log_mass(self, logp: Tensor, batch: Mapping[str, Any] | None = None, *, teacher_axis: bool = False) -> Tensor:
+        """log p(U) = logsumexp_{v∈U} logp[..., v] (exact in log space); arguments as in :meth:`mass`."""
+        if self.ids is not None:
+            return torch.logsumexp(self._select(logp), dim=-1)
+        return torch.logsumexp(self._masked(logp, batch, teacher_axis), dim=-1)
 
     def mass_from_logits(self, logits: Tensor, log_normalizer: Tensor | None = None,
                          batch: Mapping[str, Any] | None = None) -> Tensor:
         """p(U) = exp(logsumexp_{v∈U} z_v − logsumexp_v z_v) straight from logits ``[..., V]`` (no full log-softmax);
         ``log_normalizer`` ``[...]`` may be passed when already computed."""
         lse = torch.logsumexp(logits, dim=-1) if log_normalizer is None else log_normalizer
-        V = logits.shape[-1]
-        if self.ids is not None:
-            self._check_ids(V)
-            top = torch.logsumexp(logits.index_select(-1, self.ids.to(logits.device)), dim=-1)
-        else:
-            m = self.mask(V, batch, device=logits.device)
-            top = torch.logsumexp(logits.masked_fill(~m, float("-inf")), dim=-1)
-        return (top - lse).exp()
+        return (self.log_mass(logits, batch) - lse).exp()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe description: ``{"ids": [...]}`` or ``{"fn": name}`` (a callable is referenced by name)."""

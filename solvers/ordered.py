@@ -1,16 +1,18 @@
-"""Exact projection onto an ordered simplex cut by one halfspace, by enumerating block structures (small K).
+"""Exact projections onto the ordered simplex (cut by one halfspace), by enumerating block structures (small K).
 
-``P(v) = argmin ½‖x − v‖²`` over ``{Σx = 1, x ≥ 0, x_1 ≥ x_2 ≥ … ≥ x_K, a·x ≤ β}`` (coordinates in chain order)
-for rows whose projection onto the ordered simplex alone violates the halfspace, so that it is active at the
-solution: ``x = max(iso(v − λa) − τ, 0)`` with ``λ ≥ 0`` and ``a·x = β``, a prefix ``1..L`` of positive
-coordinates split into blocks of equal value, then a zero tail. For a fixed structure (a composition of ``L``
-into blocks) everything is affine in ``λ``: block values ``c_B(λ) = mean_B(v − λa) − τ(λ)`` with ``τ`` fixed by
-``Σx = 1``, the row value ``g(λ) = a·x(λ) − β`` and the KKT multipliers (chain rows: running sums of
-``x − v + λa + τ`` along a block, or along the tail where they end in the lower-bound multiplier of the last
-coordinate). ``λ`` is the root of ``g``, or where ``g`` is flat (e.g. a single positive block on a set relaxed to
-one point) the least ``λ ≥ 0`` keeping every multiplier ≥ 0. The KKT point is unique, so the first structure
-passing every primal and dual check is the projection. There are ``2^K − 1`` structures: the kernel is meant
-for ``K ≤ 6`` and is one batched pass (no iteration).
+Coordinates in chain order; ``C = {Σx = 1, x ≥ 0, x_1 ≥ x_2 ≥ … ≥ x_K}``. The projection of ``v`` onto ``C`` is
+``max(iso(v) − τ, 0)``: a prefix ``1..L`` of positive coordinates split into blocks of equal value, then a zero
+tail. Onto ``C ∩ {a·x ≤ β}`` for a row that ``P_C(v)`` violates (so it is active at the solution) it is
+``max(iso(v − λa) − τ, 0)`` with ``λ ≥ 0`` and ``a·x = β``. For a fixed structure (a composition of ``L`` into
+blocks) everything is affine in ``(v, a)`` and in ``λ``: block values ``c_B = mean_B(v − λa) − τ`` with ``τ``
+fixed by ``Σx = 1``, the row value ``g(λ) = a·x(λ) − β`` and the KKT multipliers of the chain rows, running sums
+of ``x − v + λa + τ`` along a block, or along the tail (there they end in the lower-bound multiplier ``ν`` of
+the last coordinate: pinning the tail by its chain rows and that one bound keeps the active normals
+independent). With the row, ``λ`` is the root of ``g``, or where ``g`` is flat (e.g. a single positive block on
+a set relaxed to one point) the least ``λ ≥ 0`` keeping every multiplier ≥ 0. The KKT point is unique, so the
+first structure passing every primal and dual check is the projection. There are ``2^K − 1`` structures; the
+maps are precomputed per ``K`` and the whole search is a few batched products (no iteration): meant for
+``K ≤ 6``.
 """
 from __future__ import annotations
 
@@ -19,68 +21,99 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["project_ordered_halfspace"]
+__all__ = ["ordered_point", "project_ordered_halfspace"]
 
 
-@functools.lru_cache(maxsize=16)
-def _structures(K: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """For every structure: block one-hots ``M [C, K, K]`` (block slot × position; tail positions in no slot),
-    prefix length ``L [C]``, running-sum operator ``S [C, K, K]`` (``S[c, k, l] = 1`` for ``l ≤ k`` in the same
-    block, or both in the tail) and ``joint [C, K−1]`` (pair ``k, k+1`` inside one block or both in the tail)."""
-    blocks, lengths = [], []
+@functools.lru_cache(maxsize=32)
+def _maps(K: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per structure ``c`` (prefix length ``L_c``, blocks ``B``): ``x0 = v @ T + e`` and multipliers
+    ``μ0 = v @ W + w0`` at ``λ = 0`` (``T, W: [K, C·K]``; ``e, w0: [C, K]``), the ``x``- and ``μ``-slopes in ``λ``
+    being ``−a @ T`` and ``−a @ W``; ``dual [C, K]`` marks the entries of ``μ`` that must be ≥ 0 (pairs inside a
+    block or inside the tail, and the tail's bound multiplier ``ν`` at position ``K``) and ``joint [C, K−1]`` the
+    chain pairs that carry a multiplier."""
+    ids, lengths = [], []
     for L in range(1, K + 1):
         for cuts in range(2 ** (L - 1)):  # bit j set: a block ends after position j (j < L − 1)
-            ids, b = [], 0
+            row, blk = [], 0
             for k in range(L):
-                ids.append(b)
+                row.append(blk)
                 if k < L - 1 and cuts >> k & 1:
-                    b += 1
-            blocks.append(ids + [-1] * (K - L))  # -1: tail
+                    blk += 1
+            ids.append(row + [-1] * (K - L))  # -1: the zero tail
             lengths.append(L)
-    ids = torch.tensor(blocks)
-    M = (ids[:, None, :] == torch.arange(K)[None, :, None]).double()
-    seg = torch.where(ids < 0, K, ids)  # the tail is one more segment for the running sums
-    pos = torch.arange(K)
-    S = ((seg[:, :, None] == seg[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])).double()
+    B = torch.tensor(ids, dtype=torch.float64)  # [C, K]
+    C = B.shape[0]
+    L = torch.tensor(lengths, dtype=torch.float64)[:, None]  # [C, 1]
+    pos = torch.arange(K, dtype=torch.float64)
+    head = (pos[None, :] < L).double()  # [C, K]: positive prefix
+    same = (B[:, :, None] == B[:, None, :]).double() * head[:, :, None] * head[:, None, :]  # [C, j, k]
+    size = same.sum(1, keepdim=True).clamp_min(1)
+    # x0_k = Σ_j v_j ([j ~ k]/|B(k)| − [j < L]/L) + [k < L]/L on the prefix, 0 on the tail
+    T = (same / size - head[:, :, None] * head[:, None, :] / L[:, :, None]).permute(1, 0, 2)  # [j, C, k]
+    e = head / L
+    # residues r0 = x0 − v + τ0 (τ0 = (Σ_{j<L} v_j − 1)/L) and their running sums over each segment
+    eye = torch.eye(K, dtype=torch.float64)
+    R = T - eye[:, None, :] + (head / L).T[:, :, None]  # [j, C, l]
+    r_const = e - 1.0 / L  # [C, l]
+    seg = torch.where(B < 0, float(K), B)  # the tail is one more segment
+    S = ((seg[:, :, None] == seg[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])).double()  # [C, k, l]
+    W = torch.einsum("jcl,ckl->jck", R, S)
+    w0 = torch.einsum("cl,ckl->ck", r_const, S)
     joint = seg[:, 1:] == seg[:, :-1]
-    return M, torch.tensor(lengths, dtype=torch.float64), S, joint
+    dual = torch.cat([joint, (L[:, 0] < K)[:, None]], dim=-1)
+    TW = torch.cat([T.reshape(K, C * K), W.reshape(K, C * K)], dim=1)
+    return (TW.to(device=device, dtype=dtype), e.to(device=device, dtype=dtype), w0.to(device=device, dtype=dtype),
+            dual.to(device), joint.to(device))
+
+
+def _pick(ok: Tensor, x: Tensor, mu: Tensor, joint: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """First passing structure per row: ``(x [n, K], μ [n, K−1] ≥ 0, ν [n], found [n])`` (round-off: −1e-18 → 0)."""
+    found = ok.any(-1)
+    pick = ok.to(torch.uint8).argmax(-1)
+    rows = torch.arange(ok.shape[0], device=ok.device)
+    mu_p = mu[rows, pick]
+    return x[rows, pick], torch.where(joint[pick], mu_p[:, :-1], 0.0).clamp_min(0), mu_p[:, -1].clamp_min(0), found
+
+
+def _primal_ok(x: Tensor, t: Tensor) -> Tensor:
+    """``x [n, C, K]`` nonincreasing and ≥ 0 to ``t [n, 1]``."""
+    return ((x[..., :-1] - x[..., 1:]).amin(-1) >= -t) & (x[..., -1] >= -t)
+
+
+def ordered_point(v: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``P_C(v)`` for ``v [n, K]`` (chain order). Returns ``(x [n, K], μ [n, K−1], ν [n], found [n])``: ``μ_k`` the
+    multiplier of ``x_{k+1} − x_k ≤ 0`` (in the zero tail: running sums pinning it to the last coordinate) and ``ν``
+    the multiplier of ``x_K ≥ 0`` (0 without a tail); ``found`` False only on round-off (the caller falls back)."""
+    n, K = v.shape
+    TW, e, w0, dual, joint = _maps(K, v.dtype, v.device)
+    C = e.shape[0]
+    P = (v @ TW).view(n, 2, C, K)
+    x, mu = P[:, 0] + e, P[:, 1] + w0
+    t = tol * (1.0 + v.abs().amax(-1, keepdim=True))
+    ok = _primal_ok(x, t) & (torch.where(dual, mu, 0.0).amin(-1) >= -t)
+    return _pick(ok, x, mu, joint)
 
 
 def project_ordered_halfspace(v: Tensor, a: Tensor, beta: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Projection of ``v [n, K]`` (chain order) onto ``{Σx = 1, x ≥ 0, x_1 ≥ … ≥ x_K, a·x ≤ β}`` where the row is
-    active (``a [n, K]``, ``beta [n]``, float64). Returns ``(x [n, K], λ [n], μ [n, K−1], found [n])``: ``μ_k``
-    the multiplier of ``x_{k+1} − x_k ≤ 0``, ``λ`` that of the halfspace; ``found`` False where no structure
-    passed (an empty set, or round-off on a degenerate row): the caller falls back, and verifies the rest."""
+    """Projection of ``v [n, K]`` (chain order) onto ``C ∩ {a·x ≤ β}`` where the row is active (``a [n, K]``,
+    ``beta [n]``). Returns ``(x [n, K], λ [n], μ [n, K−1], found [n])``: ``λ`` the multiplier of the row, ``μ`` as in
+    :func:`ordered_point`; ``found`` False where no structure passed (an empty set, or round-off on a degenerate
+    row): the caller falls back, and verifies the rest."""
     n, K = v.shape
-    M, L, S, joint = (t.to(v.device) for t in _structures(K))
-    C = M.shape[0]
-    sz = M.sum(-1)  # [C, K] block sizes (0: unused slot)
-    inv = torch.where(sz > 0, 1.0 / sz.clamp_min(1), 0.0)
-    Mt = M.permute(2, 0, 1).reshape(K, C * K)  # position × (structure, slot)
-    Sv, Sa = (v @ Mt).view(n, C, K), (a @ Mt).view(n, C, K)  # block sums
-    tau0, tau1 = (Sv.sum(-1) - 1) / L, -Sa.sum(-1) / L  # τ(λ) = τ0 + λ τ1, [n, C]
-    used = (sz > 0).to(v.dtype)
-    c0, c1 = Sv * inv - tau0[..., None] * used, -Sa * inv - tau1[..., None] * used  # block values c0 + λ c1
-    g0 = (Sa * c0).sum(-1) - beta[:, None]  # a·x(λ) − β = g0 + λ g1
-    g1 = (Sa * c1).sum(-1)  # ≤ 0 (Cauchy–Schwarz); 0: x does not move with λ
-    scale = 1.0 + v.abs().amax(-1, keepdim=True)
-    t = tol * scale
+    TW, e, w0, dual, joint = _maps(K, v.dtype, v.device)
+    C = e.shape[0]
+    P, Q = (v @ TW).view(n, 2, C, K), (a @ TW).view(n, 2, C, K)
+    x0, mu0, x1, mu1 = P[:, 0] + e, P[:, 1] + w0, -Q[:, 0], -Q[:, 1]
+    g0 = (a[:, None, :] * x0).sum(-1) - beta[:, None]  # a·x(λ) − β = g0 + λ g1, [n, C]
+    g1 = (a[:, None, :] * x1).sum(-1)  # ≤ 0 (Cauchy–Schwarz); 0: x does not move with λ
+    t = tol * (1.0 + v.abs().amax(-1, keepdim=True))
     flat = g1 > -t
-    x0, x1 = torch.einsum("ncb,cbk->nck", c0, M), torch.einsum("ncb,cbk->nck", c1, M)  # [n, C, K] (tail 0)
-    r0 = x0 - v[:, None, :] + tau0[..., None]  # stationarity residues x − (v − λa) + τ, affine in λ
-    r1 = x1 + a[:, None, :] + tau1[..., None]
-    mu0, mu1 = torch.einsum("ckl,ncl->nck", S, r0), torch.einsum("ckl,ncl->nck", S, r1)  # running sums
-    # dual quantities ≥ 0: the multipliers of joint pairs and the tail's bound multiplier (its sum at position K)
-    dual = torch.cat([joint, (L < K)[:, None]], dim=-1)  # [C, K]
-    need = dual & (mu1 > 0)
+    need = dual & (mu1 > 0)  # multipliers growing with λ bound it from below
     lam_flat = torch.where(need, -mu0 / torch.where(need, mu1, 1.0), 0.0).amax(-1).clamp_min(0)
     lam = torch.where(flat, lam_flat, -g0 / torch.where(flat, -1.0, g1))  # [n, C]
     x = x0 + lam[..., None] * x1
     mu = mu0 + lam[..., None] * mu1
-    ok = ((x[..., :-1] - x[..., 1:]).amin(-1) >= -t) & (x[..., -1] >= -t) & (lam >= -t)
-    ok &= (torch.where(dual, mu, 0.0).amin(-1) >= -t) & ((g0 + lam * g1).abs() <= t)
-    found = ok.any(-1)
-    pick = ok.to(torch.uint8).argmax(-1)
-    rows = torch.arange(n, device=v.device)
-    mu_out = torch.where(joint[pick], mu[rows, pick, :-1], 0.0).clamp_min(0)  # round-off: −1e-18
-    return x[rows, pick], lam[rows, pick].clamp_min(0), mu_out, found
+    ok = _primal_ok(x, t) & (lam >= -t) & (torch.where(dual, mu, 0.0).amin(-1) >= -t) & ((g0 + lam * g1).abs() <= t)
+    x_out, mu_out, _, found = _pick(ok, x, mu, joint)
+    lam_out = lam.gather(-1, ok.to(torch.uint8).argmax(-1, keepdim=True))[:, 0].clamp_min(0)
+    return x_out, lam_out, mu_out, found
