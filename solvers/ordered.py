@@ -12,7 +12,7 @@ independent). With the row, ``λ`` is the root of ``g``, or where ``g`` is flat 
 a set relaxed to one point) the least ``λ ≥ 0`` keeping every multiplier ≥ 0. The KKT point is unique, so the
 first structure passing every primal and dual check is the projection. There are ``2^K − 1`` structures; the
 maps are precomputed per ``K`` and the whole search is a few batched products (no iteration): meant for
-``K ≤ 6``.
+small ``K`` (:mod:`solvers.projection` uses it up to ``K = 5``).
 """
 from __future__ import annotations
 

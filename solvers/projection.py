@@ -7,21 +7,26 @@ Kernels (all batched over rows ``[N, K]``, no Python loop over rows):
 * box∩simplex: ``w = clamp(α + β c, lower, upper)`` with the scalar ``c`` solving ``Σ w = 1``, found exactly by
   a breakpoint search (sort the 2K breakpoints, cumulative piecewise-linear sum, linear solve on the segment).
   Euclidean: ``α = v, β = 1`` (``c = −τ``); KL: ``α = 0, β = v`` (``c = e^{−ν}``).
-* rows ``A w ≤ b``: the box∩simplex projection first (most rows are feasible there and are done). Sets with an
-  ordinal chain and ``K ≥ _CHAIN_MIN_K`` (``FeasibleSet.chain``, from ``order_by``) then try the exact projection
-  onto the superset ``{Σw = 1, w ≥ 0, w decreasing along the chain}``: ``w = max(iso(v) − τ, 0)``
-  (:mod:`solvers.isotonic`), which is the projection onto the full set wherever it lies in it (bounds and every
-  row, verified with the isotonic multipliers by stationarity). The rest go to the batched Goldfarb–Idnani dual
-  active-set method (:mod:`solvers.active_set`; bounds and rows are inequalities, ``Σw = 1`` an equality; finite,
-  exact up to round-off, active normals kept independent), and
-  every such row is verified by stationarity ``w = P_box∩Δ(v − Aᵀμ)`` and complementarity. Rows it cannot finish
-  (jointly empty rows, ``max_iter``) are relaxed by LP and re-solved; the cvxpy reference is the last resort,
-  flagged ``MAX_ITER``.
+* rows ``A w ≤ b``: the box∩simplex projection first (most rows are feasible there and are done); the rows
+  still violated are screened for emptiness (next item). Sets with an ordinal chain (``FeasibleSet.chain``, from
+  ``order_by``) then take closed forms on the superset ``C = {Σw = 1, w ≥ 0, w decreasing along the chain}``: the
+  chain point ``P_C(v) = max(iso(v) − τ, 0)`` (:mod:`solvers.isotonic`), the projection onto the full set wherever
+  it lies in it; where it violates one other row, ``P_C(v − λa)`` with the row active — for ``K ≤ _ENUM_MAX_K``
+  over all ``2^K − 1`` block structures at once (:mod:`solvers.ordered`), above it by a safeguarded
+  Newton search on ``λ``. Such points are certified structurally (the chain rows are those of ``C``,
+  every constraint holds, multipliers ≥ 0, complementarity), stationarity holding by construction. The rest go to
+  the batched Goldfarb–Idnani dual active-set method (:mod:`solvers.active_set`; bounds and rows are
+  inequalities, ``Σw = 1`` an equality; finite, exact up to round-off, active normals kept independent),
+  warm-started from the chain point where there is one, and every such row is verified by stationarity
+  ``w = P_box∩Δ(v − Aᵀμ)`` and complementarity. Rows it cannot finish (jointly empty rows, ``max_iter``) are
+  relaxed by LP and re-solved; the cvxpy reference is the last resort, flagged ``MAX_ITER``.
 * empty rows: the box is relaxed by the least ``t`` making ``Σ lower ≤ 1 ≤ Σ upper`` (closed form, a simplex
-  threshold), then the halfspaces by the least uniform ``t`` with ``{A w ≤ b + t}`` non-empty:
-  ``t* = min_{w∈box∩Δ} max_r (a_r·w − b_r)``; closed form (greedy fill by ascending ``a``) for one row, one
-  block-diagonal scipy ``linprog`` (HiGHS) over all affected rows for several (only rows infeasible at the
-  box∩simplex projection can be empty, so only those are checked). Such rows are flagged ``RELAXED`` with
+  threshold), then the soft rows by the least uniform ``t`` with ``{A w ≤ b + t}`` non-empty (hard rows kept):
+  ``t* = min_{w∈box∩Δ, hard rows} max_r (a_r·w − b_r)``. With one soft row it is a linear minimum, in closed
+  form where a minimiser over a superset is certified feasible: the least prefix mean of ``a`` along a hard
+  chain (a vertex of ``C``), or the greedy fill by ascending ``a`` over box∩Δ; otherwise (several soft rows, or
+  no certificate) one block-diagonal scipy ``linprog`` (HiGHS) over all affected rows. Only rows infeasible at
+  the box∩simplex projection can be empty, so only those are checked. Such rows are flagged ``RELAXED`` with
   ``relaxation = t``.
 """
 from __future__ import annotations
@@ -44,11 +49,11 @@ __all__ = ["project"]
 logger = logging.getLogger(__name__)
 
 _METRICS = ("euclidean", "kl")
-# the chain fast path pays off from this K on (measured, one thread: K=4 the active set is ~20% cheaper, K=8 ~1.4×
-# slower, K=32 ~6× slower than the fast path)
-_CHAIN_MIN_K = 8
-# up to this K the chain ∩ one row is solved by enumerating its 2^K − 1 block structures (solvers.ordered)
-_ENUM_MAX_K = 6
+# chain ∩ one active row: up to this K by enumerating the 2^K − 1 block structures (solvers.ordered), above it by
+# the Newton search on λ (measured, one thread, chain + cap + one row: enumeration 2.6× / 1.5× faster than Newton at
+# K = 4 for N = 1024 / 4096, even at K = 5, 1.1–1.7× slower at K = 6; Newton 1.2× faster than the warm-started
+# active set at K = 7, on par at K = 16–32)
+_ENUM_MAX_K = 5
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -321,15 +326,15 @@ def _argmin_over_chain(a: Tensor, links: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _chain_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, chain: tuple[Tensor, Tensor], start: int,
-                tol: float, sel: Tensor, newton: bool
+                tol: float, sel: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Superset fast path on the rows ``sel``: project onto ``C = {Σw = 1, w ≥ 0, w_{π_1} ≥ … ≥ w_{π_K}}``
     (``chain = (π, links)`` of the rows ``sel`` from :func:`_chain_of`, rows ``start … start+K−2`` of ``A``) in
     closed form ``w = max(iso_π(v) − τ, 0)``; where ``w`` lies in the full set it is its projection (the set is
     inside ``C``). Where it violates one other row ``r`` (the worst), ``C ∩ {a_r·w ≤ b_r}`` is tried next (the row
     is then active): for ``K ≤ _ENUM_MAX_K`` and a fully linked chain in closed form over all block structures
-    (:func:`solvers.ordered.project_ordered_halfspace`), with ``newton`` as ``w = P_C(v − λ a_r)`` with the scalar
-    ``λ`` of :func:`_chain_halfspace`.
+    (:func:`solvers.ordered.project_ordered_halfspace`), above it as ``w = P_C(v − λ a_r)`` with the scalar ``λ`` of
+    :func:`_chain_halfspace`.
 
     Returns ``(done, w [d, K], μ [d, m], stationarity residual [d], rest, warm)``: the rows of ``sel`` accepted
     (verified in float64 by bounds, every row, and ``w = P_box∩Δ(v − Aᵀμ)`` with the multipliers found), the
@@ -361,7 +366,7 @@ def _chain_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, chain: 
         else:
             in_box = ((lo_s - x).amax(-1) <= tol) & ((x - hi_s).amax(-1) <= tol)
             reachable = _argmin_over_chain(a_r.gather(-1, perm), links)[0] <= beta
-            idx = ((worst > tol) & in_box & reachable).nonzero()[:, 0] if newton else sel[:0]
+            idx = ((worst > tol) & in_box & reachable).nonzero()[:, 0]
             if idx.numel():
                 x_h, mu_h, lam = _chain_halfspace(v_s[idx], perm[idx], links[idx], a_r[idx], beta[idx], tol,
                                                   (x[idx], mu_chain[idx], same[idx]))
@@ -559,7 +564,7 @@ def project(
             fast, start = sel[:0], None
             if fset.chain is not None and sel.numel():  # closed forms on the ordinal chain; the rest is warm-started
                 fast, w_fast, mu_fast, st_fast, sel, warm = _chain_rows(
-                    vf, lo, hi, A, b, _chain_of(fset, batch, A, sel), fset.chain_start, tol, sel, K >= _CHAIN_MIN_K)
+                    vf, lo, hi, A, b, _chain_of(fset, batch, A, sel), fset.chain_start, tol, sel)
                 w = w.index_put((fast,), w_fast)
                 x0, u0, mu0, valid = warm  # the chain point is a valid start where the chain rows were not relaxed
                 valid = (valid & (chain_hard | (relax[sel] == 0)))[:, None]
