@@ -15,11 +15,13 @@ JSON (``--out``) with µs/vector, the fraction of tokens infeasible at the box�
 max iteration counts and status counts reported by ``project``.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_projection.py   # writes benchmarks/results/bench_projection.json
+    python benchmarks/bench_projection.py --device cuda --out bench_projection_cuda.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 
 import torch
@@ -29,16 +31,21 @@ from solvers import FeasibleSet, Status, project, reference
 FAMILIES = ("a", "b", "c", "d")
 
 
-def _time(fn, repeat: int) -> float:
-    """Mean seconds per call over ``repeat`` calls after one warm-up call (a call over 1 s is its own measure)."""
+def _time(fn, repeat: int, device: torch.device) -> float:
+    """Mean seconds per call over ``repeat`` calls after one warm-up call (a call over 1 s is its own measure);
+    on CUDA the device is synchronised before each clock reading."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     first = time.perf_counter() - t0
     if first > 1.0:
         return first
     t0 = time.perf_counter()
     for _ in range(repeat):
         fn()
+    sync()
     return (time.perf_counter() - t0) / repeat
 
 
@@ -82,9 +89,11 @@ def main() -> None:
     p.add_argument("--logits", action="store_true", help="v = 2·randn instead of weights that follow the safety order")
     p.add_argument("--ref-sample", type=int, default=50)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="torch device for project and softmax (cvxpy runs on the CPU)")
     p.add_argument("--out", default="benchmarks/results/bench_projection.json")
     args = p.parse_args()
     torch.set_num_threads(1)
+    device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     results = []
     print(f"{'fam':>3} {'K':>3} {'N':>6} {'dtype':>8} {'viol':>5} {'project us':>10} {'it mean':>7} {'it max':>6} "
@@ -95,11 +104,12 @@ def main() -> None:
                 for name in args.dtypes:
                     dtype = getattr(torch, name)
                     v, fs = make_instance(family, K, N, dtype, gen, args.violated, args.logits)
+                    v, fs = v.to(device), fs.to(device=device)
                     infeasible = float((~fs.contains(project(v, FeasibleSet(fs.lower, fs.upper, fs.A[..., :0, :],
                                                                                     fs.b[..., :0], ())), tol=1e-6 if dtype == torch.float32 else 1e-12)).double().mean())
                     reps = args.repeat if N <= 4096 else 1
-                    t_proj = _time(lambda: project(v, fs), reps) / N
-                    t_soft = _time(lambda: torch.softmax(v, -1), reps) / N
+                    t_proj = _time(lambda: project(v, fs), reps, device) / N
+                    t_soft = _time(lambda: torch.softmax(v, -1), reps, device) / N
                     _, info = project(v, fs, return_info=True)
                     n = min(args.ref_sample, N)
                     fs_s = fs[:n] if fs.batch_shape else fs
@@ -123,8 +133,14 @@ def main() -> None:
 
 def _write(args: argparse.Namespace, results: list[dict]) -> None:
     with open(args.out, "w") as f:
-        json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "logits": args.logits,
+        json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "device": _device_name(args.device),
+                   "logits": args.logits,
                    "violated": args.violated, "results": results}, f, indent=1)
+
+
+def _device_name(device: str) -> str:
+    d = torch.device(device)
+    return torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ per-token projection (cap + per-token unsafe_mass halfspace + safety order), the
 uniform-weight linear pool of the same teachers, forward KL and the same optimizer step, written with torch only.
 Steps alternate (plain, safekd, plain, ...) so machine load affects both alike; medians are compared.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_step.py [--steps 10] [--out benchmarks/results/bench_step.json]``
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_step.py [--steps 10] [--out benchmarks/results/bench_step.json]
+[--device cuda]``
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -55,7 +57,7 @@ def plain_step(student: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> f
     logits = student(batch["inputs"])
     with torch.no_grad():
         t_logp = torch.log_softmax(batch["teacher_logits"], dim=-1)
-        target = torch.logsumexp(t_logp, dim=-2) - torch.log(torch.tensor(float(K)))
+        target = torch.logsumexp(t_logp, dim=-2) - math.log(K)
     s_logp = torch.log_softmax(logits, dim=-1)
     loss = (target.exp() * (target - s_logp)).sum(-1).mean()
     loss.backward()
@@ -67,18 +69,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up steps)")
     ap.add_argument("--out", default="benchmarks/results/bench_step.json")
+    ap.add_argument("--device", default="cpu", help="torch device (CUDA is synchronised around each timed step)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     batch = {"inputs": torch.randint(0, V, (B, T), generator=g),
              "teacher_logits": 3 * torch.randn(B, T, K, V, generator=g),
              "labels": torch.randint(0, V, (B, T), generator=g)}
+    batch = {k: t.to(device) for k, t in batch.items()}
     unsafe = list(range(0, V, 20))  # 50 unsafe token ids
 
     torch.manual_seed(0)
-    s_plain = SmallLM()
+    s_plain = SmallLM().to(device)
     torch.manual_seed(0)
-    s_safe = SmallLM()
+    s_safe = SmallLM().to(device)
     o_plain = torch.optim.AdamW(s_plain.parameters(), lr=1e-4)
     o_safe = torch.optim.AdamW(s_safe.parameters(), lr=1e-4)
     spec = Spec(teachers=[TeacherSpec(f"t{k}", safety=float(K - k)) for k in range(K)],
@@ -91,8 +97,10 @@ def main() -> None:
     inner = dist._project
 
     def timed_project(*a):  # noqa: ANN002, ANN202
+        sync()
         t = time.perf_counter()
         out = inner(*a)
+        sync()
         proj_time[0] += time.perf_counter() - t
         return out
 
@@ -100,11 +108,14 @@ def main() -> None:
     times: dict[str, list[float]] = {"plain": [], "safekd": [], "projection": []}
     last = None
     for i in range(args.steps + 2):
+        sync()
         t0 = time.perf_counter()
         plain_step(s_plain, o_plain, batch)
+        sync()
         t1 = time.perf_counter()
         proj_time[0] = 0.0
         last = dist.step(batch)
+        sync()
         t2 = time.perf_counter()
         if i >= 2:
             times["plain"].append(t1 - t0)
@@ -116,7 +127,8 @@ def main() -> None:
     result = {
         "setting": {"K": K, "batch": B, "seq": T, "vocab": V, "width": WIDTH, "layers": LAYERS,
                     "student_params": sum(p.numel() for p in s_safe.parameters()), "threads": torch.get_num_threads(),
-                    "steps": args.steps, "torch": torch.__version__, "machine": platform.machine()},
+                    "steps": args.steps, "torch": torch.__version__, "machine": platform.machine(),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
         "median_s": med, "all_s": times, "ratio": ratio, "ratio_excluding_projection": ratio_wo_proj,
         "safekd_last_step": {"tokens": last.projection["tokens"],
                              "projected_tokens": last.projection["projected_tokens"],

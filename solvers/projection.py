@@ -185,7 +185,11 @@ def _relax_rows_lp(lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, soft: Tensor) -
 
     t, rows = least_uniform_relaxation(*(x.detach().cpu().double().numpy() for x in (lo, hi, A, b)),
                                        hard=(~soft).cpu().numpy())
-    t = torch.as_tensor(t, dtype=lo.dtype, device=lo.device).clamp_min(0)
+    t = torch.as_tensor(t, dtype=lo.dtype, device=lo.device)
+    # HiGHS returns t* up to round-off (seen 1e-13 below it): padded by a few ulps of the row scale, so that the
+    # relaxed set is not empty by that much (the active set would stall on it)
+    scale = torch.maximum(A.abs().flatten(1).amax(-1), b.abs().amax(-1)).clamp_min(1)
+    t = torch.where(t > 0, t + 64 * torch.finfo(torch.float64).eps * scale, t).clamp_min(0)
     return t, b + t[:, None] * torch.as_tensor(rows, device=b.device).to(b.dtype)
 
 
