@@ -1,4 +1,4 @@
-"""Exact projections onto the ordered simplex (cut by one halfspace), by enumerating block structures (small K).
+"""Exact projection onto the ordered simplex cut by one active halfspace, by enumerating block structures (small K).
 
 Coordinates in chain order; ``C = {Σx = 1, x ≥ 0, x_1 ≥ x_2 ≥ … ≥ x_K}``. The projection of ``v`` onto ``C`` is
 ``max(iso(v) − τ, 0)``: a prefix ``1..L`` of positive coordinates split into blocks of equal value, then a zero
@@ -21,12 +21,12 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["ordered_point", "project_ordered_halfspace"]
+__all__ = ["project_ordered_halfspace"]
 
 
 @functools.lru_cache(maxsize=32)
 def _maps(K: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per structure ``c`` (prefix length ``L_c``, blocks ``B``): ``x0 = v @ T + e`` and multipliers
+    """Per structure ``c`` (prefix length ``L_c``, blocks ``B``): ``x0 = v @ T + e`` and chain multipliers
     ``μ0 = v @ W + w0`` at ``λ = 0`` (``T, W: [K, C·K]``; ``e, w0: [C, K]``), the ``x``- and ``μ``-slopes in ``λ``
     being ``−a @ T`` and ``−a @ W``; ``dual [C, K]`` marks the entries of ``μ`` that must be ≥ 0 (pairs inside a
     block or inside the tail, and the tail's bound multiplier ``ν`` at position ``K``) and ``joint [C, K−1]`` the
@@ -66,39 +66,12 @@ def _maps(K: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Ten
             dual.to(device), joint.to(device))
 
 
-def _pick(ok: Tensor, x: Tensor, mu: Tensor, joint: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """First passing structure per row: ``(x [n, K], μ [n, K−1] ≥ 0, ν [n], found [n])`` (round-off: −1e-18 → 0)."""
-    found = ok.any(-1)
-    pick = ok.to(torch.uint8).argmax(-1)
-    rows = torch.arange(ok.shape[0], device=ok.device)
-    mu_p = mu[rows, pick]
-    return x[rows, pick], torch.where(joint[pick], mu_p[:, :-1], 0.0).clamp_min(0), mu_p[:, -1].clamp_min(0), found
-
-
-def _primal_ok(x: Tensor, t: Tensor) -> Tensor:
-    """``x [n, C, K]`` nonincreasing and ≥ 0 to ``t [n, 1]``."""
-    return ((x[..., :-1] - x[..., 1:]).amin(-1) >= -t) & (x[..., -1] >= -t)
-
-
-def ordered_point(v: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``P_C(v)`` for ``v [n, K]`` (chain order). Returns ``(x [n, K], μ [n, K−1], ν [n], found [n])``: ``μ_k`` the
-    multiplier of ``x_{k+1} − x_k ≤ 0`` (in the zero tail: running sums pinning it to the last coordinate) and ``ν``
-    the multiplier of ``x_K ≥ 0`` (0 without a tail); ``found`` False only on round-off (the caller falls back)."""
-    n, K = v.shape
-    TW, e, w0, dual, joint = _maps(K, v.dtype, v.device)
-    C = e.shape[0]
-    P = (v @ TW).view(n, 2, C, K)
-    x, mu = P[:, 0] + e, P[:, 1] + w0
-    t = tol * (1.0 + v.abs().amax(-1, keepdim=True))
-    ok = _primal_ok(x, t) & (torch.where(dual, mu, 0.0).amin(-1) >= -t)
-    return _pick(ok, x, mu, joint)
-
-
 def project_ordered_halfspace(v: Tensor, a: Tensor, beta: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Projection of ``v [n, K]`` (chain order) onto ``C ∩ {a·x ≤ β}`` where the row is active (``a [n, K]``,
-    ``beta [n]``). Returns ``(x [n, K], λ [n], μ [n, K−1], found [n])``: ``λ`` the multiplier of the row, ``μ`` as in
-    :func:`ordered_point`; ``found`` False where no structure passed (an empty set, or round-off on a degenerate
-    row): the caller falls back, and verifies the rest."""
+    ``beta [n]``). Returns ``(x [n, K], λ [n], μ [n, K−1], found [n])``: ``λ`` the multiplier of the row, ``μ_k``
+    that of ``x_{k+1} − x_k ≤ 0`` (in the zero tail: running sums pinning it to the last coordinate); ``found``
+    False where no structure passed (an empty set, or round-off on a degenerate row): the caller falls back, and
+    verifies the rest."""
     n, K = v.shape
     TW, e, w0, dual, joint = _maps(K, v.dtype, v.device)
     C = e.shape[0]
@@ -113,7 +86,9 @@ def project_ordered_halfspace(v: Tensor, a: Tensor, beta: Tensor, tol: float) ->
     lam = torch.where(flat, lam_flat, -g0 / torch.where(flat, -1.0, g1))  # [n, C]
     x = x0 + lam[..., None] * x1
     mu = mu0 + lam[..., None] * mu1
-    ok = _primal_ok(x, t) & (lam >= -t) & (torch.where(dual, mu, 0.0).amin(-1) >= -t) & ((g0 + lam * g1).abs() <= t)
-    x_out, mu_out, _, found = _pick(ok, x, mu, joint)
-    lam_out = lam.gather(-1, ok.to(torch.uint8).argmax(-1, keepdim=True))[:, 0].clamp_min(0)
-    return x_out, lam_out, mu_out, found
+    ok = ((x[..., :-1] - x[..., 1:]).amin(-1) >= -t) & (x[..., -1] >= -t)  # nonincreasing, ≥ 0
+    ok &= (lam >= -t) & (torch.where(dual, mu, 0.0).amin(-1) >= -t) & ((g0 + lam * g1).abs() <= t)
+    pick = ok.to(torch.uint8).argmax(-1)  # the first passing structure
+    rows = torch.arange(n, device=v.device)
+    mu_out = torch.where(joint[pick], mu[rows, pick, :-1], 0.0).clamp_min(0)  # round-off: −1e-18 → 0
+    return x[rows, pick], lam[rows, pick].clamp_min(0), mu_out, ok.any(-1)

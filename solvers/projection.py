@@ -142,21 +142,26 @@ def _holds(A: Tensor, b: Tensor, w: Tensor, tol: float) -> Tensor:
     return ((A * w[:, None, :]).sum(-1) - b <= tol).all(-1)
 
 
-def _least_relaxation(A: Tensor, b: Tensor, lo: Tensor, hi: Tensor, soft: Tensor,
+def _least_relaxation(A: Tensor, b: Tensor, lo: Tensor, hi: Tensor, soft: Tensor, chain_row: Tensor | None,
                       chain: tuple[Tensor, Tensor] | None, tol: float) -> tuple[Tensor, Tensor]:
     """Per row of the batch: ``(t, exact)``, a lower bound ``t ≥ 0`` on the least uniform relaxation
     ``t* = min_{w∈box∩Δ, hard rows} max_{r soft} (a_r·w − b_r)`` (clamped at 0) and where it is ``t*`` itself.
 
     The bound is ``max_r min_{w∈S} a_r·w − b_r`` over supersets ``S`` of the feasible region: ``box∩Δ`` (greedy
-    fill) and, given ``chain = (perm [n, K], links [n, K−1])`` whose rows are all hard, the ordered simplex
-    ``C`` (least prefix mean, :func:`_argmin_over_chain`). With one soft row it is exact wherever a minimiser over
-    ``S`` satisfies every other constraint (certificate checked to ``tol``); otherwise the caller solves the LP.
+    fill) and, given ``chain = (perm [n, K], links [n, K−1])`` whose rows (``chain_row [m]``) are all hard, the
+    ordered simplex ``C`` (least prefix mean, :func:`_argmin_over_chain`; its vertex meets the chain rows by
+    construction). With one soft row it is exact wherever a minimiser over ``S`` satisfies every other constraint
+    (certificate checked to ``tol``); otherwise the caller solves the LP (rows empty although bounded by 0 here
+    are found when the active set stalls on them, and relaxed then).
     """
     n, m, K = A.shape
     hard = ~soft
-    if int(soft.sum()) != 1:
-        w = _argmin_linear(A, lo, hi)
-        t = ((A * w).sum(-1) - b).amax(-1).clamp_min(0)
+    if int(soft.sum()) != 1:  # a bound only (the LP decides); ordinal rows (min ≤ 0 = b on a box) are skipped
+        rows = ~chain_row if chain_row is not None else torch.ones_like(soft)
+        if not bool(rows.any()):
+            return A.new_zeros(n), torch.zeros(n, dtype=torch.bool, device=A.device)
+        w = _argmin_linear(A[:, rows], lo, hi)
+        t = ((A[:, rows] * w).sum(-1) - b[:, rows]).amax(-1).clamp_min(0)
         return t, torch.zeros(n, dtype=torch.bool, device=A.device)
     r = int(soft.nonzero()[0, 0])
     a = A[:, r]
@@ -167,8 +172,10 @@ def _least_relaxation(A: Tensor, b: Tensor, lo: Tensor, hi: Tensor, soft: Tensor
         t, x_c = _argmin_over_chain(a.gather(-1, perm), links)
         t = t - b[:, r]
         w_c = torch.empty_like(x_c).scatter_(-1, perm, x_c)
-        in_box = ((lo - w_c).amax(-1) <= tol) & ((w_c - hi).amax(-1) <= tol)
-        exact = in_box & _holds(A[:, hard], b[:, hard], w_c, tol)
+        exact = ((lo - w_c).amax(-1) <= tol) & ((w_c - hi).amax(-1) <= tol)
+        other = hard & ~chain_row if chain_row is not None else hard
+        if bool(other.any()):
+            exact &= _holds(A[:, other], b[:, other], w_c, tol)
     rest = (~exact).nonzero()[:, 0]
     if rest.numel():  # over box∩Δ where the chain bound is not certified
         A, b, a = A[rest], b[rest], a[rest]
@@ -214,11 +221,12 @@ def _certified_on_chain(lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, x: Tensor,
     the chain rows of ``A`` are exactly those of ``C`` with ``b = 0`` (so the set lies inside ``C``), ``x`` satisfies
     the bounds, ``Σx = 1`` and every row, ``μ ≥ 0`` and ``min(μ, slack) = 0`` (all to ``tol``). Then ``x`` is the
     KKT point of the full problem: stationarity holds by construction, every other constraint is inactive."""
-    n, m, K = A.shape
-    E = torch.eye(K, dtype=A.dtype, device=A.device)[perm]  # [n, K, K]: row k = e_{π_k}
-    rows = slice(start, start + K - 1)
-    chain_ok = ((A[:, rows] == (E[:, 1:] - E[:, :-1]) * links[..., None]).flatten(1).all(-1)
-                & (b[:, rows] == 0).all(-1))
+    K = A.shape[-1]
+    rows = A[:, start:start + K - 1]  # row k must be e_{π_{k+1}} − e_{π_k} (0 where unlinked), with b = 0
+    link = links.to(A.dtype)
+    chain_ok = ((rows.gather(-1, perm[:, 1:, None])[..., 0] == link).all(-1)
+                & (rows.gather(-1, perm[:, :-1, None])[..., 0] == -link).all(-1)
+                & (rows.abs().sum(-1) == 2 * link).all(-1) & (b[:, start:start + K - 1] == 0).all(-1))
     slack = b - (A * x[:, None, :]).sum(-1)
     primal = torch.maximum(torch.maximum(lo - x, x - hi).amax(-1), (-slack).amax(-1))
     return (chain_ok & (primal <= tol) & ((x.sum(-1) - 1).abs() <= tol) & (mu >= 0).all(-1)
@@ -348,6 +356,7 @@ def _chain_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, chain: 
     """
     n, K, m = sel.numel(), v.shape[-1], A.shape[-2]
     v_s, lo_s, hi_s, A_s, b_s = (t[sel].double() for t in (v, lo, hi, A, b))
+    tol = _tolerance(torch.float64)  # the closed forms run in float64: exact for the (rounded) data in any dtype
     perm, links = chain
     x0, u0, mu_chain, same = _chain_point(v_s, perm, links)
     x = x0
@@ -550,10 +559,14 @@ def project(
             soft = torch.tensor([not h for h in fset.hard_rows], dtype=torch.bool, device=v.device)
             w, u = _euclid_box_simplex_u(vf, lo, hi)
             sel = _violated(w, A, b, tol)  # most rows are feasible here: only the rest need work
-            chain_hard = fset.chain is not None and not bool(soft[fset.chain_start:fset.chain_start + K - 1].any())
+            chain = _chain_of(fset, batch, A, sel) if fset.chain is not None and sel.numel() else None
             if sel.numel():  # rows are empty only if violated at w: relax those by the least uniform t
-                t_row, exact = _least_relaxation(A[sel], b[sel], lo[sel], hi[sel], soft,
-                                                 _chain_of(fset, batch, A, sel) if chain_hard else None, tol)
+                chain_row = None
+                if chain is not None:
+                    chain_row = torch.zeros_like(soft)
+                    chain_row[fset.chain_start:fset.chain_start + K - 1] = True
+                hard_chain = chain if chain is not None and not bool((soft & chain_row).any()) else None
+                t_row, exact = _least_relaxation(A[sel], b[sel], lo[sel], hi[sel], soft, chain_row, hard_chain, tol)
                 pos = t_row > 0
                 if bool((pos & ~exact).any()):
                     s2 = sel[(pos & ~exact).nonzero()[:, 0]]
@@ -566,12 +579,13 @@ def project(
                     relax = relax.index_put((s1,), torch.maximum(relax[s1], t1))
             _raise_if_all_empty(relax, tol, fset, batch, check_empty)
             fast, start = sel[:0], None
-            if fset.chain is not None and sel.numel():  # closed forms on the ordinal chain; the rest is warm-started
-                fast, w_fast, mu_fast, st_fast, sel, warm = _chain_rows(
-                    vf, lo, hi, A, b, _chain_of(fset, batch, A, sel), fset.chain_start, tol, sel)
+            if chain is not None:  # closed forms on the ordinal chain; the rest is warm-started
+                fast, w_fast, mu_fast, st_fast, sel, warm = _chain_rows(vf, lo, hi, A, b, chain, fset.chain_start, tol,
+                                                                        sel)
                 w = w.index_put((fast,), w_fast)
                 x0, u0, mu0, valid = warm  # the chain point is a valid start where the chain rows were not relaxed
-                valid = (valid & (chain_hard | (relax[sel] == 0)))[:, None]
+                c0 = fset.chain_start
+                valid = (valid & (b[sel, c0:c0 + K - 1] == 0).all(-1))[:, None]
                 start = (torch.where(valid, x0, w[sel].double()), torch.where(valid, u0, u[sel].double()),
                          torch.where(valid, mu0, 0.0))
             w, info_mu, it, conv, stat = _solve_rows(vf, lo, hi, A, b, tol, max_iter, sel, w, u, start)
