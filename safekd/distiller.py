@@ -435,7 +435,7 @@ class SafeDistiller:
         return per_scale, compose(**per_scale).weights
 
     def _token_set(self, ctx: C.MeasureContext, sel: Tensor, dtype: torch.dtype) -> solvers.FeasibleSet:
-        """The feasible sets of the ``n`` selected tokens: static set expanded plus per-token rows."""
+        """The feasible sets of the selected tokens: the static set plus per-token rows (batch shape ``[n]``)."""
         fs = self._static_set(dtype, ctx.device)
         if not self.token_constraints:
             return fs

@@ -74,17 +74,20 @@ def _weights(teacher_logp: Tensor, weights: Tensor, validate_args: bool) -> Tens
 def linear_pool(teacher_logp: Tensor, weights: Tensor, validate_args: bool = True) -> Tensor:
     """``log q = logsumexp_k(log w_k + log p_k)`` — the linear opinion pool ``q = Σ_k w_k p_k``."""
     w = _weights(teacher_logp, weights, validate_args)
-    if torch.is_grad_enabled() and (teacher_logp.requires_grad or w.requires_grad):
+    info = torch.finfo(teacher_logp.dtype)
+    if (torch.is_grad_enabled() and (teacher_logp.requires_grad or w.requires_grad)) or info.tiny / info.eps > 1e-30:
+        # with autograd, or in float16 (whose normal range ends at 6e-5): in log space
         return torch.logsumexp(torch.log(w).unsqueeze(-1) + teacher_logp, dim=-2)
     return _linear_pool_probs(teacher_logp, w)
 
 
 def _linear_pool_probs(teacher_logp: Tensor, w: Tensor) -> Tensor:
-    """The pool without autograd, in probability space: ``log(w @ exp(log p))`` — one pass fewer over the
-    ``[..., K, V]`` tensor than ``logsumexp``, and no ``[..., K, V]`` temporary besides ``exp(log p)``. Equal to the
-    log-space formula up to rounding wherever ``q ≥ tiny/eps`` (any term lost to underflow there is below ``eps·q``);
-    the rarer smaller entries are recomputed with ``logsumexp`` over the teachers, so ``log q`` stays exact and
-    finite down to ``q = 0`` (``−inf`` only where every weighted teacher gives probability 0)."""
+    """The pool without autograd (float32/64, bfloat16), in probability space: ``log(w @ exp(log p))`` — one pass
+    fewer over the ``[..., K, V]`` tensor than ``logsumexp``, and no ``[..., K, V]`` temporary besides
+    ``exp(log p)``. Equal to the log-space formula up to rounding wherever ``q ≥ tiny/eps`` (any term lost to
+    underflow there is below ``eps·q``); the rarer smaller entries are recomputed with ``logsumexp`` over the
+    teachers, so ``log q`` stays exact and finite down to ``q = 0`` (``−inf`` only where every weighted teacher
+    gives probability 0)."""
     q = torch.einsum("...k,...kv->...v", w, teacher_logp.exp())
     info = torch.finfo(q.dtype)
     small = q < info.tiny / info.eps
