@@ -338,8 +338,7 @@ def _argmin_over_chain(a: Tensor, links: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _chain_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, chain: tuple[Tensor, Tensor], start: int,
-                tol: float, sel: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
+                sel: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Superset fast path on the rows ``sel``: project onto ``C = {Σw = 1, w ≥ 0, w_{π_1} ≥ … ≥ w_{π_K}}``
     (``chain = (π, links)`` of the rows ``sel`` from :func:`_chain_of`, rows ``start … start+K−2`` of ``A``) in
     closed form ``w = max(iso_π(v) − τ, 0)``; where ``w`` lies in the full set it is its projection (the set is
@@ -348,15 +347,14 @@ def _chain_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, chain: 
     (:func:`solvers.ordered.project_ordered_halfspace`), above it as ``w = P_C(v − λ a_r)`` with the scalar ``λ`` of
     :func:`_chain_halfspace`.
 
-    Returns ``(done, w [d, K], μ [d, m], stationarity residual [d], rest, warm)``: the rows of ``sel`` accepted
-    (verified in float64 by bounds, every row, and ``w = P_box∩Δ(v − Aᵀμ)`` with the multipliers found), the
-    others, and for those a warm start of the active-set method ``(x0, u0, μ0 [r, m], valid [r])``: the chain
-    point, optimal for the chain rows with ``μ > 0``, valid where it is the box-clamp of ``u0`` and no active
-    chain row joins two zero coordinates (which would make the active normals dependent).
+    All of it runs in float64 at its tolerance (exact for the rounded data of any dtype). Returns ``(done,
+    w [d, K], μ [d, m], stationarity residual [d] (0: exact by construction), rest, warm)``: the rows of ``sel``
+    accepted (certified by :func:`_certified_on_chain`), the others, and for those a warm start of the active-set
+    method ``(x0, u0, μ0 [r, m], valid [r])`` from the chain point (:func:`_warm_start`).
     """
     n, K, m = sel.numel(), v.shape[-1], A.shape[-2]
     v_s, lo_s, hi_s, A_s, b_s = (t[sel].double() for t in (v, lo, hi, A, b))
-    tol = _tolerance(torch.float64)  # the closed forms run in float64: exact for the (rounded) data in any dtype
+    tol = _tolerance(torch.float64)
     perm, links = chain
     x0, u0, mu_chain, same = _chain_point(v_s, perm, links)
     x = x0
@@ -580,8 +578,7 @@ def project(
             _raise_if_all_empty(relax, tol, fset, batch, check_empty)
             fast, start = sel[:0], None
             if chain is not None:  # closed forms on the ordinal chain; the rest is warm-started
-                fast, w_fast, mu_fast, st_fast, sel, warm = _chain_rows(vf, lo, hi, A, b, chain, fset.chain_start, tol,
-                                                                        sel)
+                fast, w_fast, mu_fast, st_fast, sel, warm = _chain_rows(vf, lo, hi, A, b, chain, fset.chain_start, sel)
                 w = w.index_put((fast,), w_fast)
                 x0, u0, mu0, valid = warm  # the chain point is a valid start where the chain rows were not relaxed
                 c0 = fset.chain_start

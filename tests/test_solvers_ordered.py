@@ -1,7 +1,6 @@
 """The closed forms on an ordinal chain: enumeration of block structures (solvers.ordered), the exact least
 relaxation of a chain-constrained row, and the chain point as a warm start of the active-set method."""
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
