@@ -1,3 +1,5 @@
+import dataclasses
+
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -434,8 +436,6 @@ def test_chain_with_one_active_halfspace_is_solved_in_closed_form():
 
 
 def test_chain_is_carried_by_set_operations_and_stale_chains_are_safe():
-    import dataclasses
-
     scores = torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]], dtype=F64)
     fs = FeasibleSet.simplex(3, dtype=F64).cap(1, 0.9).order_by(scores).order_by([1.0, 2.0, 3.0], name="second")
     assert fs.chain.tolist() == [[0, 2, 1], [2, 1, 0]] and fs.chain_start == 0  # the first order_by is the chain
@@ -468,8 +468,6 @@ def test_chain_float32_and_gradcheck():
 
 
 def test_chain_closed_forms_by_k():
-    import dataclasses
-
     """The chain point is exact for every K; one active halfspace on the chain is closed-form by enumeration up to
     K = 5 and by the Newton path above."""
     rng = np.random.default_rng(2)
