@@ -81,7 +81,7 @@ def project_ordered_halfspace(v: Tensor, a: Tensor, beta: Tensor, tol: float) ->
     g1 = (a[:, None, :] * x1).sum(-1)  # ≤ 0 (Cauchy–Schwarz); 0: x does not move with λ
     t = tol * (1.0 + v.abs().amax(-1, keepdim=True))
     flat = g1 > -t
-    need = dual & (mu1 > 0)  # multipliers growing with λ bound it from below
+    need = dual & (mu1 > t[..., None])  # multipliers growing with λ bound it from below (round-off slopes do not)
     lam_flat = torch.where(need, -mu0 / torch.where(need, mu1, 1.0), 0.0).amax(-1).clamp_min(0)
     lam = torch.where(flat, lam_flat, -g0 / torch.where(flat, -1.0, g1))  # [n, C]
     x = x0 + lam[..., None] * x1
