@@ -383,8 +383,10 @@ def _chain_rows(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, chain: 
                                                   (x[idx], mu_chain[idx], same[idx]))
         if idx.numel():
             x = x.index_put((idx,), x_h)
-            mu = mu.index_put((idx,), torch.zeros_like(mu[idx]).index_put((torch.arange(idx.numel(), device=v.device), r[idx]), lam))
-            mu[idx, start:start + K - 1] = mu_h
+            mu_h_full = torch.zeros_like(mu[idx])
+            mu_h_full[torch.arange(idx.numel(), device=v.device), r[idx]] = lam
+            mu_h_full[:, start:start + K - 1] = mu_h
+            mu = mu.index_put((idx,), mu_h_full)
     ok = _certified_on_chain(lo_s, hi_s, A_s, b_s, x, mu, perm, links, start, tol)
     st = torch.zeros_like(x[:, 0])  # exact by construction: x = P_C(v − λ a_r) in closed form
     rest = ~ok
