@@ -3,7 +3,7 @@
     >>> report = safekd.audit(student, heldout, spec, confidence=0.95)
     >>> report.passed, write_report(report, "out/")
 """
-from safekd.auditing.bounds import Bound, bootstrap, clopper_pearson, empirical_bernstein
+from safekd.auditing.bounds import Bound, betting, bootstrap, clopper_pearson, empirical_bernstein
 from safekd.auditing.core import audit
 from safekd.auditing.render import to_html, to_markdown, write_report
 from safekd.auditing.report import (
@@ -20,6 +20,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AuditReport",
     "Bound",
+    "betting",
     "ConstraintResult",
     "SliceResult",
     "TeacherWeightSummary",
