@@ -67,8 +67,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------- audit
+def _cmd_audit_plan(args: argparse.Namespace) -> int:
+    """``--plan``: held-out units needed per threshold (``--threshold``/``--expected-rate``, or the spec's student
+    constraints at their training targets ``threshold ∓ margin``)."""
+    from safekd.auditing.planning import plan_audit
+
+    if args.threshold is not None:
+        if args.expected_rate is None:
+            raise CLIError("--plan --threshold needs --expected-rate (the rate the trained student is expected to have)")
+        rows = [("threshold", args.direction, args.threshold, args.expected_rate)]
+    elif args.spec is not None:
+        from safekd.jobs import load_job
+
+        spec = load_job(args.spec).spec
+        rows = []
+        for c in spec.student_constraints:
+            expected = args.expected_rate if args.expected_rate is not None else c.train_threshold
+            if expected == c.threshold:
+                raise CLIError(f"constraint {c.name!r} has no training margin: give --expected-rate, or set `margin` "
+                               "so that training aims inside the threshold")
+            rows.append((c.name, c.sense, c.threshold, expected))
+        if not rows:
+            raise CLIError(f"{args.spec}: no student constraints to plan for")
+    else:
+        raise CLIError("--plan needs --threshold and --expected-rate, or --spec")
+    plans = [(name, plan_audit(thr, exp, confidence=args.confidence, power=args.power, direction=sense))
+             for name, sense, thr, exp in rows]
+    if args.json:
+        print(json.dumps({name: p.to_dict() for name, p in plans}, indent=2))
+    else:
+        for name, p in plans:
+            print(f"{name}: {p}")
+    return EXIT_OK
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     _single_thread()
+    if args.plan:
+        return _cmd_audit_plan(args)
+    if args.spec is None or args.checkpoint is None:
+        raise CLIError("audit needs --spec and --checkpoint (or --plan)")
     from safekd.auditing.render import write_report
     from safekd.jobs import audit_checkpoint, load_job
 
@@ -170,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="audit a checkpoint against a spec's constraints",
                        description="Evaluate every constraint of SPEC on DATA with one-sided confidence bounds. "
                                    "Exit 0 if every constraint passes at --confidence, 1 if some fail, 2 on error.")
-    p.add_argument("--spec", required=True, help="job spec file (.yaml/.yml/.toml)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by `safekd train` / save_checkpoint")
+    p.add_argument("--spec", default=None, help="job spec file (.yaml/.yml/.toml)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint written by `safekd train` / save_checkpoint")
     p.add_argument("--data", default=None,
                    help="audit data: a .pt file (dict of tensors), or a split name of the job's data "
                         "(default: the job's held-out split)")
@@ -179,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-log", default=None, help="JSONL step log to include training traces")
     p.add_argument("--out", default=None, help="write report.json/.html/.md here")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.add_argument("--plan", action="store_true",
+                   help="plan instead of auditing: held-out units needed for each student constraint of --spec at "
+                        "its training target (threshold minus margin), or for --threshold at --expected-rate")
+    p.add_argument("--threshold", type=float, default=None, help="--plan: the audited threshold (a rate in [0, 1])")
+    p.add_argument("--expected-rate", type=float, default=None,
+                   help="--plan: the rate the trained student is expected to have")
+    p.add_argument("--direction", choices=("<=", ">="), default="<=", help="--plan: the threshold's sense")
+    p.add_argument("--power", type=_confidence, default=0.8,
+                   help="--plan: wanted probability that such a student passes (default: 0.8)")
     _add_common(p)
     p.set_defaults(func=_cmd_audit)
 
