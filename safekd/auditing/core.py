@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from safekd import constraints as C
 from safekd.auditing.bounds import Bound
 from safekd.auditing.measure import (bound_for_units, check_support, per_example_sums, per_group_sums,
-                                     signed_slack, support_label)
+                                     signed_slack, student_logits, support_label)
 from safekd.auditing.provenance import provenance, read_traces, weight_record
 from safekd.auditing.report import (FAIL, NOT_BOUNDED, NOT_CERTIFIED, PASS, AuditReport, ConstraintResult,
                                     SliceResult, TeacherWeightSummary, format_confidence)
@@ -65,17 +65,6 @@ def _distiller(spec: Spec, student: nn.Module, teachers: Mapping[str, Callable[.
         return distiller
     idle = torch.optim.SGD([p for p in student.parameters()] or [torch.zeros(1, requires_grad=True)], lr=0.0)
     return SafeDistiller(student, teachers, idle, spec, weighting=weighting, pool=pool)
-
-
-def _logits_of(out: Any) -> Tensor:
-    """The student's logits: a tensor, or the ``logits`` of a Hugging Face ``ModelOutput`` (or a mapping)."""
-    if isinstance(out, Tensor):
-        return out
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    raise TypeError(f"the student returned {type(out).__name__}, not a logits tensor [..., V]; wrap the model in "
-                    "safekd.LogitsOf(model) (or return the logits)")
 
 
 def _check_finite(batch: Mapping[str, Any], i: int) -> None:
@@ -349,7 +338,7 @@ def audit(student: nn.Module, data: Mapping[str, Any] | Iterable[Mapping[str, An
             if view is None and any(k in batch for k in _TEACHER_KEYS) != have_teachers:
                 raise ValueError("'teacher_logits' must be in every audit batch or in none")
             with torch.no_grad():
-                logits = _logits_of(student(batch["inputs"]))
+                logits = student_logits(student(batch["inputs"]))
             if not all_finite(logits):
                 raise ValueError("the student returned non-finite logits (NaN/inf) on the audit data")
             B, tshape = logits.shape[0], logits.shape[:-1]
