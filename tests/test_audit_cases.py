@@ -245,3 +245,20 @@ def test_renderers_print_integers_and_exact_confidence():
     assert "99.9%" in md and "100%" not in md and "99.9%" in to_html(r)
     assert format_confidence(0.95) == "95%" and format_confidence(0.99999) == "99.999%"
     assert format_confidence(1 - 1e-9) != "100%"
+
+
+def test_cli_plan_prints_units_and_rejects_bad_requests(capsys, tmp_path):
+    from pathlib import Path
+
+    from safekd.cli import main
+
+    assert main(["audit", "--plan", "--threshold", "0.04", "--expected-rate", "0.02"]) == 0
+    assert "452 held-out units" in capsys.readouterr().out
+    assert main(["audit", "--plan", "--threshold", "0.01", "--expected-rate", "0.02"]) == 2
+    assert "strictly inside" in capsys.readouterr().err
+    job = Path(__file__).parents[1] / "safekd" / "data" / "digits_demo.yaml"
+    assert main(["audit", "--plan", "--spec", str(job)]) == 2  # no margin, no expected rate: says what to give
+    assert "no training margin" in capsys.readouterr().err
+    assert main(["audit", "--plan", "--spec", str(job), "--expected-rate", "0.02", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["forbidden_fpr"]["units"] == 452
+    assert main(["audit"]) == 2 and "--spec and --checkpoint" in capsys.readouterr().err
