@@ -262,3 +262,15 @@ def test_cli_plan_prints_units_and_rejects_bad_requests(capsys, tmp_path):
     assert main(["audit", "--plan", "--spec", str(job), "--expected-rate", "0.02", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["forbidden_fpr"]["units"] == 452
     assert main(["audit"]) == 2 and "--spec and --checkpoint" in capsys.readouterr().err
+
+
+def test_monitor_observes_a_student_on_held_out_batches():
+    from safekd.auditing import ConstraintMonitor
+
+    c = C.metric(flagged, "<=", 0.2, support="binary", name="u")
+    mon = ConstraintMonitor(spec_of(c), confidence=0.95, grid_points=200)
+    for seed in range(4):
+        mon.observe(Identity(), rows(2, 100, seed=seed))  # 2% flagged, fresh rows each look
+    s = mon.status()["u"]
+    assert s.n == 400 and s.estimate == pytest.approx(0.02) and s.lower <= 0.02 <= s.upper
+    assert s.status == "certified" and mon.all_certified and mon.failing == []

@@ -26,7 +26,7 @@ from scipy import stats
 
 __all__ = [
     "Bound", "CLOPPER_PEARSON", "BETTING", "EMPIRICAL_BERNSTEIN", "BOOTSTRAP",
-    "clopper_pearson", "betting", "betting_log_capital", "betting_lambdas", "empirical_bernstein", "bootstrap",
+    "check_level", "clopper_pearson", "betting", "betting_log_capital", "betting_lambdas", "empirical_bernstein", "bootstrap",
 ]
 
 CLOPPER_PEARSON = "clopper-pearson"
@@ -59,10 +59,11 @@ class Bound:
         return asdict(self)
 
 
-def _check_confidence(confidence: float) -> float:
-    if isinstance(confidence, bool) or not (isinstance(confidence, (int, float)) and 0.0 < float(confidence) < 1.0):
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    return float(confidence)
+def check_level(value: float, name: str = "confidence") -> float:
+    """``value`` as a float in (0, 1), or ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 < float(value) < 1.0):
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    return float(value)
 
 
 def _check_side(side: str) -> None:
@@ -75,7 +76,7 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95, side: Side = "uppe
 
     ``n = 0`` gives the vacuous bound (1 for upper, 0 for lower) and a NaN estimate.
     """
-    confidence = _check_confidence(confidence)
+    confidence = check_level(confidence)
     _check_side(side)
     k_i, n_i = int(k), int(n)
     if k_i != k or n_i != n or n_i < 0 or not (0 <= k_i <= n_i):
@@ -145,7 +146,7 @@ def betting(values: np.ndarray, counts: np.ndarray | None = None, confidence: fl
             *, seed: int = 0) -> Bound:
     """Betting bound on the mean of ``values`` in ``[0, 1]`` or, with ``counts``, on the ratio ``Σ v / Σ c`` of
     units with ``0 ≤ v ≤ c``. Units are taken in a permutation drawn from ``seed`` (recorded in the bound)."""
-    confidence = _check_confidence(confidence)
+    confidence = check_level(confidence)
     _check_side(side)
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     c = np.ones_like(v) if counts is None else np.asarray(counts, dtype=np.float64).reshape(-1)
@@ -179,7 +180,7 @@ def empirical_bernstein(values: np.ndarray, confidence: float = 0.95, side: Side
     ``mean ± (sqrt(2 V ln(2/α) / n) + 7 ln(2/α) / (3 (n-1)))`` clipped to ``[0, 1]``, ``V`` the unbiased variance.
     Fewer than two values give the vacuous bound.
     """
-    confidence = _check_confidence(confidence)
+    confidence = check_level(confidence)
     _check_side(side)
     x = np.asarray(values, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(x)):
@@ -204,7 +205,7 @@ def bootstrap(values: np.ndarray, counts: np.ndarray | None = None, confidence: 
     """Percentile-bootstrap bound on ``Σ v / Σ c`` over units (the mean when ``counts`` is None): the ``c`` (upper)
     or ``1-c`` (lower) quantile of ``resamples`` seeded resampled ratios. An estimate with no finite-sample
     guarantee (``certifies=False``): shown for values without a declared support, never used to pass."""
-    confidence = _check_confidence(confidence)
+    confidence = check_level(confidence)
     _check_side(side)
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     c = np.ones_like(v) if counts is None else np.asarray(counts, dtype=np.float64).reshape(-1)

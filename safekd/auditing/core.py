@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from safekd import constraints as C
-from safekd.auditing.bounds import Bound
+from safekd.auditing.bounds import Bound, check_level
 from safekd.auditing.measure import (bound_for_units, check_support, per_example_sums, per_group_sums,
                                      signed_slack, student_logits, support_label)
 from safekd.auditing.provenance import provenance, read_traces, weight_record
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = ["audit", "DEFAULT_SLICE_KEYS", "EXHAUSTIVE", "ROUND_OFF"]
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_SLICE_KEYS = ("task_ids", "context", "labels")
 EXHAUSTIVE = "exhaustive (every audit token)"
@@ -290,8 +288,7 @@ def audit(student: nn.Module, data: Mapping[str, Any] | Iterable[Mapping[str, An
     """
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a safekd Spec (see safekd.load_spec), got {type(spec).__name__}")
-    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < float(confidence) < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    check_level(confidence)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if int(min_slice) != min_slice or min_slice < 1:

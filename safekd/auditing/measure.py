@@ -31,7 +31,8 @@ from safekd.auditing.bounds import Bound, betting, bootstrap, clopper_pearson
 from safekd.constraints import StudentConstraint, Support
 from safekd.unsafe import UnsafeSet
 
-__all__ = ["student_logits", "per_example_sums", "per_group_sums", "bound_for_units", "check_support", "support_label",
+__all__ = ["student_logits", "per_example_sums", "per_group_sums", "bound_for_units", "check_support",
+           "support_interval", "support_label",
            "signed_slack"]
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,13 @@ def per_group_sums(constraint: StudentConstraint, student_logits: Tensor, batch:
     return groups, values.reshape(-1), counts.reshape(-1)
 
 
+def support_interval(support: Support | None) -> tuple[float, float]:
+    """The interval one counted item lies in: ``(0, 1)`` for ``"binary"``."""
+    if support is None:
+        raise ValueError("no declared support")
+    return (0.0, 1.0) if support == "binary" else support
+
+
 def support_label(support: Support | None) -> str:
     if support is None:
         return "undeclared (unbounded)"
@@ -119,7 +127,7 @@ def check_support(name: str, support: Support | None, values: np.ndarray, counts
     if support is None:
         return
     v, c = np.asarray(values, np.float64), np.asarray(counts, np.float64)
-    lo, hi = (0.0, 1.0) if support == "binary" else support
+    lo, hi = support_interval(support)
     tol = 1e-9 * np.maximum(1.0, np.abs(c) * max(abs(lo), abs(hi), 1.0))
     bad = (v < lo * c - tol) | (v > hi * c + tol)
     if support == "binary":
@@ -154,7 +162,7 @@ def bound_for_units(values: np.ndarray, counts: np.ndarray, direction: str, conf
         return bootstrap(v, c, confidence, side, resamples=resamples, seed=seed)  # type: ignore[arg-type]
     if support == "binary" and np.all(c == 1):
         return clopper_pearson(int(round(v.sum())), int(v.size), confidence, side)  # type: ignore[arg-type]
-    lo, hi = (0.0, 1.0) if support == "binary" else support
+    lo, hi = support_interval(support)
     x = np.clip((v - lo * c) / (hi - lo), 0.0, c)  # items rescaled to [0, 1]: 0 ≤ x ≤ c
     b = betting(x, c, confidence, side, seed=seed)  # type: ignore[arg-type]
     scale = lambda r: lo + (hi - lo) * r  # noqa: E731

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from safekd.auditing.bounds import BET_CAP
-from safekd.auditing.measure import check_support, per_example_sums, student_logits
+from safekd.auditing.bounds import BET_CAP, check_level
+from safekd.auditing.measure import check_support, per_example_sums, student_logits, support_interval
 from safekd.constraints import StudentConstraint
 from safekd.spec import Spec
 
@@ -128,8 +128,7 @@ class ConstraintMonitor:
 
     def __init__(self, spec: Spec | Sequence[StudentConstraint], confidence: float = 0.95, *,
                  max_unit_count: float = 1.0, grid_points: int = 3000) -> None:
-        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
-            raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        check_level(confidence)
         if not (isinstance(max_unit_count, (int, float)) and math.isfinite(max_unit_count) and max_unit_count > 0):
             raise ValueError(f"max_unit_count must be a positive number, got {max_unit_count!r}")
         self.spec = spec if isinstance(spec, Spec) else None
@@ -160,7 +159,7 @@ class ConstraintMonitor:
                              f"{self.max_unit_count:g}; declare the largest unit up front")
         support = c.value_support
         check_support(c.name, support, v, n)
-        lo, hi = (0.0, 1.0) if support == "binary" else support  # type: ignore[misc]
+        lo, hi = support_interval(support)
         x = np.clip((v - lo * n) / (hi - lo), 0.0, n)
         self.sequences[name].update(x / self.max_unit_count, n / self.max_unit_count)
         self._sums[name][0] += float(v.sum())
@@ -189,7 +188,7 @@ class ConstraintMonitor:
         out = {}
         for c in self.constraints:
             cs = self.sequences[c.name]
-            lo, hi = (0.0, 1.0) if c.value_support == "binary" else c.value_support  # type: ignore[misc]
+            lo, hi = support_interval(c.value_support)
             lower, upper = lo + (hi - lo) * cs.lower, lo + (hi - lo) * cs.upper
             safe, unsafe = (upper, lower) if c.sense == "<=" else (lower, upper)
             ok = safe <= c.threshold if c.sense == "<=" else safe >= c.threshold

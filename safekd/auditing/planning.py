@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 from scipy import stats
 
+from safekd.auditing.bounds import check_level
+
 __all__ = ["AuditPlan", "plan_audit", "pass_probability", "max_expected_rate"]
 
 
@@ -65,10 +67,8 @@ def _upper_problem(threshold: float, expected_rate: float, direction: str) -> tu
 
 
 def _check(confidence: float, power: float) -> float:
-    for name, x in (("confidence", confidence), ("power", power)):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 < float(x) < 1.0:
-            raise ValueError(f"{name} must be in (0, 1), got {x!r}")
-    return 1.0 - float(confidence)
+    check_level(power, "power")
+    return 1.0 - check_level(confidence)
 
 
 def _power(n: np.ndarray, eps: float, p0: float, alpha: float) -> np.ndarray:
