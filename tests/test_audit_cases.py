@@ -274,3 +274,14 @@ def test_monitor_observes_a_student_on_held_out_batches():
     s = mon.status()["u"]
     assert s.n == 400 and s.estimate == pytest.approx(0.02) and s.lower <= 0.02 <= s.upper
     assert s.status == "certified" and mon.all_certified and mon.failing == []
+
+
+def test_declared_max_unit_count_scales_ratio_bounds():
+    data = _sequences()
+    c = C.retain("accuracy", 0.5)
+    auto = audit(Identity(), data, spec_of(c)).constraint("retain(accuracy)")
+    declared = audit(Identity(), data, spec_of(c), max_unit_count=64).constraint("retain(accuracy)")
+    assert "read from the data" in auto.description and "declared max_unit_count 64" in declared.description
+    assert declared.bound < auto.estimate and declared.bound != auto.bound
+    with pytest.raises(ValueError, match="max_unit_count 4"):
+        audit(Identity(), data, spec_of(c), max_unit_count=4)

@@ -111,7 +111,7 @@ def test_bisection_finds_the_first_rejected_rate_on_a_grid():
     rng = np.random.default_rng(3)
     x = rng.beta(2, 30, 300)
     w = np.ones_like(x)
-    lam = betting_lambdas(x, w, ALPHA)
+    lam, _ = betting_lambdas(x, w, ALPHA)
     u = float(betting_ratio_upper(x, w, ALPHA))
     grid = np.linspace(0, 0.5, 20001)
     cap = betting_log_capital(grid, x, w, lam)

@@ -93,23 +93,26 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95, side: Side = "uppe
 
 # ------------------------------------------------------------------------------------------------- betting
 def betting_lambdas(x: np.ndarray, w: np.ndarray, alpha: float, *, anytime: bool = False,
-                    horizon: int | None = None, cap: float = BET_CAP) -> np.ndarray:
-    """Predictable bets ``λ_i`` (``[..., n]``) for scaled units ``x_i = V_i/s``, ``w_i = C_i/s`` (``0 ≤ x ≤ w ≤ 1``).
+                    start: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0), cap: float = BET_CAP
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Predictable bets ``λ_i`` (``[..., n]``) for scaled units ``x_i = V_i/s``, ``w_i = C_i/s`` (``0 ≤ x ≤ w ≤ 1``),
+    and the running ``Σ (x_j − r̂_j w_j)²`` after the last unit (to continue a stream).
 
     ``σ̂²_i = (¼ + Σ_{j≤i} (x_j − r̂_j w_j)²)/(i + 1)`` with ``r̂_j = (½ + Σ_{k≤j} x_k)/(1 + Σ_{k≤j} w_k)``; ``λ_i`` reads
-    ``σ̂²_{i−1}`` only. Fixed-``n`` bets use ``horizon`` (default: ``n``).
+    ``σ̂²_{i−1}`` only. ``start = (units, Σx, Σw, Σ squares)`` already seen (a stream); fixed-``n`` bets
+    (``anytime=False``) use the horizon ``n``, anytime bets ``i log(1 + i)``.
     """
+    n0, sx, sw, sq0 = start
     n = x.shape[-1]
-    r_hat = (0.5 + np.cumsum(x, -1)) / (1.0 + np.cumsum(w, -1))
-    i = np.arange(1, n + 1, dtype=np.float64)
-    var = (0.25 + np.cumsum((x - r_hat * w) ** 2, -1)) / (i + 1.0)
-    prev = np.concatenate([np.full(x.shape[:-1] + (1,), 0.25), var[..., :-1]], -1)  # σ̂²_{i−1}, σ̂²_0 = 1/4
+    r_hat = (0.5 + sx + np.cumsum(x, -1)) / (1.0 + sw + np.cumsum(w, -1))
+    i = n0 + np.arange(1, n + 1, dtype=np.float64)
+    sq = sq0 + np.cumsum((x - r_hat * w) ** 2, -1)
+    var = (0.25 + sq) / (i + 1.0)
+    first = np.full(x.shape[:-1] + (1,), (0.25 + sq0) / (n0 + 1.0))
+    prev = np.concatenate([first, var[..., :-1]], -1)  # σ̂²_{i−1}: predictable
     log_inv = math.log(1.0 / alpha)
-    if anytime:
-        lam = np.sqrt(2.0 * log_inv / (prev * i * np.log1p(i)))
-    else:
-        lam = np.sqrt(2.0 * log_inv / (prev * float(horizon or n)))
-    return np.minimum(lam, cap)
+    lam = np.sqrt(2.0 * log_inv / (prev * (i * np.log1p(i) if anytime else float(n0 + n))))
+    return np.minimum(lam, cap), sq[..., -1]
 
 
 def betting_log_capital(r: np.ndarray | float, x: np.ndarray, w: np.ndarray, lam: np.ndarray) -> np.ndarray:
@@ -133,19 +136,21 @@ def _betting_upper(x: np.ndarray, w: np.ndarray, alpha: float, lam: np.ndarray, 
     return np.where(never, 1.0, hi)
 
 
-def betting_ratio_upper(v: np.ndarray, c: np.ndarray, alpha: float, *, anytime: bool = False) -> np.ndarray:
+def betting_ratio_upper(v: np.ndarray, c: np.ndarray, alpha: float, *, scale: float | None = None) -> np.ndarray:
     """Upper bounds (``[...]``) on ``R = E[V]/E[C]`` from units ``v, c`` ``[..., n]`` with ``0 ≤ v ≤ c``, taken in
-    the given order (shuffle first). Units are scaled by ``s = max c`` over the last axis."""
-    s = np.maximum(c.max(-1, keepdims=True), 1e-300)
+    the given order (shuffle first). Units are scaled by ``scale`` (the largest possible unit count, declared), or
+    else by ``max c`` over the last axis."""
+    s = np.maximum(c.max(-1, keepdims=True), 1e-300) if scale is None else float(scale)
     x, w = v / s, c / s
-    lam = betting_lambdas(x, w, alpha, anytime=anytime)
+    lam, _ = betting_lambdas(x, w, alpha)
     return _betting_upper(x, w, alpha, lam)
 
 
 def betting(values: np.ndarray, counts: np.ndarray | None = None, confidence: float = 0.95, side: Side = "upper",
-            *, seed: int = 0) -> Bound:
+            *, seed: int = 0, scale: float | None = None) -> Bound:
     """Betting bound on the mean of ``values`` in ``[0, 1]`` or, with ``counts``, on the ratio ``Σ v / Σ c`` of
-    units with ``0 ≤ v ≤ c``. Units are taken in a permutation drawn from ``seed`` (recorded in the bound)."""
+    units with ``0 ≤ v ≤ c``. Units are taken in a permutation drawn from ``seed`` (recorded in the bound) and
+    scaled by ``scale`` (the largest possible count of a unit; default: the largest observed)."""
     confidence = check_level(confidence)
     _check_side(side)
     v = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -157,6 +162,9 @@ def betting(values: np.ndarray, counts: np.ndarray | None = None, confidence: fl
     tol = 1e-9 * np.maximum(c, 1.0)
     if np.any(c < 0) or np.any(v < -tol) or np.any(v > c + tol):
         raise ValueError("betting needs 0 <= value <= count for every unit (values in [0, 1] per counted item)")
+    if scale is not None and not (math.isfinite(scale) and scale > 0 and (not c.size or scale >= c.max())):
+        raise ValueError(f"scale {scale!r} must be finite and at least the largest unit count "
+                         f"{c.max() if c.size else 0:g}")
     keep = c > 0
     v, c = np.clip(v[keep], 0.0, c[keep]), c[keep]
     n = int(v.size)
@@ -167,9 +175,9 @@ def betting(values: np.ndarray, counts: np.ndarray | None = None, confidence: fl
     v, c = v[order], c[order]
     alpha = 1.0 - confidence
     if side == "upper":
-        value = float(betting_ratio_upper(v, c, alpha))
+        value = float(betting_ratio_upper(v, c, alpha, scale=scale))
     else:  # a lower bound on R is one minus an upper bound on the complementary ratio Σ(c − v)/Σ c
-        value = 1.0 - float(betting_ratio_upper(c - v, c, alpha))
+        value = 1.0 - float(betting_ratio_upper(c - v, c, alpha, scale=scale))
     return Bound(est, value, side, confidence, BETTING, n, float(v.sum()), seed=seed)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from safekd import constraints as C
-from safekd.auditing.bounds import Bound, check_level
+from safekd.auditing.bounds import BETTING, Bound, check_level
 from safekd.auditing.measure import (bound_for_units, check_support, per_example_sums, per_group_sums,
                                      signed_slack, student_logits, support_label)
 from safekd.auditing.provenance import provenance, read_traces, weight_record
@@ -126,10 +126,13 @@ def _status(b: Bound, slack: float) -> str:
 
 def _student_result(c: C.StudentConstraint, v: np.ndarray, n: np.ndarray, labels: Mapping[str, np.ndarray],
                     confidence: float, min_slice: int, slice_correction: str, unit: str, seed: int,
-                    resamples: int) -> ConstraintResult:
+                    resamples: int, max_unit_count: float | None) -> ConstraintResult:
     support = c.value_support
     check_support(c.name, support, v, n)
-    b = bound_for_units(v, n, c.sense, confidence, support, seed=seed, resamples=resamples)
+    if max_unit_count is not None and n.size and n.max() > max_unit_count:
+        raise ValueError(f"constraint {c.name!r}: a unit counts {n.max():g} items > max_unit_count {max_unit_count:g}")
+    b = bound_for_units(v, n, c.sense, confidence, support, seed=seed, resamples=resamples,
+                        max_unit_count=max_unit_count)
     slack = signed_slack(c.sense, b.value, c.threshold)
     status = _status(b, slack)
     # slices: list every value; bound those with at least min_slice units, Bonferroni over the bounded ones
@@ -146,7 +149,7 @@ def _student_result(c: C.StudentConstraint, v: np.ndarray, n: np.ndarray, labels
                                       slack=math.nan, passed=False, count=float(v[sel].sum()),
                                       status=NOT_BOUNDED if k < min_slice else NOT_CERTIFIED, confidence=None))
             continue
-        sb = bound_for_units(v[sel], n[sel], c.sense, s_conf, support, seed=seed)
+        sb = bound_for_units(v[sel], n[sel], c.sense, s_conf, support, seed=seed, max_unit_count=max_unit_count)
         sl = signed_slack(c.sense, sb.value, c.threshold)
         slices.append(SliceResult(key=key, value=str(val.item()), n=sb.n, estimate=sb.estimate, bound=sb.value,
                                   slack=sl, passed=sl >= 0, count=sb.count, status=PASS if sl >= 0 else FAIL,
@@ -158,6 +161,9 @@ def _student_result(c: C.StudentConstraint, v: np.ndarray, n: np.ndarray, labels
                 else "mean over units (one counted item each)")
     desc = (f"{c.kind} measured by the training code on {int(counted.size)} {unit}s"
             + (f" ({int(counted.sum())} counted items)" if ratio else ""))
+    if b.method == BETTING and ratio:
+        desc += (f"; units scaled by the declared max_unit_count {max_unit_count:g}" if max_unit_count is not None
+                 else f"; units scaled by the largest unit's count {counted.max():g} (read from the data)")
     if status == NOT_CERTIFIED:
         desc += "; no declared support, so no finite-sample bound: the bootstrap bound is an estimate only"
     return ConstraintResult(name=c.name, kind="student", measure=c.kind, direction=c.sense, threshold=c.threshold,
@@ -248,7 +254,7 @@ def _message(results: list[ConstraintResult], confidence: float, units: int, sim
     if uncertified:
         parts.append(f"{len(uncertified)} not certified (no declared support, so no valid bound): "
                      + ", ".join(uncertified))
-    return "; ".join(parts) + f" ({units} units; {how})"
+    return "; ".join(parts) + f"; {units} units, {how}"
 
 
 # --------------------------------------------------------------------------------------------------- audit
@@ -258,8 +264,8 @@ def audit(student: nn.Module, data: Mapping[str, Any] | Iterable[Mapping[str, An
           pool: Callable[[Tensor, Tensor], Tensor] | None = None, distiller: Any | None = None,
           batch_size: int = 512, slice_keys: Sequence[str] = DEFAULT_SLICE_KEYS, min_slice: int = 5,
           seed: int | None = None, metrics: Mapping[str, float] | None = None, progress: bool = False,
-          simultaneous: bool = False, slice_correction: str = "bonferroni", resamples: int = 2000
-          ) -> AuditReport:
+          simultaneous: bool = False, slice_correction: str = "bonferroni", resamples: int = 2000,
+          max_unit_count: float | None = None) -> AuditReport:
     """Audit ``student`` on ``data`` against every constraint of ``spec`` at one-sided ``confidence``.
 
     Args:
@@ -282,6 +288,8 @@ def audit(student: nn.Module, data: Mapping[str, Any] | Iterable[Mapping[str, An
         slice_correction: ``"bonferroni"`` (slice bounds at ``1 − α/S`` over the S bounded slices) or ``"none"``
             (per-slice bounds, labelled so).
         resamples: bootstrap resamples for constraints without a declared support (shown, never certifying).
+        max_unit_count: the most counted items one unit can hold (e.g. the context length), declared up front;
+            ratio bounds scale units by it (default: the largest unit's count in the data).
 
     Returns:
         An :class:`~safekd.auditing.report.AuditReport`; ``report.passed`` iff every constraint passes.
@@ -297,6 +305,9 @@ def audit(student: nn.Module, data: Mapping[str, Any] | Iterable[Mapping[str, An
         raise ValueError(f"slice_correction must be 'bonferroni' or 'none', got {slice_correction!r}")
     if resamples < 100:
         raise ValueError(f"resamples must be >= 100, got {resamples}")
+    if max_unit_count is not None and not (isinstance(max_unit_count, (int, float)) and math.isfinite(max_unit_count)
+                                           and max_unit_count > 0):
+        raise ValueError(f"max_unit_count must be a positive number, got {max_unit_count!r}")
     seed_used = 0 if seed is None else int(seed)
     device = next((p.device for p in student.parameters()), torch.device("cpu"))
     batches = iter_batches(data, batch_size, device=device)
@@ -402,7 +413,7 @@ def audit(student: nn.Module, data: Mapping[str, Any] | Iterable[Mapping[str, An
             n_units = ukeys.size
             lab = {k: _unit_labels(p, ukeys) for k, p in labels.items() if len(p) == nb}
             results.append(_student_result(c, v, n, lab, each, min_slice, slice_correction, unit, seed_used,
-                                           resamples))
+                                           resamples, max_unit_count))
         else:
             results.append(_weight_result(c, worst[c.name], violating[c.name], tokens, confidence, record))
 

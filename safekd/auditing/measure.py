@@ -146,7 +146,8 @@ def signed_slack(direction: str, bound: float, threshold: float) -> float:
 
 
 def bound_for_units(values: np.ndarray, counts: np.ndarray, direction: str, confidence: float,
-                    support: Support | None, *, seed: int = 0, resamples: int = 2000) -> Bound:
+                    support: Support | None, *, seed: int = 0, resamples: int = 2000,
+                    max_unit_count: float | None = None) -> Bound:
     """The one-sided bound (upper for ``≤``, lower for ``≥``) on ``Σ V / Σ C`` over units with ``C > 0``;
     see the module docstring. ``values`` must already satisfy ``support`` (:func:`check_support`)."""
     side = "upper" if direction == "<=" else "lower"
@@ -164,7 +165,7 @@ def bound_for_units(values: np.ndarray, counts: np.ndarray, direction: str, conf
         return clopper_pearson(int(round(v.sum())), int(v.size), confidence, side)  # type: ignore[arg-type]
     lo, hi = support_interval(support)
     x = np.clip((v - lo * c) / (hi - lo), 0.0, c)  # items rescaled to [0, 1]: 0 ≤ x ≤ c
-    b = betting(x, c, confidence, side, seed=seed)  # type: ignore[arg-type]
+    b = betting(x, c, confidence, side, seed=seed, scale=max_unit_count)  # type: ignore[arg-type]
     scale = lambda r: lo + (hi - lo) * r  # noqa: E731
     return Bound(scale(b.estimate) if b.n else b.estimate, scale(b.value), b.side, b.confidence, b.method, b.n,
                  float(v.sum()), seed=b.seed)

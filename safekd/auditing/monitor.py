@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from safekd.auditing.bounds import BET_CAP, check_level
+from safekd.auditing.bounds import betting_lambdas, check_level
 from safekd.auditing.measure import check_support, per_example_sums, student_logits, support_interval
 from safekd.constraints import StudentConstraint
 from safekd.spec import Spec
@@ -65,12 +65,8 @@ class ConfidenceSequence:
         x, w = x[keep], w[keep]
         if not x.size:
             return
-        i = self.n + np.arange(1, x.size + 1, dtype=np.float64)
-        r_hat = (0.5 + self.sum_x + np.cumsum(x)) / (1.0 + self.sum_w + np.cumsum(w))
-        sq = self.sum_sq + np.cumsum((x - r_hat * w) ** 2)
-        var = (0.25 + sq) / (i + 1.0)
-        prev = np.concatenate([[(0.25 + self.sum_sq) / (self.n + 1.0)], var[:-1]])  # σ̂²_{i−1}: predictable
-        lam = np.minimum(np.sqrt(2.0 * math.log(1.0 / self.alpha) / (prev * i * np.log1p(i))), BET_CAP)
+        lam, sq = betting_lambdas(x, w, self.alpha, anytime=True,
+                                  start=(self.n, self.sum_x, self.sum_w, self.sum_sq))
         d = self.grid[:, None] * w[None, :] - x[None, :]  # [G, B]
         self.log_up += np.log1p(lam * d).sum(1)
         self.log_low += np.log1p(-lam * d).sum(1)
@@ -80,7 +76,7 @@ class ConfidenceSequence:
         self.n += int(x.size)
         self.sum_x += float(x.sum())
         self.sum_w += float(w.sum())
-        self.sum_sq = float(sq[-1])
+        self.sum_sq = float(sq)
 
     @property
     def upper(self) -> float:
