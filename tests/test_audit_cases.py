@@ -274,6 +274,8 @@ def test_monitor_observes_a_student_on_held_out_batches():
     s = mon.status()["u"]
     assert s.n == 400 and s.estimate == pytest.approx(0.02) and s.lower <= 0.02 <= s.upper
     assert s.status == "certified" and mon.all_certified and mon.failing == []
+    with pytest.raises(ValueError, match="group_ids"):
+        mon.observe(Identity(), {**rows(2, 10), "group_ids": torch.arange(10)})
 
 
 def test_declared_max_unit_count_scales_ratio_bounds():

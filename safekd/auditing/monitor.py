@@ -163,6 +163,9 @@ class ConstraintMonitor:
 
     def observe(self, student: nn.Module, batch: Mapping[str, Any], *, distiller: Any | None = None) -> None:
         """Measure every monitored constraint on a fresh held-out ``batch`` (rows = units) and add it."""
+        if "group_ids" in batch:
+            raise ValueError("ConstraintMonitor.observe takes each row as one unit; a batch with 'group_ids' must be "
+                             "reduced to whole groups first (use update() with per-group sums and counts)")
         was = student.training
         student.eval()
         try:
