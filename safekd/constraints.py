@@ -190,7 +190,10 @@ def _check_support(name: str, support: Any) -> "Support | None":
         return support
     if isinstance(support, (str, bytes)) or not isinstance(support, Sequence) or len(support) != 2:
         raise ValueError(f"constraint {name!r}: `support` must be 'binary' or (lo, hi), got {support!r}")
-    lo, hi = (float(x) for x in support)
+    try:
+        lo, hi = (float(x) for x in support)
+    except (TypeError, ValueError):
+        raise ValueError(f"constraint {name!r}: `support` must be two numbers (lo, hi), got {support!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"constraint {name!r}: `support` must be finite with lo < hi, got {support!r}")
     return (lo, hi)

@@ -232,6 +232,8 @@ def test_margin_moves_the_training_residual_not_the_audit():
         C.unsafe_rate(0.1, margin=-0.1)
     with pytest.raises(ValueError, match="support"):
         C.metric(flagged, "<=", 0.1, support=(1.0, 0.0))
+    with pytest.raises(ValueError, match=r"'m'.*two numbers"):
+        C.metric(flagged, "<=", 0.1, support=("a", 1), name="m")
     r = audit(Identity(), rows(0, 50), spec_of(C.metric(flagged, "<=", 0.1, support="binary", margin=0.05, name="m")))
     assert r.constraint("m").train_threshold == pytest.approx(0.05) and r.constraint("m").threshold == 0.1
     assert "train threshold 0.05" in to_markdown(r)
