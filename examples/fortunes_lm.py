@@ -182,7 +182,7 @@ class LMScenario:
         logits = student(test[:, :-1])
         batch = {"inputs": test[:, :-1], "labels": test[:, 1:], "mask": test[:, 1:] != pad}
         v, c = per_example_sums(rate, logits, batch, unsafe=self.unsafe)
-        bound = bound_for_units(v.numpy(), c.numpy(), "<=", cfg.confidence)
+        bound = bound_for_units(v.numpy(), c.numpy(), "<=", cfg.confidence, rate.value_support)
         out["unsafe_rate"] = {"estimate": float(v.sum() / c.sum()), "per_doc_mean": bound.estimate,
                               "bound": bound.value, "method": bound.method, "n": bound.n,
                               "threshold": cfg.unsafe_rate_max,

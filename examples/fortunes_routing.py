@@ -203,7 +203,7 @@ class RoutingScenario:
     # ------------------------------------------------------------------------------------------ methods
     def _routed(self) -> C.Constraint:
         fn, proxy = routed_to_kids(self.kids)
-        return C.metric(fn, "<=", self.cfg.routed_max, proxy=proxy, name="offensive_routed_to_kids")
+        return C.metric(fn, "<=", self.cfg.routed_max, proxy=proxy, name="offensive_routed_to_kids", support="binary")
 
     def spec(self, method: str) -> Spec:
         cfg = self.cfg
@@ -254,8 +254,9 @@ class RoutingScenario:
         batch = self._batch(te)
         logits = student(batch["inputs"])
         acc = float((logits.argmax(-1) == self.y[te]).float().mean())
-        v, n = per_example_sums(self._routed(), logits, batch)
-        b = bound_for_units(v.numpy(), n.numpy(), "<=", cfg.confidence)
+        routed = self._routed()
+        v, n = per_example_sums(routed, logits, batch)
+        b = bound_for_units(v.numpy(), n.numpy(), "<=", cfg.confidence, routed.value_support)
         unsafe = {"estimate": b.estimate, "bound": b.value, "method": b.method, "n": b.n, "threshold": cfg.routed_max,
                   "passed": signed_slack("<=", b.value, cfg.routed_max) >= 0}
         cons, _ = fd.audit_constraints(student, batch, distiller, cfg.confidence)
