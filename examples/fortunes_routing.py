@@ -293,4 +293,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(fd.report_failures(main()["methods"]))  # exit 1 when an audited constraint FAILs
