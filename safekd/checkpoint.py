@@ -135,7 +135,9 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, which safekd "
                                   f"refuses to load (they could run code); use a checkpoint written by safekd") from None
         raise CheckpointError(f"{path}: not a checkpoint (unreadable data); {redo}") from None
-    except (RuntimeError, EOFError, ValueError) as exc:
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        if isinstance(exc, (PermissionError, IsADirectoryError)):
+            raise
         raise CheckpointError(f"{path}: the checkpoint is truncated or corrupt ({_first_line(exc)}); {redo}") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: holds a {type(payload).__name__}, not a safekd checkpoint (a dict with keys "
