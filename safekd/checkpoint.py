@@ -115,6 +115,8 @@ def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller") ->
 def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = None) -> dict[str, Any]:
     """The payload of the checkpoint at ``path``, read with ``torch.load(weights_only=True)`` and checked.
 
+    Without ``map_location``, tensors saved on a GPU are loaded on the CPU when CUDA is unavailable.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: the file is empty, truncated or corrupt, holds objects other than tensors and plain
@@ -126,6 +128,8 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     redo = "write it again with SafeDistiller.save_checkpoint or `safekd train`"
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes); {redo}")
+    if map_location is None and not torch.cuda.is_available():
+        map_location = "cpu"  # a checkpoint written on a GPU machine loads here too
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files before failing
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
