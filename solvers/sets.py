@@ -56,7 +56,8 @@ def _checked_device(device: torch.device | str | None) -> torch.device | None:
 class FeasibleSet:
     """{w ∈ Δ_K : lower ≤ w ≤ upper, A w ≤ b}; build with :meth:`simplex` and the chaining constructors.
 
-    ``lower``/``upper`` are clipped to [0, 1] (the simplex implies those bounds). ``lower_names[i]`` /
+    ``lower``/``upper`` are clipped to [0, 1] (the simplex implies those bounds). ``row_names`` name the rows of
+    ``A`` (default ``row[0]``, ``row[1]``, …; the chaining constructors name theirs). ``lower_names[i]`` /
     ``upper_names[i]`` name the constraint that set bound ``i`` (``None`` = structural 0 or 1).
     ``hard_rows[r]`` marks row ``r`` as never relaxed: where a batch element's set is empty, only the other
     (soft) rows are relaxed, by the least uniform amount (all rows are soft by default).
