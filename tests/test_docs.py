@@ -29,6 +29,8 @@ def test_docs_build_strict_and_render_the_api(site):
     assert (site / "index.html").is_file() and (site / "own-teachers" / "index.html").is_file()
     api = (site / "api" / "solvers" / "index.html").read_text(encoding="utf-8")
     assert "FeasibleSet" in api and "row[0]" in api  # rendered from the docstrings, not hand-written
+    core = (site / "api" / "safekd" / "index.html").read_text(encoding="utf-8")
+    assert "Atomic checkpoints of a <code>SafeDistiller</code>" in core and ":class:" not in core  # roles rendered
 
 
 def test_no_internal_notes_in_docs_readme_or_site(site):
