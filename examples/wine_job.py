@@ -1,7 +1,7 @@
 """Hooks for a `safekd train` job on your own data, teachers and student (scikit-learn's bundled wine data).
 
-`examples/wine_job.yaml` names these functions as ``wine_job:make_data`` etc.; run it from this folder with
-``python -m safekd train --spec wine_job.yaml`` (or set ``PYTHONPATH`` to this folder and use ``safekd``).
+`examples/wine_job.yaml` names these functions as ``wine_job:make_data`` etc.; ``safekd train --spec
+examples/wine_job.yaml`` imports them from the job file's folder.
 """
 from __future__ import annotations
 

@@ -257,6 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
+    spec_file = getattr(args, "spec", None)
+    if spec_file:  # a job's "module:function" hooks may live next to the job file (after installed packages)
+        folder = str(Path(spec_file).resolve().parent)
+        if folder not in sys.path:
+            sys.path.append(folder)
     try:
         return func(args)
     except KeyboardInterrupt:

@@ -52,15 +52,18 @@ def test_site_fetches_nothing(site):
 def test_the_tutorials_job_trains_and_audits_a_data_file(tmp_path, monkeypatch, capsys):
     from safekd.cli import main
 
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    job = yaml.safe_load((ROOT / "examples" / "wine_job.yaml").read_text())
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    # the hooks live next to the job file, under a module name nothing has imported yet
+    shutil.copy(ROOT / "examples" / "wine_job.py", tmp_path / "my_wine_hooks.py")
+    text = (ROOT / "examples" / "wine_job.yaml").read_text().replace("wine_job:", "my_wine_hooks:")
+    job = yaml.safe_load(text)
     job["job"]["epochs"] = 3
     spec = tmp_path / "wine_job.yaml"
     spec.write_text(yaml.safe_dump(job))
     assert main(["train", "--spec", str(spec), "--out", str(tmp_path / "run"), "--no-progress"]) in (0, 1)
-    import wine_job
+    import my_wine_hooks
 
-    new = wine_job.make_data(seed=1)["heldout"]
+    new = my_wine_hooks.make_data(seed=1)["heldout"]
     torch.save({"inputs": new["inputs"], "labels": new["labels"]}, tmp_path / "new.pt")
     capsys.readouterr()
     code = main(["audit", "--spec", str(spec), "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"),
