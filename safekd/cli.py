@@ -27,7 +27,8 @@ class CLIError(Exception):
 def _single_thread() -> None:
     raw = os.environ.get("SAFEKD_THREADS", "1")
     if not raw.strip().isdigit() or int(raw) < 1:
-        raise CLIError(f"SAFEKD_THREADS must be a whole number >= 1, got {raw!r}; set e.g. SAFEKD_THREADS=1 or unset it")
+        raise CLIError(f"SAFEKD_THREADS must be a whole number >= 1, got {raw!r}; "
+                       "set e.g. SAFEKD_THREADS=1 or unset it")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
@@ -271,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - every error becomes one line on stderr and exit 2
-        if args.debug or args.verbose >= 2:
+        if getattr(args, "debug", False) or args.verbose >= 2:
             raise
         print(f"safekd {args.command}: error: {_describe(exc)}", file=sys.stderr)
         return EXIT_ERROR
