@@ -25,7 +25,7 @@ from safekd.distributed import is_rank_zero
 if TYPE_CHECKING:  # pragma: no cover
     from safekd.distiller import SafeDistiller
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "rng_state", "set_rng_state", "CheckpointError",
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "load_file", "rng_state", "set_rng_state", "CheckpointError",
            "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ _KEYS = ("format_version", "distiller", "rng")
 
 
 class CheckpointError(ValueError):
-    """A file that is not a loadable safekd checkpoint: empty, truncated, corrupt, unsafe to unpickle, of the wrong
-    shape or missing a key. The message names the file and what to do."""
+    """A file that is not a loadable safekd checkpoint (or tensor file): empty, truncated, corrupt, unsafe to
+    unpickle, of the wrong shape or missing a key. The message names the file and what to do."""
 
 
 def _no_space(exc: BaseException) -> bool:
@@ -112,37 +112,51 @@ def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller") ->
     return path
 
 
-def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = None) -> dict[str, Any]:
-    """The payload of the checkpoint at ``path``, read with ``torch.load(weights_only=True)`` and checked.
+def load_file(path: str | os.PathLike[str], *, what: str = "checkpoint", redo: str = "",
+              map_location: str | torch.device | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error per failure, naming ``path`` and ``what`` it is.
 
-    Without ``map_location``, tensors saved on a GPU are loaded on the CPU when CUDA is unavailable.
+    Without ``map_location``, tensors saved on a GPU are loaded on the CPU when CUDA is unavailable. ``redo`` is
+    appended to the messages about unreadable files (how to write the file again).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is empty, truncated or corrupt, or holds objects other than tensors and plain
+            containers (which are never unpickled).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "No such file", str(path))
+    redo = f"; {redo}" if redo else ""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the {what} file is empty (0 bytes){redo}")
+    if map_location is None and not torch.cuda.is_available():
+        map_location = "cpu"  # a file written on a GPU machine loads here too
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files before failing
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc):
+            raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, which safekd "
+                                  f"refuses to load (they could run code); use a {what} written by safekd") from None
+        raise CheckpointError(f"{path}: not a {what} (unreadable data){redo}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        if isinstance(exc, (PermissionError, IsADirectoryError)):
+            raise
+        raise CheckpointError(f"{path}: the {what} is truncated or corrupt ({_first_line(exc)}){redo}") from None
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = None) -> dict[str, Any]:
+    """The payload of the checkpoint at ``path``, read by :func:`load_file` and checked.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: the file is empty, truncated or corrupt, holds objects other than tensors and plain
             containers, is not a dict with ``format_version``, ``distiller`` and ``rng``, or has another format version.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, "No such file", str(path))
     redo = "write it again with SafeDistiller.save_checkpoint or `safekd train`"
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes); {redo}")
-    if map_location is None and not torch.cuda.is_available():
-        map_location = "cpu"  # a checkpoint written on a GPU machine loads here too
-    try:
-        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files before failing
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "GLOBAL" in str(exc):
-            raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, which safekd "
-                                  f"refuses to load (they could run code); use a checkpoint written by safekd") from None
-        raise CheckpointError(f"{path}: not a checkpoint (unreadable data); {redo}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        if isinstance(exc, (PermissionError, IsADirectoryError)):
-            raise
-        raise CheckpointError(f"{path}: the checkpoint is truncated or corrupt ({_first_line(exc)}); {redo}") from None
+    payload = load_file(path, what="checkpoint", redo=redo, map_location=map_location)
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: holds a {type(payload).__name__}, not a safekd checkpoint (a dict with keys "
                               f"{', '.join(_KEYS)}); {redo}")

@@ -313,8 +313,9 @@ class SafeDistiller:
 
         Raises:
             NonFiniteError: NaN/inf in the teacher or student logits.
-            ValueError: a malformed batch, or student logits ``[..., V]`` that do not match the teacher logits
-                ``[..., K, V]``.
+            ValueError: a malformed or empty batch, labels outside ``[0, V)`` other than ``-100``, or student logits
+                ``[..., V]`` that do not match the teacher logits ``[..., K, V]``.
+            TypeError: a teacher returned something other than a logits tensor (a tuple, a NumPy array, ...).
         """
         teacher_logits = self._teacher_logits(batch)
         if student_logits is None:

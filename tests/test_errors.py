@@ -85,6 +85,16 @@ def test_bad_checkpoint_python(bad_checkpoints, case):
     assert d.step_count == 0
 
 
+def test_any_tensor_file_names_itself(bad_checkpoints):
+    from safekd.checkpoint import load_file
+
+    _, paths = bad_checkpoints
+    with pytest.raises(CheckpointError, match=r"truncated\.pt: the audit data is truncated or corrupt \(.*\); "
+                                              r"save it with torch\.save$"):
+        load_file(paths["truncated"], what="audit data", redo="save it with torch.save")
+    assert load_file(paths["list"], what="audit data") == [1, 2, 3]
+
+
 def test_checkpoint_missing_distiller_key_is_caught_before_loading(bad_checkpoints):
     tmp, _ = bad_checkpoints
     payload = torch.load(tmp / "good.pt", weights_only=True)
