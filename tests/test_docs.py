@@ -87,3 +87,20 @@ def test_gitignore_and_ci_cleanup():
     assert {"runs/", "quickstart-report/", "site/"} <= set(ignored)
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"trap 'rm -rf \"\$venv_root\"' EXIT", ci) and shutil.which("bash")
+
+
+def test_constraints_reference_examples_load(tmp_path):
+    import safekd
+
+    page = (ROOT / "docs" / "constraints.md").read_text(encoding="utf-8")
+    example = page.split("```yaml", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.yaml").write_text(example)
+    assert [c.name for c in safekd.load_spec(tmp_path / "example.yaml").constraints] == [
+        "cap(jailbroken)", "unsafe_mass", "safety_order", "unsafe_rate"]
+    rows = re.findall(r"^\| `(\w+)` \| `(\{kind: [^`]+\})` \|", page, flags=re.MULTILINE)
+    assert len(rows) == 10  # every kind, each as a spec entry that loads
+    every = example.split("constraints:", 1)[0] + "constraints:\n" + "".join(f"  - {e}\n" for _, e in rows)
+    (tmp_path / "every.yaml").write_text(every)
+    fns = {"my_rate": lambda logits, batch: logits.sum(), "my_rate_proxy": lambda logits, batch: logits.sum()}
+    spec = safekd.load_spec(tmp_path / "every.yaml", functions=fns)
+    assert [c.kind for c in spec.constraints] == [kind for kind, _ in rows]
