@@ -55,7 +55,8 @@ _JUMP_TOL = 1e-3
 
 @dataclass
 class AxiomResult:
-    """One axiom: ``passed`` (measured), ``declared`` (claimed by the subject), constants and witness."""
+    """One axiom: ``passed`` (measured), ``declared`` (claimed by the subject), constants and witness; ``tag`` is
+    the provenance of the checkable form (``"reconstruction"``: safekd's, as the Theory page explains)."""
 
     name: str
     axiom_id: str
@@ -65,7 +66,7 @@ class AxiomResult:
     witness: dict[str, Any] | None = None
     seed: int = 0
     message: str = ""
-    tag: str = "INFERRED"
+    tag: str = "reconstruction"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.axiom_id, "passed": self.passed, "declared": self.declared,

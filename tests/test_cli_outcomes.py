@@ -24,6 +24,7 @@ def test_check_axioms_constructor_arguments(capsys):
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["subject"] == "SafetyPrior" and report["passed"]
+    assert {r["tag"] for r in report["results"]} == {"reconstruction"}
     assert main(["check-axioms", "safekd.weighting:SafetyPrior", "--batch", "8",
                  "--arg", "base=safekd.weighting:EntropySoftmax"]) == 0
 
