@@ -259,10 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
     spec_file = getattr(args, "spec", None)
-    if spec_file:  # a job's "module:function" hooks may live next to the job file (after installed packages)
-        folder = str(Path(spec_file).resolve().parent)
-        if folder not in sys.path:
-            sys.path.append(folder)
+    hooks = str(Path(spec_file).resolve().parent) if spec_file else ""
+    hooks = "" if hooks in sys.path else hooks
+    if hooks:  # a job's "module:function" hooks may live next to the job file (searched after installed packages)
+        sys.path.append(hooks)
     try:
         return func(args)
     except KeyboardInterrupt:
@@ -276,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"safekd {args.command}: error: {_describe(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if hooks:
+            sys.path.remove(hooks)
 
 
 def _describe(exc: BaseException) -> str:

@@ -61,7 +61,8 @@ def test_the_tutorials_job_trains_and_audits_a_data_file(tmp_path, monkeypatch, 
     spec = tmp_path / "wine_job.yaml"
     spec.write_text(yaml.safe_dump(job))
     assert main(["train", "--spec", str(spec), "--out", str(tmp_path / "run"), "--no-progress"]) in (0, 1)
-    import my_wine_hooks
+    assert str(tmp_path) not in sys.path  # searched during the command only
+    import my_wine_hooks  # imported by the command
 
     new = my_wine_hooks.make_data(seed=1)["heldout"]
     torch.save({"inputs": new["inputs"], "labels": new["labels"]}, tmp_path / "new.pt")
