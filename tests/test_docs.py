@@ -12,7 +12,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-INTERNAL = re.compile(r"paper-spec|issue [0-9]|\bN2\b|CLI owner", re.IGNORECASE)
+INTERNAL = re.compile(r"paper-spec|issue [0-9]|\bN2\b|CLI owner|§ ?[0-9]|\[INFERRED\]", re.IGNORECASE)
 
 
 @pytest.fixture(scope="module")
