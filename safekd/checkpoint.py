@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _KEYS = ("format_version", "distiller", "rng")
+#: What every format-1 distiller state holds (checked before anything is loaded).
+_DISTILLER_KEYS = ("step", "student", "optimizer", "multipliers", "dual_optimizer", "weighting", "meter",
+                   "alarm_history", "alarm_active", "events", "spec")
 
 
 class CheckpointError(ValueError):
@@ -188,14 +191,14 @@ def load_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller", *,
     """
     payload = read_checkpoint(path, map_location)
     state = payload["distiller"]
-    missing = [k for k in distiller.state_dict() if not isinstance(state, dict) or k not in state]
+    missing = [k for k in _DISTILLER_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: missing key 'distiller.{missing[0]}'; the checkpoint was not written by "
-                              "SafeDistiller.save_checkpoint of this safekd version")
+                              "SafeDistiller.save_checkpoint")
     try:
         distiller.load_state_dict(state)
-    except CheckpointError:
-        raise
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: missing key {exc.args[0]!r} in the distiller state") from exc
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     if restore_rng:
