@@ -294,7 +294,8 @@ class FeasibleSet:
     # ------------------------------------------------------------------ conversion
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FeasibleSet":
         """The same set with its tensors moved to ``device`` and cast to ``dtype`` (``chain`` stays long)."""
-        kw = {"device": _checked_device(device), "dtype": dtype}
+        same = device is None or str(device) == str(self.device)  # the hot path: nothing to check
+        kw = {"device": device if same else _checked_device(device), "dtype": dtype}
         chain = None if self.chain is None else self.chain.to(device=device)
         return replace(self, lower=self.lower.to(**kw), upper=self.upper.to(**kw), A=self.A.to(**kw), b=self.b.to(**kw),
                        chain=chain)

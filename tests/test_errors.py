@@ -237,6 +237,8 @@ def test_ignored_labels_are_accepted():
 def test_simplex_on_a_missing_device():
     with pytest.raises(ValueError, match=r"^device='cuda' is not usable with this torch build .*use device='cpu'"):
         solvers.FeasibleSet.simplex(3, device="cuda")
+    with pytest.raises(ValueError, match=r"^device='cuda' is not usable"):
+        solvers.FeasibleSet.simplex(3).to(device="cuda")
 
 
 def test_feasible_set_rows_named_by_default():
