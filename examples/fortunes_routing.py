@@ -15,8 +15,11 @@ threshold — a student constraint with a differentiable proxy (mean p_θ(kids) 
 poisoned teacher and the per-example unsafe mass of the pooled target. (No ``safety_order`` here: a fixed order over
 the domain experts would override the domain posterior, whose job is to rank them per context.)
 
-    python examples/fortunes_routing.py            # full corpus, < 1 min
-    python examples/fortunes_routing.py --quick    # the test fixture
+    python examples/fortunes_routing.py            # full corpus (apt-get install fortunes)
+    python examples/fortunes_routing.py --quick    # the test fixture: 11 s CPU, 0.45 GB (2-core x86-64, 1 thread)
+
+Exit code 1 when an audited constraint FAILs (each is printed as ``FAIL method: constraint``), else 0. On the small
+fixture the routing-rate constraint has few offensive examples to bound and usually FAILs.
 """
 from __future__ import annotations
 
@@ -294,4 +297,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(fd.report_failures(main()["methods"]))  # exit 1 when an audited constraint FAILs
