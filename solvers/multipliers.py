@@ -92,9 +92,10 @@ class NuPI(_DualRule):
 class AugmentedLagrangian(_DualRule):
     """Augmented-Lagrangian multiplier rule: ``λ ← [λ + ρ g]₊``, the primal side adding ``ρ/2·max(g, 0)²`` (read
     ``ρ`` with :meth:`penalty_coefficient`). The penalty follows the standard schedule with a cap, paced for one
-    primal step per dual step: every ``patience`` dual steps, ``ρ ← min(growth·ρ, max_penalty)`` where the violation
-    ``max(g, 0)`` has not shrunk below ``shrink ×`` its value at the previous check (growing on every step sends ρ,
-    and λ with it, far past what a single primal step can follow).
+    primal step per dual step: every ``patience`` dual steps, ``ρ ← min(growth·ρ, max_penalty)`` where the
+    constraint was violated (g > 0) at every one of those steps and the violation has not shrunk below ``shrink ×``
+    its value at the previous check. A residual that changes sign is the primal overshooting, not stalling: ρ stays
+    (growing on every step sent ρ, and λ with it, far past what a single primal step can follow).
 
     Raises:
         ValueError: ``penalty`` not > 0, ``growth`` < 1, ``max_penalty`` < ``penalty``, ``shrink`` outside (0, 1] or
@@ -122,15 +123,18 @@ class AugmentedLagrangian(_DualRule):
     def _update(self, group, p, g, state):
         rho = self._rho(group, p)
         p.add_(rho * g)
+        violated = state.get("violated", torch.ones_like(g, dtype=torch.bool)) & (g > 0)
         state["step"] = step = state.get("step", 0) + 1
         if step % group["patience"]:
+            state["violated"] = violated
             return
         viol = g.clamp_min(0)
         prev = state.get("violation")
         if prev is not None:
-            stalled = (viol > 0) & (viol > group["shrink"] * prev)
+            stalled = violated & (viol > group["shrink"] * prev)
             rho.copy_(torch.where(stalled, (rho * group["growth"]).clamp_max(group["max_penalty"]), rho))
         state["violation"] = viol.clone()
+        state["violated"] = torch.ones_like(violated)
 
     def penalty_coefficient(self, i: int = 0) -> Tensor:
         """Penalty ``ρ`` (same shape as the multiplier) of the ``i``-th parameter across all groups."""
