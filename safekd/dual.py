@@ -29,7 +29,7 @@ from torch import Tensor
 from solvers import multipliers as M
 
 __all__ = ["ORDERS", "resolve_order", "make_rule", "MultiplierAlarm", "MultiplierAlarmError",
-           "decreasing_trend_z", "AlarmMonitor", "Relaxations"]
+           "trend_z", "sen_slope", "AlarmMonitor", "Relaxations"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +74,9 @@ def make_rule(dual: Any, params: Sequence[Tensor]) -> torch.optim.Optimizer:
                                  patience=dual.patience)
 
 
-def decreasing_trend_z(x: Sequence[float]) -> float:
+def trend_z(x: Sequence[float]) -> float:
     """Mann–Kendall statistic of ``x`` as a z-score: S = Σ_{i<j} sign(x_j − x_i), z = (S − sign S)/√(n(n−1)(2n+5)/18)
-    (no tie correction); z ≪ 0 is a significant decrease."""
+    (no tie correction); z ≪ 0 is a significant decrease, z ≫ 0 a significant increase."""
     t = torch.tensor(list(x), dtype=torch.float64)
     n = t.numel()
     s = float(torch.sign(t.unsqueeze(0) - t.unsqueeze(1)).triu(1).sum())
@@ -84,31 +84,47 @@ def decreasing_trend_z(x: Sequence[float]) -> float:
     return (s - math.copysign(1.0, s) * (s != 0)) / math.sqrt(var) if var > 0 else 0.0
 
 
-class AlarmMonitor:
-    """Per constraint, the last ``window`` dual steps' (λ, violation); an alarm stands while, over a full window,
-    λ grew, every violation exceeded ``min_violation`` and the violation shows no decrease significant at ``level``
-    (one-sided Mann–Kendall). Feasible problems converging, however slowly, show a decrease or a violation that
-    falls under ``min_violation``; an unattainable threshold shows neither."""
+def sen_slope(x: Sequence[float]) -> float:
+    """Theil–Sen slope of ``x`` against its index: the median of (x_j − x_i)/(j − i) over i < j."""
+    t = torch.tensor(list(x), dtype=torch.float64)
+    i, j = torch.triu_indices(t.numel(), t.numel(), 1)
+    return float(((t[j] - t[i]) / (j - i)).median()) if i.numel() else 0.0
 
-    def __init__(self, names: Sequence[str], window: int, min_violation: float, level: float) -> None:
-        self.window, self.min_violation = window, min_violation
-        self.z_crit = NormalDist().inv_cdf(1 - level) if 0 < level < 1 else math.inf
+
+class AlarmMonitor:
+    """Per constraint, the last ``window`` dual steps' (λ, violation). A window is *stuck* when λ grew, every
+    violation exceeded ``min_violation`` and the violation is flat: no trend, up or down, both significant at
+    ``level`` (two-sided Mann–Kendall) and material (the Theil–Sen slope moves it by at least ``min_change`` of its
+    mean over the window; round-off drifts are significant but not material); the alarm stands once ``window // 2`` consecutive windows were stuck. A feasible problem
+    converging shows a decrease (or a violation under ``min_violation``), one in its transient (the KD objective
+    pulling the violation up while λ builds) an increase, and the turn between the two is flat only briefly; an
+    unattainable threshold leaves the violation where it is while λ grows."""
+
+    def __init__(self, names: Sequence[str], window: int, min_violation: float, level: float,
+                 min_change: float = 0.01) -> None:
+        self.window, self.min_violation, self.min_change = window, min_violation, min_change
+        self.z_crit = NormalDist().inv_cdf(1 - level / 2) if 0 < level < 1 else math.inf
         self.history: dict[str, deque[tuple[float, float]]] = {n: deque(maxlen=max(window, 1)) for n in names}
+        self.streak = dict.fromkeys(names, 0)
         self.active: set[str] = set()
 
     def update(self, name: str, multiplier: float, violation: float) -> bool:
         """Record one dual step of ``name``; returns True when its alarm is newly raised."""
         h = self.history[name]
         h.append((multiplier, max(violation, 0.0)))
-        raised = (self.window > 0 and len(h) == self.window and h[-1][0] > h[0][0]
-                  and min(v for _, v in h) > self.min_violation
-                  and decreasing_trend_z([v for _, v in h]) > -self.z_crit)
+        v = [x for _, x in h]
+        stuck = (self.window > 0 and len(h) == self.window and h[-1][0] > h[0][0] and min(v) > self.min_violation
+                 and not (abs(trend_z(v)) >= self.z_crit
+                          and abs(sen_slope(v)) * (len(v) - 1) >= self.min_change * sum(v) / len(v)))
+        self.streak[name] = self.streak[name] + 1 if stuck else 0
+        raised = self.streak[name] >= max(self.window // 2, 1)
         new = raised and name not in self.active
         (self.active.add if raised else self.active.discard)(name)
         return new
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": {n: [list(x) for x in h] for n, h in self.history.items()}, "active": sorted(self.active)}
+        return {"history": {n: [list(x) for x in h] for n, h in self.history.items()}, "streak": dict(self.streak),
+                "active": sorted(self.active)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unknown = sorted(set(state["history"]) - set(self.history))
@@ -117,6 +133,7 @@ class AlarmMonitor:
         for n, h in state["history"].items():
             self.history[n].clear()
             self.history[n].extend(tuple(x) for x in h)
+        self.streak.update(state["streak"])
         self.active = set(state["active"])
 
 

@@ -88,7 +88,7 @@ class ChecksSpec:
     reference_every: int = 50
     reference_rows: int = 8
     reference_tol: float | None = None
-    alarm_window: int = 20
+    alarm_window: int = 50
     alarm_min_violation: float = 1e-3
     alarm_level: float = 0.05
     on_alarm: str = "warn"

@@ -10,7 +10,7 @@ import torch
 from constrained_toys import Table, kkt_multiplier, margin_problem, toy_data, toy_spec
 from safekd import constraints as C
 from safekd.distiller import MultiplierAlarm, MultiplierAlarmError, SafeDistiller
-from safekd.dual import AlarmMonitor, decreasing_trend_z, resolve_order
+from safekd.dual import AlarmMonitor, trend_z, resolve_order
 from safekd.spec import ChecksSpec, DualSpec
 
 EPS, PRIMAL_LR, DUAL_LR = 0.05, 10.0, 0.5
@@ -113,3 +113,100 @@ def test_a_window_with_no_unmasked_token_does_not_move_the_multiplier():
     rec = d.step({**data, "mask": torch.zeros(16, dtype=torch.bool)})
     assert lam > 0 and float(d.multipliers["unsafe_rate"]) == lam
     assert rec.constraints["unsafe_rate"]["count"] == 0.0
+
+
+# ---------------------------------------------------------------- alarms: a suite of feasible and infeasible problems
+def _p_unsafe_at_least(x):
+    def fn(logits, batch):
+        return torch.softmax(logits, -1)[..., 0].mean()
+    return C.metric(fn, ">=", x, name="p_unsafe_floor")
+
+
+def _toy_run(steps, *, dual=DualSpec(), extra=(), student=None, minibatch=None, checks=ChecksSpec(reference_every=0),
+             eps=EPS, order="simultaneous"):
+    data = toy_data()
+    st = student or Table(16, 6)
+    d = SafeDistiller(st, None, torch.optim.SGD(st.parameters(), lr=PRIMAL_LR),
+                      toy_spec(eps, dual=dual, checks=checks, extra=extra), order=order)
+    g = torch.Generator().manual_seed(0)
+    alarmed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MultiplierAlarm)
+        for _ in range(steps):
+            batch = data if minibatch is None else {k: v[torch.randperm(16, generator=g)[:minibatch]]
+                                                     for k, v in data.items()}
+            rec = d.step(batch)
+            alarmed += [a["constraint"] for a in rec.alarms]
+    return d, rec, alarmed
+
+
+FEASIBLE = {
+    "default dual lr": dict(steps=400),
+    "fast dual lr, to convergence": dict(steps=1500, dual=DualSpec(lr=0.5)),
+    "minibatches of 4 contexts": dict(steps=800, dual=DualSpec(lr=0.5), minibatch=4),
+    "nuPI": dict(steps=600, dual=DualSpec(rule="nupi", lr=0.3, kp=1.0, ema_nu=0.5)),
+    "augmented Lagrangian": dict(steps=600, dual=DualSpec(rule="augmented_lagrangian")),
+    "alternating primal_dual": dict(steps=600, dual=DualSpec(lr=0.5), order="primal_dual"),
+    "tight but feasible threshold": dict(steps=800, dual=DualSpec(lr=0.5), eps=0.005),
+}
+INFEASIBLE = {
+    "student cannot move the rate": dict(steps=100, student=Table(16, 6, frozen=list(range(6)))),
+    "two constraints in conflict": dict(steps=300, extra=(_p_unsafe_at_least(0.2),), dual=DualSpec(lr=0.5)),
+    "unattainable metric": dict(steps=100, extra=(C.metric(lambda z, b: z.new_tensor(1.0), "<=", 0.5, name="const"),)),
+}
+
+
+@pytest.mark.parametrize("case", list(FEASIBLE))
+def test_no_alarm_on_feasible_problems(case):
+    d, rec, alarmed = _toy_run(**FEASIBLE[case])
+    assert alarmed == [] and d.events["alarms"] == 0
+    assert rec.constraints["unsafe_rate"]["multiplier"] > 0  # the constraint was active: λ had work to do
+
+
+@pytest.mark.parametrize("case", list(INFEASIBLE))
+def test_every_infeasible_problem_is_flagged(case):
+    _, _, alarmed = _toy_run(**INFEASIBLE[case])
+    assert alarmed
+
+
+def test_alarm_is_a_trend_test_with_a_minimum_violation():
+    assert trend_z([5, 4, 3, 2, 1]) < -1.645 < trend_z([1, 1, 1, 1, 1]) == 0.0
+    mon = AlarmMonitor(["c"], window=5, min_violation=1e-3, level=0.05)
+    assert [mon.update("c", float(i), 0.2) for i in range(8)] == [False] * 5 + [True, False, False]  # raised once
+    assert mon.active == {"c"}
+    for i in range(5):  # a tiny violation (round-off near convergence) clears it and never raises it
+        assert not mon.update("c", 10.0 + i, 5e-10)
+    assert mon.active == set()
+    for i in range(5):  # a growing λ with a clearly shrinking violation is convergence, not an alarm
+        assert not mon.update("c", 20.0 + i, 0.5 / (i + 1))
+
+
+def test_on_alarm_relax_bounds_the_multiplier_and_reports_the_relaxation(tmp_path):
+    from safekd.steplog import StepLog, read_step_log
+
+    frozen = Table(16, 6, frozen=list(range(6)))  # p(U) = 1/6 forever: 0.05 is unattainable
+    checks = ChecksSpec(reference_every=0, on_alarm="relax", relax_cost=1.0, relax_lr=0.5)
+    data = toy_data()
+    d = SafeDistiller(frozen, None, torch.optim.SGD(frozen.parameters(), lr=1.0),
+                      toy_spec(EPS, dual=DualSpec(lr=0.5), checks=checks), log=StepLog(tmp_path / "s.jsonl"))
+    with pytest.warns(MultiplierAlarm, match="Relaxing it"):
+        recs = [d.step(data) for _ in range(400)]
+    d.log.close()
+    gap = 1 / 6 - EPS
+    u, lam = recs[-1].constraints["unsafe_rate"]["relaxation"], recs[-1].constraints["unsafe_rate"]["multiplier"]
+    assert u == pytest.approx(gap, abs=1e-3) and lam == pytest.approx(gap, abs=1e-3)  # α u = λ, g − u = 0
+    log = list(read_step_log(tmp_path / "s.jsonl"))
+    assert log[-1]["constraints"]["unsafe_rate"]["relaxation"] == u and log[0]["constraints"]["unsafe_rate"]["relaxation"] == 0
+
+
+def test_on_alarm_stop_raises_after_the_step_is_logged():
+    frozen = Table(16, 6, frozen=list(range(6)))
+    d = SafeDistiller(frozen, None, torch.optim.SGD(frozen.parameters(), lr=1.0),
+                      toy_spec(EPS, checks=ChecksSpec(reference_every=0, alarm_window=5, on_alarm="stop")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MultiplierAlarm)
+        for _ in range(5):
+            d.step(toy_data())
+        with pytest.raises(MultiplierAlarmError, match="stopped on the multiplier alarm of \\['unsafe_rate'\\]"):
+            d.step(toy_data())
+    assert d.step_count == 6 and d.events["alarms"] == 1
