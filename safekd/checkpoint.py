@@ -57,15 +57,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
-def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller") -> Path | None:
-    """Write ``distiller``'s state and the RNG states atomically to ``path`` (temp file + fsync + rename).
+def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller",
+                    extra: dict[str, Any] | None = None) -> Path | None:
+    """Write ``distiller``'s state, the RNG states and ``extra`` (tensors and primitive containers: e.g. a training
+    loop's position and data-order generator) atomically to ``path`` (temp file + fsync + rename).
 
     Returns the path written, or None on ranks other than 0 (which write nothing).
     """
     if not is_rank_zero():
         return None
     path = Path(path)
-    payload = {"format_version": FORMAT_VERSION, "distiller": distiller.state_dict(), "rng": rng_state()}
+    payload = {"format_version": FORMAT_VERSION, "distiller": distiller.state_dict(), "rng": rng_state(),
+               "extra": extra or {}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:

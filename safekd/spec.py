@@ -540,7 +540,7 @@ def _check_static_feasible(spec: Spec, locate: Locator, source: str | None) -> N
     if diag.success:
         return
     where = {c.name: i for i, c in enumerate(spec.constraints)}
-    members = [n for n in diag.conflict if n in where]
+    members = sorted((n for n in diag.conflict if n in where), key=where.__getitem__)  # in file order
     key = f"constraints[{where[members[0]]}]" if members else "constraints"
     parts = []
     for n in members:
