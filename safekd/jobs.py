@@ -29,11 +29,13 @@ import json
 import logging
 import math
 import os
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -227,8 +229,11 @@ def prepare_data(job: Job, device: str | torch.device = "cpu") -> dict[str, dict
 
 
 def _build_student(job: Job, device: torch.device) -> nn.Module:
-    """A fresh student from the job's factory, seeded with ``job.seed``, on ``device``."""
+    """A fresh student from the job's factory on ``device``, every RNG (torch, NumPy, Python) seeded with ``job.seed``
+    (so that a run, and the RNG states its checkpoints hold, depend on the job alone)."""
     torch.manual_seed(job.seed)
+    np.random.seed(job.seed)
+    random.seed(job.seed)
     return resolve(job.student, "student")(seed=job.seed, **job.student_args).to(device)
 
 

@@ -88,3 +88,26 @@ def margin_problem(dual: DualSpec, mu: float = 0.1, b: float = -0.3):
                 checks=NO_CHECKS)
     d = SafeDistiller(lin, None, torch.optim.SGD(lin.parameters(), lr=1.0, weight_decay=mu), spec)
     return d, {"inputs": X, "teacher_logits": q.log().unsqueeze(1)}, th.value, float(con.dual_value)
+
+
+# ---------------------------------------------------------------- a tiny spec'd job (factories named in a job file)
+def job_splits(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """64 examples over the toy's 16 contexts per split, teacher logits cached (one teacher)."""
+    data = toy_data(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for split in ("distill", "heldout"):
+        x = torch.randint(0, 16, (64,), generator=g)
+        out[split] = {"inputs": x, "labels": torch.randint(0, 6, (64,), generator=g),
+                      "teacher_logits": data["teacher_logits"][x].float()}
+    return out
+
+
+def job_teachers(splits, seed: int = 0, device=None):
+    logits = toy_data(seed=seed)["teacher_logits"][:, 0].float()
+    return {"t": lambda x: logits[x]}
+
+
+def job_student(seed: int = 0) -> torch.nn.Module:
+    """Embedding → dropout → linear: the dropout draws from the global RNG, so resuming must restore it."""
+    return torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 6))
