@@ -93,12 +93,13 @@ def sen_slope(x: Sequence[float]) -> float:
 
 class AlarmMonitor:
     """Per constraint, the last ``window`` dual steps' (λ, violation). A window is *stuck* when λ grew, every
-    violation exceeded ``min_violation`` and the violation is flat: no trend, up or down, both significant at
+    violation exceeded ``min_violation`` and the violation is flat: no trend, up or down, that is both significant at
     ``level`` (two-sided Mann–Kendall) and material (the Theil–Sen slope moves it by at least ``min_change`` of its
-    mean over the window; round-off drifts are significant but not material); the alarm stands once ``window // 2`` consecutive windows were stuck. A feasible problem
-    converging shows a decrease (or a violation under ``min_violation``), one in its transient (the KD objective
-    pulling the violation up while λ builds) an increase, and the turn between the two is flat only briefly; an
-    unattainable threshold leaves the violation where it is while λ grows."""
+    mean over the window; round-off drifts are significant but not material). The alarm stands once ``window // 2``
+    consecutive windows were stuck. A feasible problem converging shows a decrease (or a violation under
+    ``min_violation``), one in its transient (the KD objective pulling the violation up while λ builds) an increase,
+    and the turn between the two is flat only briefly; an unattainable threshold leaves the violation where it is
+    while λ grows."""
 
     def __init__(self, names: Sequence[str], window: int, min_violation: float, level: float,
                  min_change: float = 0.01) -> None:

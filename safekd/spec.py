@@ -525,7 +525,8 @@ def _check_numbers(err: Callable[[str, str], SpecError], section: str, obj: Any,
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
             raise err(f"{section}.{k}", f"expected {'an integer' if integer else 'a number'}, got {v!r}")
         if not math.isfinite(v) or (v <= lo if strict else v < lo) or (hi is not None and v >= hi):
-            bound = f"in {'(' if strict else '['}{lo:g}, {hi:g})" if hi is not None else f"{'>' if strict else '>='} {lo:g}"
+            bound = (f"in {'(' if strict else '['}{lo:g}, {hi:g})" if hi is not None
+                     else f"{'>' if strict else '>='} {lo:g}")
             raise err(f"{section}.{k}", f"must be {bound}, got {v!r}")
 
 

@@ -79,7 +79,8 @@ def margin_problem(dual: DualSpec, mu: float = 0.1, b: float = -0.3):
 
     th = cp.Variable((V, F))
     Z = X.numpy() @ th.T
-    obj = cp.sum(cp.log_sum_exp(Z, axis=1) - cp.sum(cp.multiply(q.numpy(), Z), axis=1)) / N + mu / 2 * cp.sum_squares(th)
+    kl = cp.sum(cp.log_sum_exp(Z, axis=1) - cp.sum(cp.multiply(q.numpy(), Z), axis=1)) / N
+    obj = kl + mu / 2 * cp.sum_squares(th)
     con = cp.sum(Z[:, 0] - Z[:, 1]) / N <= b
     cp.Problem(cp.Minimize(obj), [con]).solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
     lin = torch.nn.Linear(F, V, bias=False).double()

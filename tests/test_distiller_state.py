@@ -35,7 +35,8 @@ def _make(checks=ChecksSpec(reference_every=0, alarm_window=0), d=8, seed=0):
 
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"inputs": torch.randint(0, V, (2, 6), generator=g), "teacher_logits": 2 * torch.randn(2, 6, K, V, generator=g)}
+    return {"inputs": torch.randint(0, V, (2, 6), generator=g),
+            "teacher_logits": 2 * torch.randn(2, 6, K, V, generator=g)}
 
 
 def _flat(state):

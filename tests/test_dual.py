@@ -195,8 +195,8 @@ def test_on_alarm_relax_bounds_the_multiplier_and_reports_the_relaxation(tmp_pat
     gap = 1 / 6 - EPS
     u, lam = recs[-1].constraints["unsafe_rate"]["relaxation"], recs[-1].constraints["unsafe_rate"]["multiplier"]
     assert u == pytest.approx(gap, abs=1e-3) and lam == pytest.approx(gap, abs=1e-3)  # α u = λ, g − u = 0
-    log = list(read_step_log(tmp_path / "s.jsonl"))
-    assert log[-1]["constraints"]["unsafe_rate"]["relaxation"] == u and log[0]["constraints"]["unsafe_rate"]["relaxation"] == 0
+    relaxations = [r["constraints"]["unsafe_rate"]["relaxation"] for r in read_step_log(tmp_path / "s.jsonl")]
+    assert relaxations[0] == 0 and relaxations[-1] == u  # the step log carries it, for the audit
 
 
 def test_on_alarm_stop_raises_after_the_step_is_logged():

@@ -54,7 +54,8 @@ def test_kill_9_then_resume_is_byte_identical_to_an_uninterrupted_run(job_file, 
     assert main(["train", "--spec", str(job_file), "--out", str(tmp_path / "ref"), "--no-progress"]) in (0, 1)
 
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    path = [str(TESTS.parent), str(TESTS), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.Popen([sys.executable, "-m", "safekd", "train", "--spec", str(job_file), "--out", str(run),
                              "--checkpoint-every", "7", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
