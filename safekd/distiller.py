@@ -605,7 +605,7 @@ class SafeDistiller:
         rates, counts = self.meter.compute()
         self.meter.reset()
         self._window = {}
-        lams_before = {n: t.detach().clone() for n, t in self.multipliers.items()}
+        lams_before = {n: self.multipliers[n].detach().clone() for n in self.relaxations.engaged}
         for s, rate, seen in zip(states, rates, (counts > 0).tolist()):
             name = s["constraint"].name
             lam = self.multipliers[name]

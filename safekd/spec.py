@@ -502,7 +502,7 @@ def _validate(spec: Spec, locate: Locator, source: str | None) -> None:
         raise err("dual.rule", f"unknown dual rule {d.rule!r}; choose one of {list(DUAL_RULES)}")
     _check_numbers(err, "dual", d, {
         "lr": (0, None, True), "kp": (0, None, False), "ki": (0, None, False), "ema_nu": (0, 1, False),
-        "penalty": (0, None, True), "growth": (1, None, False), "max_penalty": (d.penalty, None, False),
+        "penalty": (0, None, True), "growth": (1, None, False), "max_penalty": (d.penalty, None, False, f"dual.penalty ({d.penalty:g})"),
         "init": (0, None, False), "every": (1, None, False), "patience": (1, None, False)})
     ch = spec.checks
     if ch.on_alarm not in ON_ALARM:
@@ -514,10 +514,10 @@ def _validate(spec: Spec, locate: Locator, source: str | None) -> None:
 
 
 def _check_numbers(err: Callable[[str, str], SpecError], section: str, obj: Any,
-                   rules: Mapping[str, tuple[float, float | None, bool]]) -> None:
-    """Each ``rules[key] = (low, high, strict)``: a finite number (an integer where the default is one), ≥ low
-    (> low when strict) and < high when given; None values are skipped."""
-    for k, (lo, hi, strict) in rules.items():
+                   rules: Mapping[str, tuple[Any, ...]]) -> None:
+    """Each ``rules[key] = (low, high, strict[, what low is])``: a finite number (an integer where the default is
+    one), ≥ low (> low when strict) and < high when given; None values are skipped."""
+    for k, (lo, hi, strict, *name) in rules.items():
         v = getattr(obj, k)
         if v is None:
             continue
@@ -526,7 +526,7 @@ def _check_numbers(err: Callable[[str, str], SpecError], section: str, obj: Any,
             raise err(f"{section}.{k}", f"expected {'an integer' if integer else 'a number'}, got {v!r}")
         if not math.isfinite(v) or (v <= lo if strict else v < lo) or (hi is not None and v >= hi):
             bound = (f"in {'(' if strict else '['}{lo:g}, {hi:g})" if hi is not None
-                     else f"{'>' if strict else '>='} {lo:g}")
+                     else f"{'>' if strict else '>='} {name[0] if name else f'{lo:g}'}")
             raise err(f"{section}.{k}", f"must be {bound}, got {v!r}")
 
 
