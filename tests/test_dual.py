@@ -143,12 +143,12 @@ def _toy_run(steps, *, dual=DualSpec(), extra=(), student=None, minibatch=None, 
 
 FEASIBLE = {
     "default dual lr": dict(steps=400),
-    "fast dual lr, to convergence": dict(steps=1500, dual=DualSpec(lr=0.5)),
-    "minibatches of 4 contexts": dict(steps=800, dual=DualSpec(lr=0.5), minibatch=4),
-    "nuPI": dict(steps=600, dual=DualSpec(rule="nupi", lr=0.3, kp=1.0, ema_nu=0.5)),
-    "augmented Lagrangian": dict(steps=600, dual=DualSpec(rule="augmented_lagrangian")),
-    "alternating primal_dual": dict(steps=600, dual=DualSpec(lr=0.5), order="primal_dual"),
-    "tight but feasible threshold": dict(steps=800, dual=DualSpec(lr=0.5), eps=0.005),
+    "fast dual lr, to convergence": dict(steps=1200, dual=DualSpec(lr=0.5)),
+    "minibatches of 4 contexts": dict(steps=600, dual=DualSpec(lr=0.5), minibatch=4),
+    "nuPI": dict(steps=400, dual=DualSpec(rule="nupi", lr=0.3, kp=1.0, ema_nu=0.5)),
+    "augmented Lagrangian": dict(steps=400, dual=DualSpec(rule="augmented_lagrangian")),
+    "alternating primal_dual": dict(steps=400, dual=DualSpec(lr=0.5), order="primal_dual"),
+    "tight but feasible threshold": dict(steps=500, dual=DualSpec(lr=0.5), eps=0.005),
 }
 INFEASIBLE = {
     "student cannot move the rate": dict(steps=100, student=Table(16, 6, frozen=list(range(6)))),

@@ -62,6 +62,14 @@ def test_file_errors_name_file_line_and_key(tmp_path, case):
     _check(tmp_path, case, HEAD + text, key, line, msg)
 
 
+def test_a_duplicate_toml_key_names_its_line(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('[[teachers]]\nname = "a"\n\n[[constraints]]\nkind = "cap"\nteacher = "a"\nmax = 0.1\nmax = 0.9\n')
+    with pytest.raises(SpecError, match="invalid TOML") as exc:
+        load_spec(path)
+    assert exc.value.line == 8
+
+
 @pytest.mark.parametrize("case", list(NAME_CASES))
 def test_teacher_names_must_be_non_empty_strings(tmp_path, case):
     _check(tmp_path, case, *NAME_CASES[case])
