@@ -23,6 +23,7 @@ frameworks that own backward and the optimizer call ``loss`` and ``finish_step``
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -326,13 +327,38 @@ class SafeDistiller:
 
     def step(self, batch: Batch) -> StepRecord:
         """One primal–dual step on ``batch``: :meth:`loss`, backward, the student's optimizer step (refused on
-        NaN/inf gradients), :meth:`finish_step`. Returns the :class:`StepRecord`."""
+        NaN/inf gradients, with nothing changed: under ``order="dual_primal"`` the dual step :meth:`loss` took is
+        undone), :meth:`finish_step`. Returns the :class:`StepRecord`."""
+        before = self._dual_state() if self.order == "dual_primal" else None
         loss, pending = self.loss(batch)
-        self.zero_grad()
-        loss.backward()
-        self._check_grads()
+        try:
+            self.zero_grad()
+            loss.backward()
+            self._check_grads()
+        except NonFiniteError:
+            if before is not None:
+                self._load_dual_state(before)
+            raise
         self.optimizer.step()
         return self._finish(pending)
+
+    def _dual_state(self) -> dict[str, Any]:
+        """A copy of everything a dual step changes (J scalars and their rule's state)."""
+        return copy.deepcopy({"multipliers": self.multipliers, "rule": self.dual_optimizer.state_dict()
+                              if self.dual_optimizer is not None else None, "meter": self.meter.state_dict(),
+                              "relaxations": self.relaxations.state_dict(), "alarms": self.alarms.state_dict(),
+                              "window": self._window, "events": self.events})
+
+    def _load_dual_state(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for n, t in state["multipliers"].items():
+                self.multipliers[n].copy_(t)
+        if self.dual_optimizer is not None:
+            self.dual_optimizer.load_state_dict(state["rule"])
+        self.meter.load_state_dict(state["meter"])
+        self.relaxations.load_state_dict(state["relaxations"])
+        self.alarms.load_state_dict(state["alarms"])
+        self._window, self.events = state["window"], state["events"]
 
     # ---------------------------------------------------------------------------------------------- pieces
     def _finish(self, pending: PendingStep) -> StepRecord:

@@ -134,6 +134,21 @@ def test_nan_guard_stops_before_any_change(where):
     assert lams == lams_after and d.step_count == 1
 
 
+@pytest.mark.parametrize("order", ["simultaneous", "dual_primal", "primal_dual"])
+def test_nan_gradients_leave_student_and_multipliers_unchanged_in_every_order(order):
+    d, student, batch = _setup([C.unsafe_rate(0.01)], order=order, checks=ChecksSpec(reference_every=0, alarm_window=2))
+    d.step(batch)
+    params, lams = _snapshot(d)
+    rule, meter = d.dual_optimizer.state_dict(), d.meter.state_dict()
+    student.out.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(NonFiniteError, match="student gradients contain NaN or inf"):
+        d.step(batch)
+    after, lams_after = _snapshot(d)
+    assert all(torch.equal(a, b) for a, b in zip(params, after)) and d.step_count == 1
+    assert lams == lams_after and lams["unsafe_rate"] > 0
+    assert d.dual_optimizer.state_dict() == rule and d.meter.state_dict()["updates"] == meter["updates"]
+
+
 def test_alarm_when_multiplier_grows_and_violation_does_not_shrink():
     """An unattainable metric (constant, independent of the student) must raise the alarm."""
     const = C.metric(lambda z, b: z.new_tensor(1.0), "<=", 0.5, name="unattainable")
