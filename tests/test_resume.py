@@ -70,6 +70,10 @@ def test_kill_9_then_resume_is_byte_identical_to_an_uninterrupted_run(job_file, 
     assert 30 <= killed_at < STEPS and not (run / "checkpoint.pt").exists()
     kept = sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))
     assert len(kept) == 2 and kept[-1] <= f"step-{killed_at:08d}.pt"  # the last two, the newest before the kill
+    # what a kill at a worse moment leaves: a half-written log line and a checkpoint's temporary file
+    with open(run / "steps.jsonl", "a") as fh:
+        fh.write('{"step": 99999, "loss": 0.')
+    (run / "checkpoints" / "step-99999999.pt.tmp").write_bytes(b"PK\x03\x04 cut short")
 
     assert main(["train", "--spec", str(job_file), "--out", str(run), "--checkpoint-every", "7", "--resume",
                  "--no-progress"]) in (0, 1)
