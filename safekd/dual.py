@@ -21,12 +21,15 @@ import warnings
 from collections import deque
 from collections.abc import Sequence
 from statistics import NormalDist
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from solvers import multipliers as M
+
+if TYPE_CHECKING:  # pragma: no cover
+    from safekd.spec import DualSpec
 
 __all__ = ["ORDERS", "resolve_order", "make_rule", "MultiplierAlarm", "MultiplierAlarmError",
            "trend_z", "sen_slope", "AlarmMonitor", "Relaxations"]
@@ -38,7 +41,7 @@ _DEPRECATED_ORDERS = {"dual_first": "dual_primal", "primal_first": "primal_dual"
 
 
 class MultiplierAlarm(UserWarning):
-    """A multiplier keeps growing while its constraint's violation shows no significant decrease."""
+    """A multiplier keeps growing while its constraint's violation stays flat above the minimum size."""
 
 
 class MultiplierAlarmError(RuntimeError):
@@ -64,7 +67,7 @@ def resolve_order(order: str) -> str:
     return order
 
 
-def make_rule(dual: Any, params: Sequence[Tensor]) -> torch.optim.Optimizer:
+def make_rule(dual: "DualSpec", params: Sequence[Tensor]) -> torch.optim.Optimizer:
     """The multiplier rule of a :class:`~safekd.spec.DualSpec` over ``params`` (one 0-d tensor per constraint)."""
     if dual.rule == "gradient_ascent":
         return M.GradientAscent(params, lr=dual.lr)
