@@ -38,15 +38,23 @@ COOPER = {"simultaneous": cooper.optim.SimultaneousOptimizer,
           "primal_dual": cooper.optim.AlternatingPrimalDualOptimizer}
 
 
-@pytest.mark.parametrize("order", list(COOPER))
-def test_each_order_matches_cooper_iterate_for_iterate(order):
+def _cooper_dual(rule, params):
+    if rule == "gradient_ascent":
+        return torch.optim.SGD(params, lr=DUAL_LR, maximize=True)
+    from cooper.optim.torch_optimizers import nuPI, nuPIInitType
+
+    return nuPI(params, lr=DUAL_LR, Kp=1.0, Ki=1.0, ema_nu=0.5, init_type=nuPIInitType.ZEROS, maximize=True)
+
+
+@pytest.mark.parametrize("order, rule", [(o, "gradient_ascent") for o in COOPER] + [("simultaneous", "nupi")])
+def test_each_order_matches_cooper_iterate_for_iterate(order, rule):
     data = toy_data()
     ours = Table(16, 6)
     d = SafeDistiller(ours, None, torch.optim.SGD(ours.parameters(), lr=PRIMAL_LR),
-                      toy_spec(EPS, dual=DualSpec(lr=DUAL_LR)), order=order)
+                      toy_spec(EPS, dual=DualSpec(rule=rule, lr=DUAL_LR, kp=1.0, ki=1.0, ema_nu=0.5)), order=order)
     theirs, cmp = Table(16, 6), CooperToy(data)
     opt = COOPER[order](cmp=cmp, primal_optimizers=torch.optim.SGD(theirs.parameters(), lr=PRIMAL_LR),
-                        dual_optimizers=torch.optim.SGD(cmp.dual_parameters(), lr=DUAL_LR, maximize=True))
+                        dual_optimizers=_cooper_dual(rule, cmp.dual_parameters()))
     worst_theta = worst_lam = 0.0
     for _ in range(200):
         d.step(data)
