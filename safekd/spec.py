@@ -31,6 +31,7 @@ import torch
 import yaml
 from torch import Tensor
 
+import solvers
 from safekd import constraints as C
 from safekd.unsafe import UnsafeSet
 
@@ -137,11 +138,10 @@ class Spec:
             return None
         return torch.tensor([t.safety for t in self.teachers], dtype=dtype, device=device)
 
-    def static_feasible_set(self, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> Any:
+    def static_feasible_set(self, dtype: torch.dtype = torch.float64,
+                            device: torch.device | None = None) -> solvers.FeasibleSet:
         """The ``solvers.FeasibleSet`` of the static teacher-weight constraints (caps, floors, groups, order): the
         simplex over the teachers cut by each of them, in spec order."""
-        import solvers
-
         fs = solvers.FeasibleSet.simplex(len(self.teachers), dtype=dtype, device=device)
         safety = self.safety_scores(dtype=dtype, device=device)
         for c in self.teacher_weight_constraints:
@@ -533,8 +533,6 @@ def _check_numbers(err: Callable[[str, str], SpecError], section: str, obj: Any,
 def _check_static_feasible(spec: Spec, locate: Locator, source: str | None) -> None:
     """The static teacher-weight constraints (caps, floors, groups, order) must leave some weights on the simplex;
     otherwise name a minimal conflicting subset (``solvers.diagnose``) with each member's key and line."""
-    import solvers
-
     if not any(not c.per_token for c in spec.teacher_weight_constraints):
         return
     diag = solvers.diagnose(spec.static_feasible_set())
