@@ -333,7 +333,7 @@ def train_student(job: Job, train: DataSource, *, device: str | torch.device = "
         pos = _resume(distiller, ckpt_dir, job)
         if pos.generator is not None:
             gen.set_state(pos.generator)
-    if step_log is not None and is_rank_zero():
+    if resume and step_log is not None and is_rank_zero():
         _truncate_step_log(Path(step_log), pos.step)  # steps after the checkpoint are trained again
     log = StepLog(step_log, summary_every=0) if step_log is not None else None
     distiller.log = log
