@@ -502,7 +502,8 @@ def _validate(spec: Spec, locate: Locator, source: str | None) -> None:
         raise err("dual.rule", f"unknown dual rule {d.rule!r}; choose one of {list(DUAL_RULES)}")
     _check_numbers(err, "dual", d, {
         "lr": (0, None, True), "kp": (0, None, False), "ki": (0, None, False), "ema_nu": (0, 1, False),
-        "penalty": (0, None, True), "growth": (1, None, False), "max_penalty": (d.penalty, None, False, f"dual.penalty ({d.penalty:g})"),
+        "penalty": (0, None, True), "growth": (1, None, False),
+        "max_penalty": (d.penalty, None, False, f"dual.penalty ({d.penalty})"),
         "init": (0, None, False), "every": (1, None, False), "patience": (1, None, False)})
     ch = spec.checks
     if ch.on_alarm not in ON_ALARM:

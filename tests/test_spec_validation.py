@@ -20,7 +20,7 @@ FILE_CASES = {
     "ema_nu >= 1": ("dual: {rule: nupi, lr: 0.1, ema_nu: 5}\n", "dual.ema_nu", 5, "must be in [0, 1), got 5"),
     "growth < 1": ("dual:\n  rule: augmented_lagrangian\n  growth: 0.5\n", "dual.growth", 7, "must be >= 1, got 0.5"),
     "max_penalty < penalty": ("dual: {rule: augmented_lagrangian, max_penalty: -1}\n", "dual.max_penalty", 5,
-                              "must be >= dual.penalty (1), got -1"),
+                              "must be >= dual.penalty (1.0), got -1"),
     "init nan": ("dual: {init: .nan}\n", "dual.init", 5, "expected a finite number, got nan"),
     "patience 0": ("dual: {patience: 0}\n", "dual.patience", 5, "must be >= 1, got 0"),
     "negative reference_tol": ("checks: {reference_tol: -1.0e-6}\n", "checks.reference_tol", 5,
