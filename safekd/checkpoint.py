@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import random
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,15 +83,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
-def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller") -> Path | None:
-    """Write ``distiller``'s state and the RNG states atomically to ``path`` (temp file + fsync + rename).
+def _interned(obj: Any) -> Any:
+    """``obj`` with every string interned: pickle shares equal strings only when they are the same object, so a state
+    read back from a checkpoint would otherwise be written with other bytes than the same state built in-process."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {_interned(k): _interned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_interned(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller",
+                    extra: dict[str, Any] | None = None) -> Path | None:
+    """Write ``distiller``'s state, the RNG states and ``extra`` (tensors and primitive containers: e.g. a training
+    loop's position and data-order generator) atomically to ``path`` (temp file + fsync + rename).
 
     Returns the path written, or None on ranks other than 0 (which write nothing).
     """
     if not is_rank_zero():
         return None
     path = Path(path)
-    payload = {"format_version": FORMAT_VERSION, "distiller": distiller.state_dict(), "rng": rng_state()}
+    payload = _interned({"format_version": FORMAT_VERSION, "distiller": distiller.state_dict(), "rng": rng_state(),
+                         "extra": extra or {}})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:

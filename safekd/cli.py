@@ -1,4 +1,4 @@
-"""The ``safekd`` command line: ``demo``, ``train``, ``audit``, ``check-axioms``, ``theory``.
+"""The ``safekd`` command line: ``demo``, ``train``, ``validate``, ``audit``, ``check-axioms``, ``theory``.
 
 Exit codes: 0 = success (for ``audit``: every constraint passes at the requested confidence), 1 = a check failed
 (a constraint, an axiom, a theory harness), 2 = an error (bad spec, missing file, bad argument); errors are one
@@ -57,11 +57,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from safekd.distributed import destroy, init_from_env
     from safekd.jobs import load_job, run_training
 
-    job = load_job(args.spec)
+    job = load_job(args.spec)  # every check that needs no data, before any teacher is trained
     out = Path(args.out) if args.out else job.out
     init_from_env("nccl" if args.device.startswith("cuda") else "gloo")  # torchrun: join the group (else nothing)
     try:
-        result = run_training(job, out_dir=out, device=args.device, progress=_progress(args))
+        result = run_training(job, out_dir=out, device=args.device, progress=_progress(args),
+                              checkpoint_every=args.checkpoint_every, resume=args.resume)
     finally:
         destroy()
     if result.report is None:  # ranks other than 0: rank 0 audits, writes and prints
@@ -69,6 +70,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(result.report.summary_table())
     print(f"\ncheckpoint: {result.checkpoint}\nstep log:   {result.step_log}\nreport:     {result.paths['html']}")
     return EXIT_OK if result.report.passed else EXIT_FAIL
+
+
+# -------------------------------------------------------------------------------------------------------- validate
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from safekd.jobs import load_job
+
+    job = load_job(args.spec)
+    spec = job.spec
+    print(f"{args.spec}: ok ({len(spec.teachers)} teachers, {len(spec.constraints)} constraints, "
+          f"dual rule {spec.dual.rule})")
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------------------- audit
@@ -205,6 +217,16 @@ def _keyword(x: str) -> tuple[str, object]:
                                          "mapping") from None
 
 
+def _non_negative(x: str) -> int:
+    try:
+        v = int(x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {x!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {x}")
+    return v
+
+
 def _confidence(x: str) -> float:
     v = float(x)
     if not 0.0 < v < 1.0:
@@ -235,8 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint, a JSONL step log and an audit report.")
     p.add_argument("--spec", required=True, help="job spec file (.yaml/.yml/.toml)")
     p.add_argument("--out", default=None, help="output directory (default: the job's `out`)")
+    p.add_argument("--checkpoint-every", type=_non_negative, default=0, metavar="N",
+                   help="write an atomic checkpoint to OUT/checkpoints every N steps, keeping the last two "
+                        "(default: 0 = only the final checkpoint)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in OUT/checkpoints (bit-identical to an uninterrupted "
+                        "run; the step log is appended to)")
     _add_common(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("validate", help="check a spec file without data or training",
+                       description="Check everything about SPEC that needs no data: types, ranges, duplicate keys, "
+                                   "names, dual and check settings, and the feasibility of the static teacher-weight "
+                                   "constraints (naming a minimal conflicting subset). Exit 0 if valid, 2 with "
+                                   "file:line: key: message otherwise.")
+    p.add_argument("--spec", required=True, help="spec or job spec file (.yaml/.yml/.toml)")
+    _add_common(p, device=False)
+    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("audit", help="audit a checkpoint against a spec's constraints",
                        description="Evaluate every constraint of SPEC on DATA with one-sided confidence bounds. "

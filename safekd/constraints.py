@@ -346,9 +346,9 @@ def _masked_sums(per_token: Tensor, value: Tensor, mask: Tensor) -> MeasurementS
 # ---------------------------------------------------------------------------------------------------------------
 # teacher-weight constraints
 # ---------------------------------------------------------------------------------------------------------------
-def _check_prob(name: str, arg: str, x: float) -> None:
+def _check_prob(name: str, arg: str, x: float, what: str = "a teacher weight") -> None:
     if not 0.0 <= x <= 1.0:
-        raise ValueError(f"constraint {name!r}: `{arg}` must be in [0, 1] (a teacher weight), got {x}")
+        raise ValueError(f"constraint {name!r}: `{arg}` must be in [0, 1] ({what}), got {x}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -516,7 +516,7 @@ class UnsafeRate(StudentConstraint):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_prob(self.name, "max", self.threshold)
+        _check_prob(self.name, "max", self.threshold, "a rate: the expected student probability of the unsafe set")
         if self.unsafe is not None:
             object.__setattr__(self, "unsafe", UnsafeSet.coerce(self.unsafe))
 

@@ -12,8 +12,9 @@ Per step (``step(batch) -> StepRecord``):
 5. pooled target q_t = G(p_1..p_K; w_t) and the divergence L_KD = Σ_t D(q_t ‖ p_θ) / #tokens;
 6. Lagrangian ℒ = L_KD + Σ_j λ_j ĝ_j (+ (ρ_j/2)·max(0, ĝ_j)² for the augmented Lagrangian), with ĝ_j the
    signed residual of constraint j's differentiable proxy (g ≤ 0 convention);
-7. backward, primal step, then the dual step λ_j ← rule(λ_j, g_j) with the TRUE measured residual g_j written to
-   λ_j.grad (every ``spec.dual.every`` steps, from sums and counts accumulated over the window).
+7. backward, primal step and the dual step λ_j ← rule(λ_j, g_j − u_j) with the TRUE measured residual g_j written
+   to λ_j.grad (every ``spec.dual.every`` steps, from sums and counts accumulated over the window; u_j the resilient
+   relaxation, 0 unless ``checks.on_alarm: relax`` engaged it), in the ``order`` of :mod:`safekd.dual`.
 
 Public surface: ``targets(batch, student_logits=None) -> Targets`` (steps 1, 3–5 without training: the audit's
 view), ``loss(batch) -> (lagrangian, PendingStep)`` (steps 1–6) and ``finish_step(pending) -> StepRecord``
@@ -22,11 +23,11 @@ frameworks that own backward and the optimizer call ``loss`` and ``finish_step``
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
 import warnings
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -39,13 +40,14 @@ import solvers
 from safekd import constraints as C
 from safekd.batches import IGNORE_INDEX
 from safekd.distributed import assert_states_identical, get_world_size, is_rank_zero, token_mean_scale, unwrap
+from safekd.dual import AlarmMonitor, MultiplierAlarm, MultiplierAlarmError, Relaxations, make_rule, resolve_order
 from safekd.measurement import ConstraintMeter, reduce_sums_counts
 from safekd.signals import Signals, all_finite
 from safekd.spec import Spec
 from safekd.weighting.compose import SCALES, compose
 
 __all__ = ["SafeDistiller", "StepRecord", "Targets", "PendingStep", "NonFiniteError", "ProjectionCheckError",
-           "MultiplierAlarm"]
+           "MultiplierAlarm", "MultiplierAlarmError"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +63,16 @@ class ProjectionCheckError(solvers.SolverError):
     """The batched projection disagrees with the cvxpy reference beyond tolerance."""
 
 
-class MultiplierAlarm(UserWarning):
-    """A multiplier keeps growing while its constraint's violation does not shrink."""
-
-
 @dataclass
 class StepRecord:
     """What one step did. ``constraints[name]`` = {sense, value, threshold, residual, multiplier, count,
-    satisfied (residual ≤ tolerance)};
+    satisfied (residual ≤ tolerance), relaxation (u ≥ 0: the threshold in force is threshold + u for ``<=``,
+    threshold − u for ``>=``; 0 unless ``on_alarm: relax`` engaged it)};
     ``weights[scale][teacher]`` = mean weight over unmasked tokens for each scale, ``composed`` and ``projected``;
     ``projection`` = {tokens (unmasked), projected_tokens (outside their set, sent to the solver), active (per
     constraint name), relaxed_tokens, corrected_tokens, max_kkt_residual};
-    ``alarms`` = [{constraint, message}]."""
+    ``alarms`` = [{constraint, message}]; ``reference_check`` = {rows, max_abs_diff} or, when the reference solver
+    failed, {rows: 0, error} (re-checked on the next step)."""
 
     step: int
     loss: float
@@ -83,7 +83,7 @@ class StepRecord:
     projection: dict[str, Any] = field(default_factory=dict)
     alarms: list[dict[str, str]] = field(default_factory=list)
     dual_updated: bool = False
-    reference_check: dict[str, float] | None = None
+    reference_check: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (floats, ints, strings, lists, dicts)."""
@@ -119,7 +119,8 @@ class Targets:
 @dataclass(eq=False)
 class PendingStep:
     """A step between :meth:`SafeDistiller.loss` and :meth:`SafeDistiller.finish_step`: its targets, the global
-    KD mean and penalty (detached, for the record), the constraint states and whether the dual step ran."""
+    KD mean and penalty (detached, for the record), the constraint states, whether the dual step ran and the
+    reference check run before the step (if due)."""
 
     targets: Targets
     kd_loss: Tensor
@@ -127,6 +128,7 @@ class PendingStep:
     states: list[dict[str, Any]]
     dual_updated: bool = False
     finished: bool = False
+    reference_check: dict[str, Any] | None = None
 
 
 def _require_finite(what: str, t: Tensor, detail: Callable[[Tensor], str] | None = None) -> None:
@@ -189,8 +191,9 @@ class SafeDistiller:
         pool: ``pool(teacher_logprobs [..., K, V], w [..., K]) -> target_logp [..., V]`` (default linear pool).
         divergence: ``divergence(target_logp, student_logits, mask, temperature)`` with ``.sum``/``.count``
             (default forward KL).
-        order: ``"primal_first"`` (default, alternating: primal step with λ_t, then dual step) or
-            ``"dual_first"`` (dual step from this batch's measurement, then the primal step with λ_{t+1}).
+        order: ``"simultaneous"`` (default: both steps from θ_t, λ_t), ``"dual_primal"`` (dual step first, the primal
+            step with λ_{t+1}) or ``"primal_dual"`` (primal step first, then the dual step from the constraints
+            re-measured at θ_{t+1} on the same batch: one more no-grad student forward); see :mod:`safekd.dual`.
         log: a :class:`~safekd.steplog.StepLog` receiving every record (rank 0 only).
 
     Batch keys: ``inputs``; optional ``teacher_logits``, ``labels``, ``mask`` (bool), ``task_ids``, ``context``.
@@ -204,14 +207,13 @@ class SafeDistiller:
                  spec: Spec, *, weighting: nn.Module | Mapping[str, nn.Module] | None = None,
                  pool: Callable[[Tensor, Tensor], Tensor] | None = None,
                  divergence: Callable[..., Any] | None = None,
-                 order: Literal["primal_first", "dual_first"] = "primal_first",
+                 order: Literal["simultaneous", "dual_primal", "primal_dual"] = "simultaneous",
                  log: Any | None = None) -> None:
         if not isinstance(spec, Spec):
             raise TypeError(f"spec must be a safekd.Spec (see safekd.load_spec), got {type(spec).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if order not in ("primal_first", "dual_first"):
-            raise ValueError(f"order must be 'primal_first' or 'dual_first', got {order!r}")
+        order = resolve_order(order)
         self.student, self.optimizer, self.spec, self.order, self.log = student, optimizer, spec, order, log
         self.teacher_names = spec.teacher_names
         self.teacher_index = spec.teacher_index
@@ -231,11 +233,13 @@ class SafeDistiller:
         names = [c.name for c in self.student_constraints]
         self.multipliers: dict[str, Tensor] = {n: torch.full((), float(spec.dual.init), dtype=torch.float64)
                                                 for n in names}
-        self.dual_optimizer = self._make_dual_optimizer()
+        self.dual_optimizer = make_rule(spec.dual, list(self.multipliers.values())) if names else None
         self.meter = ConstraintMeter(names, sync=False)
-        self.alarm_history: dict[str, deque[tuple[float, float]]] = {
-            n: deque(maxlen=max(spec.checks.alarm_window, 1)) for n in names}
-        self._alarm_active: set[str] = set()
+        ch = spec.checks
+        self.alarms = AlarmMonitor(names, ch.alarm_window, ch.alarm_min_violation, ch.alarm_level)
+        self.relaxations = Relaxations(names, ch.relax_cost, ch.relax_lr if ch.relax_lr is not None else spec.dual.lr)
+        self._recheck_reference = False  # the reference solver failed: re-check on the next step
+        self._window: dict[str, float] = {}  # the last dual window: g_j − u_j per stepped constraint
         self.step_count = 0
         self.events = {"relaxed_tokens": 0, "corrected_tokens": 0, "alarms": 0}
 
@@ -274,24 +278,8 @@ class SafeDistiller:
     def _static_set(self, dtype: torch.dtype, device: torch.device) -> solvers.FeasibleSet:
         key = (dtype, device)
         if key not in self._static_sets:
-            fs = solvers.FeasibleSet.simplex(self.K, dtype=dtype, device=device)
-            safety = self.spec.safety_scores(dtype=dtype, device=device)
-            for c in self.static_constraints:
-                fs = c.apply_static(fs, self.teacher_index, safety)
-            self._static_sets[key] = fs
+            self._static_sets[key] = self.spec.static_feasible_set(dtype, device)
         return self._static_sets[key]
-
-    def _make_dual_optimizer(self) -> torch.optim.Optimizer | None:
-        if not self.multipliers:
-            return None
-        from solvers import multipliers as M
-
-        d, params = self.spec.dual, list(self.multipliers.values())
-        if d.rule == "gradient_ascent":
-            return M.GradientAscent(params, lr=d.lr)
-        if d.rule == "nupi":
-            return M.NuPI(params, lr=d.lr, kp=d.kp, ki=d.ki, ema_nu=d.ema_nu)
-        return M.AugmentedLagrangian(params, penalty=d.penalty, growth=d.growth, max_penalty=d.max_penalty)
 
     # ---------------------------------------------------------------------------------------------- protocol
     @property
@@ -331,11 +319,13 @@ class SafeDistiller:
 
         Returns ``(lagrangian, pending)``: back-propagate ``lagrangian`` (under DDP this rank's share
         S_r·W/N, whose DDP-averaged gradient is the global one), step the student's optimizer, then call
-        :meth:`finish_step` with ``pending``. Student gradients are neither zeroed nor touched. With
-        ``order="dual_first"`` the dual step happens here and ℒ uses λ_{t+1}; otherwise no state changes.
+        :meth:`finish_step` with ``pending``. Student gradients are neither zeroed nor touched. The reference check
+        (when due) runs here, before anything changes. With ``order="dual_primal"`` the dual step happens here and ℒ
+        uses λ_{t+1}; otherwise no state changes.
 
         Raises:
             NonFiniteError: NaN/inf in the teacher or student logits or in the loss.
+            ProjectionCheckError: the projection disagrees with the cvxpy reference (nothing has changed).
         """
         teacher_logits = self._teacher_logits(batch)
         student_logits = self.student(batch["inputs"])
@@ -349,31 +339,61 @@ class SafeDistiller:
         kd_loss, kd_mean, states = self._reduce_terms(t.context, div.sum, div.count)
         loss = kd_loss + self._penalty([s["proxy_residual"] for s in states], kd_loss)
         _require_finite("the loss", loss.detach())
+        reference = self._reference_check(t) if self._reference_due() else None
         dual_updated = False
-        if self.order == "dual_first":
+        if self.order == "dual_primal":
             dual_updated = self._dual_step(states)
             loss = kd_loss + self._penalty([s["proxy_residual"] for s in states], kd_loss)
-            _require_finite("the loss", loss.detach())
         penalty = self._penalty([s["global_proxy_residual"] for s in states], kd_mean)
         return loss, PendingStep(targets=t, kd_loss=kd_mean, penalty=penalty, states=states,
-                                 dual_updated=dual_updated)
+                                 dual_updated=dual_updated, reference_check=reference)
 
     def finish_step(self, pending: PendingStep) -> StepRecord:
-        """Second half of a step, once the student's optimizer has stepped: the dual step λ_j ← rule(λ_j, g_j)
-        with the TRUE measured residual g_j (``primal_first``; every ``spec.dual.every`` calls), counters,
-        alarms, the reference check and the step log. Returns the :class:`StepRecord`; a pending step finishes
-        once."""
+        """Second half of a step, once the student's optimizer has stepped: the dual step λ_j ← rule(λ_j, g_j − u_j)
+        with the TRUE measured residual g_j (``simultaneous``: measured before the primal step; ``primal_dual``:
+        re-measured now; every ``spec.dual.every`` calls), counters, alarms and the step log. Returns the
+        :class:`StepRecord`; a pending step finishes once.
+
+        Raises:
+            MultiplierAlarmError: an alarm was raised and ``checks.on_alarm`` is ``"stop"`` (after the step is
+                complete and logged).
+        """
         return self._finish(pending)
 
     def step(self, batch: Batch) -> StepRecord:
         """One primal–dual step on ``batch``: :meth:`loss`, backward, the student's optimizer step (refused on
-        NaN/inf gradients), :meth:`finish_step`. Returns the :class:`StepRecord`."""
+        NaN/inf gradients, with nothing changed: under ``order="dual_primal"`` the dual step :meth:`loss` took is
+        undone), :meth:`finish_step`. Returns the :class:`StepRecord`."""
+        before = self._dual_state() if self.order == "dual_primal" else None
         loss, pending = self.loss(batch)
-        self.zero_grad()
-        loss.backward()
-        self._check_grads()
+        try:
+            self.zero_grad()
+            loss.backward()
+            self._check_grads()
+        except NonFiniteError:
+            if before is not None:
+                self._load_dual_state(before)
+            raise
         self.optimizer.step()
         return self._finish(pending)
+
+    def _dual_state(self) -> dict[str, Any]:
+        """A copy of everything a dual step changes (J scalars and their rule's state)."""
+        return copy.deepcopy({"multipliers": self.multipliers, "rule": self.dual_optimizer.state_dict()
+                              if self.dual_optimizer is not None else None, "meter": self.meter.state_dict(),
+                              "relaxations": self.relaxations.state_dict(), "alarms": self.alarms.state_dict(),
+                              "window": self._window, "events": self.events})
+
+    def _load_dual_state(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for n, t in state["multipliers"].items():
+                self.multipliers[n].copy_(t)
+        if self.dual_optimizer is not None:
+            self.dual_optimizer.load_state_dict(state["rule"])
+        self.meter.load_state_dict(state["meter"])
+        self.relaxations.load_state_dict(state["relaxations"])
+        self.alarms.load_state_dict(state["alarms"])
+        self._window, self.events = state["window"], state["events"]
 
     # ---------------------------------------------------------------------------------------------- pieces
     def _finish(self, pending: PendingStep) -> StepRecord:
@@ -385,7 +405,13 @@ class SafeDistiller:
             raise RuntimeError("this PendingStep was finished already; each loss(batch) is finished once")
         pending.finished = True
         t, states = pending.targets, pending.states
-        dual_updated = self._dual_step(states) if self.order == "primal_first" else pending.dual_updated
+        dual_updated, raised = pending.dual_updated, []
+        if self.order == "simultaneous":
+            dual_updated = self._dual_step(states)
+        elif self.order == "primal_dual":
+            dual_updated = self._dual_step(self._remeasure(t))
+        if dual_updated:
+            raised = self._alarms()
         self.step_count += 1
         self.events["relaxed_tokens"] += t.projection["relaxed_tokens"]
         self.events["corrected_tokens"] += t.projection["corrected_tokens"]
@@ -393,14 +419,27 @@ class SafeDistiller:
                             kd_loss=float(pending.kd_loss), penalty=float(pending.penalty),
                             constraints=self._constraint_report(states), dual_updated=dual_updated,
                             weights=self._weight_report(t.per_scale, t.composed, t.weights, t.mask),
-                            projection=dict(t.projection))
-        record.alarms = self._alarms(states) if dual_updated else self._standing_alarms()
-        every = self.spec.checks.reference_every
-        if every and self.token_constraints + self.static_constraints and self.step_count % every == 0:
-            record.reference_check = self._reference_check(t)
+                            projection=dict(t.projection), reference_check=pending.reference_check)
+        record.alarms = self._standing_alarms()
         if self.log is not None and is_rank_zero():
             self.log.write(record)
+        if raised and self.spec.checks.on_alarm == "stop":
+            raise MultiplierAlarmError(f"step {self.step_count}: stopped on the multiplier alarm of "
+                                       f"{raised} (checks.on_alarm: stop): " + record.alarms[0]["message"])
         return record
+
+    def _remeasure(self, t: Targets) -> list[dict[str, Any]]:
+        """The student constraints at θ_{t+1} on the step's batch (``order="primal_dual"``): one no-grad student
+        forward; the teacher side (targets, teacher log-probabilities) is the step's."""
+        batch = t.context.batch
+        with torch.no_grad():
+            logits = self.student(batch["inputs"])
+            _require_finite("student logits (re-measured after the primal step)", logits)
+            ctx = C.MeasureContext(student_logits=logits, batch=batch, teacher_logprobs=t.teacher_logp,
+                                   teacher_index=self.teacher_index, unsafe=self.spec.unsafe, _mask=t.mask)
+            ctx.target_logp = t.target_logp
+            zero = logits.new_zeros((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+            return self._reduce_terms(ctx, zero, 0)[2]
 
     def _teacher_logits(self, batch: Batch) -> Tensor:
         _check_batch(batch)
@@ -617,19 +656,30 @@ class SafeDistiller:
                                  "changed")
 
     def _dual_step(self, states: list[dict[str, Any]]) -> bool:
+        """Add the step's sums and counts to the window; at its end write g_j − u_j into λ_j.grad and step the rule
+        (a constraint with no measured token in the window is not stepped: no measurement, no dual step), then the
+        engaged relaxations. Keeps the window's residuals in ``self._window`` for the alarms."""
         if self.dual_optimizer is None:
             return False
         self.meter.update(torch.stack([s["value"] * s["count"] for s in states]),
                           torch.stack([s["count"] for s in states]))
         if self.meter.updates < self.spec.dual.every:
             return False
-        rates, _ = self.meter.compute()
+        rates, counts = self.meter.compute()
         self.meter.reset()
-        for s, rate in zip(states, rates):
-            lam = self.multipliers[s["constraint"].name]
-            s["window_residual"] = s["constraint"].residual(rate)
-            lam.grad = torch.as_tensor(s["window_residual"], dtype=lam.dtype).detach().clone()
+        self._window = {}
+        lams_before = {n: self.multipliers[n].detach().clone() for n in self.relaxations.engaged}
+        for s, rate, seen in zip(states, rates, (counts > 0).tolist()):
+            name = s["constraint"].name
+            lam = self.multipliers[name]
+            if not seen:
+                lam.grad = None
+                continue
+            g = s["constraint"].residual(rate) - self.relaxations.value(name).to(rate)
+            self._window[name] = float(g)
+            lam.grad = torch.as_tensor(g, dtype=lam.dtype).detach().clone()
         self.dual_optimizer.step()
+        self.relaxations.step(lams_before)
         assert_states_identical({**{f"multipliers[{n}]": t for n, t in self.multipliers.items()}, **{
             f"weighting[{s}].{b}": v for s, op in self.weighting.items() if isinstance(op, nn.Module)
             for b, v in op.named_buffers()}})  # DDP: every rank must hold the same λ and running statistics
@@ -642,7 +692,8 @@ class SafeDistiller:
             c = s["constraint"]
             out[c.name] = {"sense": c.sense, "threshold": c.threshold, "value": float(s["value"]),
                            "residual": float(s["residual"]), "multiplier": float(self.multipliers[c.name]),
-                           "count": float(s["count"]), "satisfied": bool(float(s["residual"]) <= c.tolerance)}
+                           "count": float(s["count"]), "satisfied": bool(float(s["residual"]) <= c.tolerance),
+                           "relaxation": float(self.relaxations.value(c.name))}
         return out
 
     def _weight_report(self, per_scale: dict[str, Tensor], composed: Tensor, projected: Tensor,
@@ -654,73 +705,80 @@ class SafeDistiller:
         return {name: dict(zip(self.teacher_names, row)) for name, row in zip(items, means)}
 
     # ---------------------------------------------------------------------------------------------- checks
-    def _alarms(self, states: list[dict[str, Any]]) -> list[dict[str, str]]:
-        W = self.spec.checks.alarm_window
-        if not W:
-            return []
-        frac = self.spec.checks.alarm_min_decrease
-        for s in states:
-            name = s["constraint"].name
-            self.alarm_history[name].append((float(self.multipliers[name]),
-                                             max(float(s.get("window_residual", s["residual"])), 0.0)))
-            hist = list(self.alarm_history[name])
-            growing = len(hist) >= W and all(b[0] > a[0] for a, b in zip(hist, hist[1:]))
-            stuck = hist[-1][1] > 0 and hist[-1][1] >= (1 - frac) * hist[0][1]
-            if growing and stuck:
-                if name not in self._alarm_active:
-                    self._alarm_active.add(name)
-                    self.events["alarms"] += 1
-                    msg = self._alarm_message(s["constraint"], hist)
-                    logger.warning(msg)
-                    warnings.warn(msg, MultiplierAlarm, stacklevel=4)  # _alarms ← _finish ← step/finish_step
-            else:
-                self._alarm_active.discard(name)
-        return self._standing_alarms()
+    def _alarms(self) -> list[str]:
+        """Feed the window's (λ, violation) to the alarm monitor; warn once per newly raised alarm and, with
+        ``on_alarm: relax``, engage that constraint's relaxation. Returns the newly alarmed constraint names."""
+        raised = []
+        for name, g in self._window.items():
+            if self.alarms.update(name, float(self.multipliers[name]), g):
+                raised.append(name)
+                self.events["alarms"] += 1
+                c = next(c for c in self.student_constraints if c.name == name)
+                msg = self._alarm_message(c, list(self.alarms.history[name]))
+                if self.spec.checks.on_alarm == "relax":
+                    self.relaxations.engaged.add(name)
+                    msg += " Relaxing it (checks.on_alarm: relax): see 'relaxation' in the step record."
+                logger.warning(msg)
+                warnings.warn(msg, MultiplierAlarm, stacklevel=4)  # _alarms ← _finish ← step/finish_step
+        return raised
 
     def _standing_alarms(self) -> list[dict[str, str]]:
-        out = []
-        for c in self.student_constraints:
-            if c.name in self._alarm_active:
-                out.append({"constraint": c.name, "message": self._alarm_message(c, list(self.alarm_history[c.name]))})
-        return out
+        return [{"constraint": c.name, "message": self._alarm_message(c, list(self.alarms.history[c.name]))}
+                for c in self.student_constraints if c.name in self.alarms.active]
 
     def _alarm_message(self, c: C.StudentConstraint, hist: list[tuple[float, float]]) -> str:
-        return (f"multiplier of {c.name!r} grew for {len(hist)} dual steps ({hist[0][0]:.4g} → {hist[-1][0]:.4g}) "
-                f"while its violation did not shrink ({hist[0][1]:.4g} → {hist[-1][1]:.4g}). Likely cause: the "
-                f"threshold {c.sense} {c.threshold:g} is unattainable for this student (or infeasible together with "
-                "the KD objective and the teacher-weight constraints); consider relaxing the threshold, tightening "
-                "unsafe_mass / safety_order on the teachers, or checking that the proxy moves the measured value.")
+        return (f"multiplier of {c.name!r} grew over {len(hist)} dual steps ({hist[0][0]:.4g} → {hist[-1][0]:.4g}) "
+                f"while its violation stayed above {self.alarms.min_violation:g} with no significant decrease "
+                f"({hist[0][1]:.4g} → {hist[-1][1]:.4g}). Likely cause: the threshold {c.sense} {c.threshold:g} is "
+                "unattainable for this student (or infeasible together with the KD objective and the teacher-weight "
+                "constraints); consider relaxing the threshold (or checks.on_alarm: relax), tightening unsafe_mass / "
+                "safety_order on the teachers, or checking that the proxy moves the measured value.")
 
-    def _reference_check(self, t: Targets) -> dict[str, float]:
+    def _reference_due(self) -> bool:
+        every = self.spec.checks.reference_every
+        return bool(every and (self.token_constraints or self.static_constraints)
+                    and (self._recheck_reference or (self.step_count + 1) % every == 0))
+
+    def _reference_check(self, t: Targets) -> dict[str, Any]:
         """Re-project up to ``checks.reference_rows`` non-relaxed tokens with the cvxpy reference (float64) and
-        compare with the weights this step used; raise :class:`ProjectionCheckError` beyond tolerance."""
+        compare with the weights of this step, before it changes anything: raise :class:`ProjectionCheckError`
+        beyond tolerance. A failure of the reference solver itself is reported (``{"rows": 0, "error": ...}``) and
+        the check runs again on the next step."""
         rows, mask = self.spec.checks.reference_rows, t.mask
         v_all = t.composed[mask]
         n = v_all.shape[0]
         if n == 0 or rows == 0 or t.feasible_set is None:
             return {"rows": 0, "max_abs_diff": 0.0}
-        gen = torch.Generator().manual_seed(self.step_count)
+        gen = torch.Generator().manual_seed(self.step_count + 1)
         idx = torch.randperm(n, generator=gen).to(v_all.device)
         idx = idx[~t.relaxed[mask][idx]][:rows]
         if idx.numel() == 0:
             return {"rows": 0, "max_abs_diff": 0.0}
         sub = t.feasible_set.to(dtype=torch.float64).expand((n,))[idx]
-        ref, info = solvers.reference.project(v_all[idx].double(), sub, return_info=True)
+        try:
+            ref, info = solvers.reference.project(v_all[idx].double(), sub, return_info=True)
+        except (solvers.SolverError, ValueError, ArithmeticError) as exc:
+            self._recheck_reference = True
+            logger.warning("step %d: the reference projection failed (%s); re-checking on the next step",
+                           self.step_count + 1, exc)
+            return {"rows": 0, "error": str(exc)}
+        self._recheck_reference = False
         keep = info.status == int(solvers.Status.OPTIMAL)
         diff = (t.weights[mask][idx].double() - ref).abs().amax(-1)[keep]
         tol = self.spec.checks.reference_tol
         tol = tol if tol is not None else (1e-5 if t.weights.dtype == torch.float64 else 1e-4)
         worst = float(diff.max()) if diff.numel() else 0.0
         if worst > tol:
-            raise ProjectionCheckError(f"step {self.step_count}: the batched projection disagrees with the cvxpy "
+            raise ProjectionCheckError(f"step {self.step_count + 1}: the batched projection disagrees with the cvxpy "
                                        f"reference on {int(keep.sum())} sampled rows: max |Δw| = {worst:.3g} > "
-                                       f"tolerance {tol:g} (checks.reference_tol)")
+                                       f"tolerance {tol:g} (checks.reference_tol); the step was stopped before "
+                                       "any state changed")
         return {"rows": int(keep.sum()), "max_abs_diff": worst}
 
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Student, optimizer, multipliers (by constraint name), dual rule, weighting buffers, meter, alarm history,
-        step counter and the spec (tensors and primitive containers only)."""
+        relaxations, step counter and the spec (tensors and primitive containers only)."""
         return {
             "step": self.step_count,
             "student": unwrap(self.student).state_dict(),
@@ -729,14 +787,20 @@ class SafeDistiller:
             "dual_optimizer": None if self.dual_optimizer is None else self.dual_optimizer.state_dict(),
             "weighting": {s: op.state_dict() for s, op in self.weighting.items() if isinstance(op, nn.Module)},
             "meter": self.meter.state_dict(),
-            "alarm_history": {n: [list(x) for x in h] for n, h in self.alarm_history.items()},
-            "alarm_active": sorted(self._alarm_active),
+            "alarms": self.alarms.state_dict(),
+            "relaxations": self.relaxations.state_dict(),
+            "recheck_reference": self._recheck_reference,
             "events": dict(self.events),
             "spec": self.spec.to_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; multipliers are matched by constraint name and checked ≥ 0."""
+        """Restore :meth:`state_dict`; multipliers are matched by constraint name and checked ≥ 0. Everything is
+        checked (names, shapes, optimizer groups) before anything is written: on ValueError nothing changed."""
+        missing = sorted({"step", "student", "optimizer", "multipliers", "dual_optimizer", "weighting", "meter",
+                          "alarms", "relaxations", "events", "spec"} - set(state))
+        if missing:
+            raise ValueError(f"checkpoint state lacks {missing} (written by another safekd version?)")
         names = sorted(self.multipliers)
         if sorted(state["multipliers"]) != names:
             raise ValueError(f"checkpoint constraints {sorted(state['multipliers'])} != this spec's {names}")
@@ -744,8 +808,23 @@ class SafeDistiller:
         if state["spec"]["teachers"] != teachers:
             raise ValueError(f"checkpoint teachers {state['spec']['teachers']} != this spec's {teachers}")
         for n, t in state["multipliers"].items():
-            if not bool((t >= 0).all()) or not bool(torch.isfinite(t).all()):
-                raise ValueError(f"checkpoint multiplier {n!r} = {t.tolist()} is not finite and >= 0")
+            if not isinstance(t, Tensor) or t.shape != () or not bool(torch.isfinite(t)) or float(t) < 0:
+                raise ValueError(f"checkpoint multiplier {n!r} = {t!r} is not a finite scalar >= 0")
+        _check_module_state("student", unwrap(self.student), state["student"])
+        unknown = sorted(set(state["weighting"]) - set(self.weighting))
+        if unknown:
+            raise ValueError(f"checkpoint has weighting state for scale(s) {unknown}, which this distiller lacks")
+        for s, sd in state["weighting"].items():
+            _check_module_state(f"weighting[{s!r}]", self.weighting[s], sd)
+        _check_optimizer_state("optimizer", self.optimizer, state["optimizer"])
+        if self.dual_optimizer is not None:
+            _check_optimizer_state("dual_optimizer", self.dual_optimizer, state["dual_optimizer"])
+        if list(state["meter"]["names"]) != list(self.meter.names):
+            raise ValueError(f"checkpoint meter constraints {state['meter']['names']} != {list(self.meter.names)}")
+        if sorted(state["alarms"]["history"]) != names:
+            raise ValueError(f"checkpoint alarm constraints {sorted(state['alarms']['history'])} != {names}")
+        self.relaxations.check_state(state["relaxations"])
+        # validated: write
         unwrap(self.student).load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
@@ -754,14 +833,11 @@ class SafeDistiller:
         if self.dual_optimizer is not None:
             self.dual_optimizer.load_state_dict(state["dual_optimizer"])
         for s, sd in state["weighting"].items():
-            if s not in self.weighting:
-                raise ValueError(f"checkpoint has weighting state for scale {s!r}, which this distiller lacks")
             self.weighting[s].load_state_dict(sd)
         self.meter.load_state_dict(state["meter"])
-        for n, h in state["alarm_history"].items():
-            self.alarm_history[n].clear()
-            self.alarm_history[n].extend(tuple(x) for x in h)
-        self._alarm_active = set(state["alarm_active"])
+        self.alarms.load_state_dict(state["alarms"])
+        self.relaxations.load_state_dict(state["relaxations"])
+        self._recheck_reference = bool(state.get("recheck_reference", False))
         self.events = dict(state["events"])
         self.step_count = int(state["step"])
 
@@ -776,6 +852,38 @@ class SafeDistiller:
         from safekd.checkpoint import load_checkpoint
 
         load_checkpoint(path, self)
+
+
+def _check_module_state(what: str, module: nn.Module, state: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the first key of ``state`` that ``module.load_state_dict`` would refuse (missing,
+    unexpected, or of another shape); nothing is written."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {what} does not fit: missing keys {missing}, unexpected keys {unexpected}")
+    for k, t in own.items():
+        v = state[k]
+        if isinstance(t, Tensor) and (not isinstance(v, Tensor) or v.shape != t.shape):
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"checkpoint {what}[{k!r}] has shape {got}, this model's is {tuple(t.shape)}")
+
+
+def _check_optimizer_state(what: str, opt: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Raise ValueError unless ``state`` has ``opt``'s parameter groups, group sizes and per-parameter state
+    shapes (what ``Optimizer.load_state_dict`` needs); nothing is written."""
+    if not isinstance(state, Mapping) or "param_groups" not in state or "state" not in state:
+        raise ValueError(f"checkpoint {what} is not an optimizer state_dict")
+    groups, saved = opt.param_groups, state["param_groups"]
+    if len(groups) != len(saved) or any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
+        raise ValueError(f"checkpoint {what} has parameter groups of sizes {[len(s['params']) for s in saved]}, "
+                         f"this optimizer {[len(g['params']) for g in groups]} (another model or optimizer?)")
+    params = {i: p for s, g in zip(saved, groups) for i, p in zip(s["params"], g["params"])}
+    for i, st in state["state"].items():
+        p = params.get(i)
+        for key, v in (st.items() if isinstance(st, Mapping) else ()):
+            if p is not None and isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
+                raise ValueError(f"checkpoint {what} state {key!r} of parameter {i} has shape {tuple(v.shape)}, "
+                                 f"the parameter {tuple(p.shape)}")
 
 
 def _projection_dtype(v: Tensor) -> torch.dtype:

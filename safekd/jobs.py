@@ -25,22 +25,27 @@ Example (see ``examples/digits_spec.yaml``)::
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from safekd.auditing.core import audit
-from safekd.auditing.render import write_report
-from safekd.auditing.report import AuditReport
+from safekd.batches import DataSource
 from safekd.distributed import barrier, is_rank_zero, run_on_rank_zero, shard_slice, unwrap, wrap_ddp
 from safekd.references import import_reference
 from safekd.spec import Locator, Spec, SpecError, load_document
+
+if TYPE_CHECKING:  # pragma: no cover - the audit stack (scipy.stats, matplotlib) loads only when a job audits
+    from safekd.auditing.report import AuditReport
 
 __all__ = ["Job", "JobResult", "load_job", "parse_job", "build_weighting", "prepare_data", "train_student",
            "run_training", "audit_checkpoint", "resolve"]
@@ -224,8 +229,11 @@ def prepare_data(job: Job, device: str | torch.device = "cpu") -> dict[str, dict
 
 
 def _build_student(job: Job, device: torch.device) -> nn.Module:
-    """A fresh student from the job's factory, seeded with ``job.seed``, on ``device``."""
+    """A fresh student from the job's factory on ``device``, every RNG (torch, NumPy, Python) seeded with ``job.seed``
+    (so that a run, and the RNG states its checkpoints hold, depend on the job alone)."""
     torch.manual_seed(job.seed)
+    np.random.seed(job.seed)
+    random.seed(job.seed)
     return resolve(job.student, "student")(seed=job.seed, **job.student_args).to(device)
 
 
@@ -237,39 +245,182 @@ def _make_distiller(job: Job, student: nn.Module, log: Any | None = None) -> Any
                          pool=_pool(job.pool), log=log)
 
 
-def train_student(job: Job, train: Mapping[str, Tensor], *, device: str | torch.device = "cpu",
-                  step_log: str | Path | None = None, progress: bool = False, desc: str = "distil") -> Any:
-    """Distil a fresh student on ``train`` for ``job.epochs`` epochs; returns the :class:`SafeDistiller`."""
+_CHECKPOINT_GLOB = "step-*.pt"
+
+
+@dataclass
+class _Position:
+    """Where a training loop is: ``epoch`` and the batches of it already taken (``batch``), the data-order
+    generator's state at the start of that epoch, and the global step."""
+
+    epoch: int = 0
+    batch: int = 0
+    generator: Tensor | None = None
+    step: int = 0
+
+    def to_dict(self, job: Job) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "generator": self.generator, "step": self.step,
+                "job": _resume_key(job)}
+
+
+def _resume_key(job: Job) -> dict[str, Any]:
+    """The job settings a resumed run must share with the run that wrote the checkpoint."""
+    return {"batch_size": job.batch_size, "seed": job.seed, "lr": job.lr, "pool": job.pool,
+            "weighting": dict(job.weighting)}
+
+
+def _shard(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """This rank's rows of an in-memory batch under torchrun (all of them on one process)."""
+    n = _rows_of(batch)
+    sl = shard_slice(n) if n is not None else slice(None)
+    return {k: _rows(v, sl, n) for k, v in batch.items()}
+
+
+def _rows_of(batch: Mapping[str, Any]) -> int | None:
+    x = batch["inputs"]
+    x = next(iter(x.values())) if isinstance(x, Mapping) else x
+    return x.shape[0] if isinstance(x, Tensor) and x.dim() else None
+
+
+def _rows(v: Any, sl: slice, n: int | None) -> Any:
+    if isinstance(v, Tensor) and v.dim() and v.shape[0] == n:
+        return v[sl]
+    if isinstance(v, Mapping):
+        return {k: _rows(t, sl, n) for k, t in v.items()}
+    return v
+
+
+def train_student(job: Job, train: DataSource, *, device: str | torch.device = "cpu",
+                  step_log: str | Path | None = None, progress: bool = False, desc: str = "distil",
+                  checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False) -> Any:
+    """Distil a fresh student on ``train`` for ``job.epochs`` epochs; returns the :class:`SafeDistiller`.
+
+    ``train`` is an in-memory dict of tensors (shuffled each epoch by a generator seeded with ``job.seed``, cut into
+    ``job.batch_size`` rows, sharded across ranks under torchrun) or an iterable of batches such as a ``DataLoader``
+    (walked as given, once per epoch; sharding and shuffling are the loader's). Either way one batch is held at a
+    time (:func:`safekd.batches.iter_batches`).
+
+    Every ``checkpoint_every`` steps (0 = never) a checkpoint ``step-NNNNNNNN.pt`` is written atomically to
+    ``checkpoint_dir`` (the last two are kept) with the loop's position and the data-order generator; ``resume``
+    continues from the newest one that loads (from scratch when there is none), skipping the batches of the current
+    epoch already trained on: bit-identical to an uninterrupted run for in-memory data, and for an iterable that
+    yields the same batches in the same order on every pass (a ``DataLoader`` with ``shuffle=True`` needs its own
+    seeded ``generator``, re-seeded per epoch, for that).
+    """
     from tqdm.auto import tqdm
 
+    from safekd.batches import is_in_memory, iter_batches, num_examples
     from safekd.steplog import StepLog
 
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    if (checkpoint_every or resume) and checkpoint_dir is None:
+        raise ValueError("checkpoint_every / resume need a checkpoint_dir")
     dev = _device(device)
+    in_memory = is_in_memory(train)
+    if in_memory:
+        data = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in train.items()}
+        per_epoch: int | None = math.ceil(num_examples(data) / job.batch_size)
+    else:
+        data, per_epoch = train, (len(train) if hasattr(train, "__len__") else None)  # type: ignore[arg-type]
     student = _build_student(job, dev)
-    data = {k: v.to(dev) for k, v in train.items() if isinstance(v, Tensor)}
-    n = data["inputs"].shape[0]
     gen = torch.Generator().manual_seed(job.seed)
+    distiller = _make_distiller(job, wrap_ddp(student))  # DDP under torchrun; the student itself otherwise
+    pos = _Position()
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume:
+        assert ckpt_dir is not None
+        pos = _resume(distiller, ckpt_dir, job)
+        if pos.generator is not None:
+            gen.set_state(pos.generator)
+    if resume and step_log is not None and is_rank_zero():
+        _truncate_step_log(Path(step_log), pos.step)  # steps after the checkpoint are trained again
     log = StepLog(step_log, summary_every=0) if step_log is not None else None
-    distiller = _make_distiller(job, wrap_ddp(student), log)  # DDP under torchrun; the student itself otherwise
-    steps = job.epochs * math.ceil(n / job.batch_size)
+    distiller.log = log
+    total = job.epochs * per_epoch if per_epoch is not None else None
     try:
-        with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
-            for _ in range(job.epochs):
-                perm = torch.randperm(n, generator=gen).to(dev)
-                for idx in perm.split(job.batch_size):
-                    idx = idx[shard_slice(len(idx))]  # this rank's share of the global batch (all of it on one process)
-                    distiller.step({k: v[idx] for k, v in data.items()})
+        with tqdm(total=total, initial=pos.step, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+            for epoch in range(pos.epoch, job.epochs):
+                if epoch != pos.epoch or pos.generator is None:
+                    pos = _Position(epoch=epoch, batch=0, generator=gen.get_state(), step=pos.step)
+                batches = iter_batches(data, job.batch_size if in_memory else None, shuffle=in_memory, generator=gen,
+                                       device=dev)
+                for i, batch in enumerate(batches):
+                    if i < pos.batch:
+                        continue  # trained on before the checkpoint
+                    distiller.step(_shard(batch) if in_memory else batch)
+                    pos.batch, pos.step = i + 1, pos.step + 1
                     bar.update(1)
+                    if checkpoint_every and pos.step % checkpoint_every == 0:
+                        assert ckpt_dir is not None
+                        _rotate_checkpoint(distiller, ckpt_dir, pos, job)
     finally:
         if log is not None:
             log.close()
+        distiller.log = None
     student.eval()
     return distiller
 
 
+def _rotate_checkpoint(distiller: Any, ckpt_dir: Path, pos: _Position, job: Job, keep: int = 2) -> None:
+    """Write ``step-NNNNNNNN.pt`` atomically, then delete all but the newest ``keep`` (rank 0 only)."""
+    from safekd.checkpoint import save_checkpoint
+
+    if save_checkpoint(ckpt_dir / f"step-{pos.step:08d}.pt", distiller, extra={"train": pos.to_dict(job)}) is None:
+        return
+    for old in sorted(ckpt_dir.glob(_CHECKPOINT_GLOB))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _resume(distiller: Any, ckpt_dir: Path, job: Job) -> _Position:
+    """Load the newest checkpoint of ``ckpt_dir`` that loads (into ``distiller`` and the RNGs) and return the loop
+    position it holds; a fresh position when the directory has none."""
+    from safekd.checkpoint import load_checkpoint
+
+    found = sorted(ckpt_dir.glob(_CHECKPOINT_GLOB), reverse=True)
+    for path in found:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a damaged file: try the previous checkpoint
+            logger.warning("resume: cannot read %s (%s); trying the previous checkpoint", path, exc)
+            continue
+        train = payload.get("extra", {}).get("train")
+        if train is None:
+            raise ValueError(f"{path}: not a training checkpoint (no loop position); resume needs the step-*.pt "
+                             "files that --checkpoint-every writes")
+        if train["job"] != _resume_key(job):
+            raise ValueError(f"{path} was written by a job with {train['job']}, this job has {_resume_key(job)}; "
+                             "resume with the same job settings")
+        load_checkpoint(path, distiller)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", path, train["step"], train["epoch"],
+                    train["batch"])
+        return _Position(epoch=train["epoch"], batch=train["batch"], generator=train["generator"], step=train["step"])
+    logger.warning("resume: no checkpoint in %s; starting from scratch", ckpt_dir)
+    return _Position()
+
+
+def _truncate_step_log(path: Path, step: int) -> None:
+    """Keep the step log's complete records up to ``step`` (0: an empty log), atomically."""
+    if not path.exists():
+        return
+    keep = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break  # a line cut short by a crash
+            if record.get("step", math.inf) > step:
+                break
+            keep.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 @dataclass
 class JobResult:
-    report: AuditReport | None  # None on ranks other than 0 under torchrun (rank 0 audits)
+    report: "AuditReport | None"  # None on ranks other than 0 under torchrun (rank 0 audits)
     checkpoint: Path
     step_log: Path
     paths: dict[str, Path]
@@ -278,16 +429,26 @@ class JobResult:
 
 def run_training(job: Job, out_dir: str | Path | None = None, *, device: str | torch.device = "cpu",
                  progress: bool = False, splits: dict[str, dict[str, Tensor]] | None = None,
-                 metrics: Mapping[str, float] | None = None) -> JobResult:
-    """Train (``checkpoint.pt`` + ``steps.jsonl``), then audit on the audit split (``report.json/.html/.md``)."""
+                 metrics: Mapping[str, float] | None = None, checkpoint_every: int = 0,
+                 resume: bool = False) -> JobResult:
+    """Train (``checkpoint.pt`` + ``steps.jsonl``), then audit on the audit split (``report.json/.html/.md``).
+
+    ``checkpoint_every`` / ``resume``: periodic checkpoints in ``<out>/checkpoints`` and resuming from them (see
+    :func:`train_student`); a resumed run appends to ``steps.jsonl`` (from the checkpoint's step on) instead of
+    starting it afresh.
+    """
+    from safekd.auditing.core import audit
+    from safekd.auditing.render import write_report
+
     out = Path(out_dir) if out_dir is not None else job.out
     out.mkdir(parents=True, exist_ok=True)
     splits = splits if splits is not None else prepare_data(job, device)
     step_log = out / "steps.jsonl"
-    if is_rank_zero() and step_log.exists():
+    if is_rank_zero() and step_log.exists() and not resume:
         step_log.unlink()
     barrier()
-    distiller = train_student(job, splits[job.train_split], device=device, step_log=step_log, progress=progress)
+    distiller = train_student(job, splits[job.train_split], device=device, step_log=step_log, progress=progress,
+                              checkpoint_dir=out / "checkpoints", checkpoint_every=checkpoint_every, resume=resume)
     ckpt = out / "checkpoint.pt"
     distiller.save_checkpoint(str(ckpt))  # rank 0 writes
 
@@ -311,7 +472,7 @@ def _load_data_file(path: Path) -> dict[str, Tensor]:
 
 def audit_checkpoint(job: Job, checkpoint: str | Path, data: str | Path | None = None, *, confidence: float | None = None,
                      step_log: str | Path | None = None, device: str | torch.device = "cpu",
-                     progress: bool = False) -> AuditReport:
+                     progress: bool = False) -> "AuditReport":
     """Audit the student saved in ``checkpoint`` on ``data`` (a ``.pt`` dict of tensors, a split name of the job's
     data, or None for the job's audit split)."""
     ckpt = Path(checkpoint)
@@ -329,6 +490,8 @@ def audit_checkpoint(job: Job, checkpoint: str | Path, data: str | Path | None =
         if name not in splits:
             raise ValueError(f"--data {name!r}: not a .pt file and not a split of job.data (splits: {sorted(splits)})")
         audit_data = splits[name]
+    from safekd.auditing.core import audit
+
     student = _build_student(job, dev)
     distiller = _make_distiller(job, student)
     distiller.load_checkpoint(str(ckpt))

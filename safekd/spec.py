@@ -31,6 +31,7 @@ import torch
 import yaml
 from torch import Tensor
 
+import solvers
 from safekd import constraints as C
 from safekd.unsafe import UnsafeSet
 
@@ -38,6 +39,7 @@ __all__ = ["Spec", "TeacherSpec", "DualSpec", "ChecksSpec", "SpecError", "SpecDo
            "DUAL_RULES", "Locator"]
 
 DUAL_RULES = ("gradient_ascent", "nupi", "augmented_lagrangian")
+ON_ALARM = ("warn", "stop", "relax")
 Locator = Callable[[str], "int | None"]
 
 
@@ -70,21 +72,29 @@ class DualSpec:
     ema_nu: float = 0.0
     penalty: float = 1.0
     growth: float = 2.0
-    max_penalty: float = 1e4
+    max_penalty: float = 100.0
+    patience: int = 10
     every: int = 1
     init: float = 0.0
 
 
 @dataclass(frozen=True)
 class ChecksSpec:
-    """Runtime checks: cvxpy re-projection of ``reference_rows`` rows every ``reference_every`` steps (0 = off),
-    and the multiplier alarm over ``alarm_window`` dual steps (0 = off)."""
+    """Runtime checks: cvxpy re-projection of ``reference_rows`` rows every ``reference_every`` steps (0 = off);
+    the multiplier alarm over ``alarm_window`` dual steps (0 = off: λ grew, the violation stayed above
+    ``alarm_min_violation`` and shows no decrease significant at ``alarm_level``), and what an alarm does
+    (``on_alarm``: ``warn``, ``stop``, or ``relax``: resilient relaxation of cost (``relax_cost``/2)·u² stepped with
+    ``relax_lr``, default the dual ``lr``)."""
 
     reference_every: int = 50
     reference_rows: int = 8
     reference_tol: float | None = None
-    alarm_window: int = 20
-    alarm_min_decrease: float = 0.05
+    alarm_window: int = 50
+    alarm_min_violation: float = 1e-3
+    alarm_level: float = 0.05
+    on_alarm: str = "warn"
+    relax_cost: float = 1.0
+    relax_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,17 @@ class Spec:
         if any(t.safety is None for t in self.teachers):
             return None
         return torch.tensor([t.safety for t in self.teachers], dtype=dtype, device=device)
+
+    def static_feasible_set(self, dtype: torch.dtype = torch.float64,
+                            device: torch.device | None = None) -> solvers.FeasibleSet:
+        """The ``solvers.FeasibleSet`` of the static teacher-weight constraints (caps, floors, groups, order): the
+        simplex over the teachers cut by each of them, in spec order."""
+        fs = solvers.FeasibleSet.simplex(len(self.teachers), dtype=dtype, device=device)
+        safety = self.safety_scores(dtype=dtype, device=device)
+        for c in self.teacher_weight_constraints:
+            if not c.per_token:
+                fs = c.apply_static(fs, self.teacher_index, safety)
+        return fs
 
     def teacher_temperatures(self) -> list[float]:
         """Per-teacher softening temperature T_k applied before pooling (default 1). The spec's ``temperature`` is
@@ -187,11 +208,17 @@ def load_document(path: str | Path) -> SpecDocument:
             mapping.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError("<file>", f"not a UTF-8 text file (byte 0x{raw[exc.start]:02x} at offset {exc.start}); a spec "
+                        "is YAML or TOML text", raw[:exc.start].count(b"\n") + 1, str(path)) from None
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
         try:
             node = yaml.compose(text, Loader=_Loader)
+            _reject_duplicate_keys(node, str(path))
             data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
@@ -213,7 +240,9 @@ def load_document(path: str | Path) -> SpecDocument:
 
 
 def load_spec(path: str | Path, *, functions: Mapping[str, Callable[..., Any]] | None = None) -> Spec:
-    """Load a ``.yaml``/``.yml`` or ``.toml`` spec; errors are :class:`SpecError` with key path and line."""
+    """Load a ``.yaml``/``.yml`` or ``.toml`` spec; errors are :class:`SpecError` with key path and line. Everything
+    knowable without data is checked here (types, ranges, duplicate keys, names, dual settings, and the feasibility
+    of the static teacher-weight constraints, naming a minimal conflicting subset with its lines)."""
     doc = load_document(path)
     return Spec.from_dict(doc.data, functions=functions, source=doc.source, locate=doc.locate)
 
@@ -396,6 +425,7 @@ class _Parser:
                             ("temperature", temperature), ("dual", dual), ("checks", checks)):
             object.__setattr__(spec, name, value)
         _validate(spec, self.locate, self.source)
+        _check_static_feasible(spec, self.locate, self.source)
         return spec
 
     def section(self, d: Any, key: str, cls: type) -> Any:
@@ -406,9 +436,9 @@ class _Parser:
             if f.name not in d:
                 continue
             v = d[f.name]
-            if f.name == "rule":
-                kw[f.name] = self.string(v, f"{key}.rule")
-            elif f.name == "reference_tol" and v is None:
+            if f.name in ("rule", "on_alarm"):
+                kw[f.name] = self.string(v, f"{key}.{f.name}")
+            elif f.name in ("reference_tol", "relax_lr") and v is None:
                 kw[f.name] = None
             else:
                 kw[f.name] = self.number(v, f"{key}.{f.name}", integer=isinstance(f.default, int))
@@ -434,6 +464,12 @@ def _validate(spec: Spec, locate: Locator, source: str | None) -> None:
     for i, t in enumerate(spec.teachers):
         if not isinstance(t, TeacherSpec):
             raise err(f"teachers[{i}]", f"expected a TeacherSpec, got {type(t).__name__}")
+        if not isinstance(t.name, str) or not t.name.strip():
+            raise err(f"teachers[{i}].name", f"a teacher name must be a non-empty string, got {t.name!r}")
+        for k in ("safety", "temperature"):
+            v = getattr(t, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise err(f"teachers[{i}].{k}", f"expected a finite number, got {v!r}")
         if t.name in seen:
             raise err(f"teachers[{i}].name", f"duplicate teacher name {t.name!r} (also teachers[{seen[t.name]}])")
         seen[t.name] = i
@@ -445,6 +481,8 @@ def _validate(spec: Spec, locate: Locator, source: str | None) -> None:
     for i, c in enumerate(spec.constraints):
         if not isinstance(c, C.Constraint):
             raise err(f"constraints[{i}]", f"expected a constraint, got {type(c).__name__}")
+        if not isinstance(c.name, str) or not c.name.strip():
+            raise err(f"constraints[{i}].name", f"a constraint name must be a non-empty string, got {c.name!r}")
         if c.name in names:
             raise err(f"constraints[{i}].name", f"duplicate constraint name {c.name!r} (also constraints[{names[c.name]}]);"
                       " give one of them `name=`")
@@ -462,19 +500,73 @@ def _validate(spec: Spec, locate: Locator, source: str | None) -> None:
     d = spec.dual
     if d.rule not in DUAL_RULES:
         raise err("dual.rule", f"unknown dual rule {d.rule!r}; choose one of {list(DUAL_RULES)}")
-    for k in ("lr", "penalty"):
-        if not getattr(d, k) > 0:
-            raise err(f"dual.{k}", f"must be > 0, got {getattr(d, k)}")
-    if d.every < 1:
-        raise err("dual.every", f"must be >= 1, got {d.every}")
-    if d.init < 0:
-        raise err("dual.init", f"multipliers are >= 0, got {d.init}")
+    _check_numbers(err, "dual", d, {
+        "lr": (0, None, True), "kp": (0, None, False), "ki": (0, None, False), "ema_nu": (0, 1, False),
+        "penalty": (0, None, True), "growth": (1, None, False),
+        "max_penalty": (d.penalty, None, False, f"dual.penalty ({d.penalty})"),
+        "init": (0, None, False), "every": (1, None, False), "patience": (1, None, False)})
     ch = spec.checks
-    for k in ("reference_every", "reference_rows", "alarm_window"):
-        if getattr(ch, k) < 0:
-            raise err(f"checks.{k}", f"must be >= 0, got {getattr(ch, k)}")
-    if not 0 <= ch.alarm_min_decrease < 1:
-        raise err("checks.alarm_min_decrease", f"must be in [0, 1), got {ch.alarm_min_decrease}")
+    if ch.on_alarm not in ON_ALARM:
+        raise err("checks.on_alarm", f"expected one of {list(ON_ALARM)}, got {ch.on_alarm!r}")
+    _check_numbers(err, "checks", ch, {
+        "reference_every": (0, None, False), "reference_rows": (0, None, False), "alarm_window": (0, None, False),
+        "reference_tol": (0, None, False), "alarm_min_violation": (0, None, False), "alarm_level": (0, 1, True),
+        "relax_cost": (0, None, True), "relax_lr": (0, None, True)})
+
+
+def _check_numbers(err: Callable[[str, str], SpecError], section: str, obj: Any,
+                   rules: Mapping[str, tuple[Any, ...]]) -> None:
+    """Each ``rules[key] = (low, high, strict[, what low is])``: a finite number (an integer where the default is
+    one), ≥ low (> low when strict) and < high when given; None values are skipped."""
+    for k, (lo, hi, strict, *name) in rules.items():
+        v = getattr(obj, k)
+        if v is None:
+            continue
+        integer = type(getattr(type(obj), k, None)) is int
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+            raise err(f"{section}.{k}", f"expected {'an integer' if integer else 'a number'}, got {v!r}")
+        if not math.isfinite(v) or (v <= lo if strict else v < lo) or (hi is not None and v >= hi):
+            bound = (f"in {'(' if strict else '['}{lo:g}, {hi:g})" if hi is not None
+                     else f"{'>' if strict else '>='} {name[0] if name else f'{lo:g}'}")
+            raise err(f"{section}.{k}", f"must be {bound}, got {v!r}")
+
+
+def _check_static_feasible(spec: Spec, locate: Locator, source: str | None) -> None:
+    """The static teacher-weight constraints (caps, floors, groups, order) must leave some weights on the simplex;
+    otherwise name a minimal conflicting subset (``solvers.diagnose``) with each member's key and line."""
+    if not any(not c.per_token for c in spec.teacher_weight_constraints):
+        return
+    diag = solvers.diagnose(spec.static_feasible_set())
+    if diag.success:
+        return
+    where = {c.name: i for i, c in enumerate(spec.constraints)}
+    members = sorted((n for n in diag.conflict if n in where), key=where.__getitem__)  # in file order
+    key = f"constraints[{where[members[0]]}]" if members else "constraints"
+    parts = []
+    for n in members:
+        line = locate(f"constraints[{where[n]}]")
+        parts.append(f"{n!r} (constraints[{where[n]}]" + (f", line {line})" if line is not None else ")"))
+    raise SpecError(key, "the static teacher-weight constraints leave no feasible weights; minimal conflicting "
+                    f"subset: {', '.join(parts)} ({diag.message})", locate(key), source)
+
+
+def _reject_duplicate_keys(node: Any, source: str) -> None:
+    """A YAML mapping with a key twice would silently keep the last value: refuse it, naming both lines."""
+    stack = [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for k, v in n.value:
+                name = k.value if isinstance(k, yaml.ScalarNode) else None
+                if name is not None and name in first:
+                    raise SpecError(str(name), f"duplicate key {name!r} (first at line {first[name]}); YAML keeps only "
+                                    "the last value, so remove one", k.start_mark.line + 1, source)
+                if name is not None:
+                    first[name] = k.start_mark.line + 1
+                stack.append(v)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
 
 
 # -------------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 ``summary_every`` steps, and an optional TensorBoard writer (needs the ``tensorboard`` package).
 
 JSONL format: each line is ``StepRecord.to_dict()`` — keys ``step``, ``loss``, ``kd_loss``, ``penalty``,
-``constraints`` ({name: {sense, threshold, value, residual, multiplier, count, satisfied}}), ``weights``
+``constraints`` ({name: {sense, threshold, value, residual, multiplier, count, satisfied, relaxation}}), ``weights``
 ({scale | "composed" | "projected": {teacher: mean weight}}), ``projection`` ({tokens, projected_tokens, active,
 relaxed_tokens, corrected_tokens, max_kkt_residual}), ``alarms`` ([{constraint, message}]), ``dual_updated``,
 ``reference_check`` ({rows, max_abs_diff} or null).

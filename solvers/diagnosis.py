@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linprog
 
 from solvers.errors import InfeasibleError, SolverError
 from solvers.results import DiagnosisResult, Status
@@ -31,6 +30,8 @@ _SUM = "sum(w)=1"
 def _lp(c, A_ub, b_ub, A_eq, b_eq, bounds):
     """``linprog(method="highs")`` that drops an empty ``A_ub``; statuses other than 0 (optimal) and 2 (infeasible)
     raise :class:`SolverError`."""
+    from scipy.optimize import linprog  # here: a spec check that needs no LP does not pay for importing scipy
+
     has_ub = A_ub is not None and len(A_ub) > 0
     res = linprog(c, A_ub=A_ub if has_ub else None, b_ub=b_ub if has_ub else None, A_eq=A_eq, b_eq=b_eq,
                   bounds=bounds, method="highs")
@@ -73,6 +74,8 @@ def least_uniform_relaxation(lo: np.ndarray, hi: np.ndarray, A: np.ndarray, b: n
     bounds = np.full((n, V, 2), np.nan)
     bounds[:, :K, 0], bounds[:, :K, 1] = lo, hi
     bounds[:, K, 0], bounds[:, K, 1] = -np.inf, np.inf
+    from scipy.optimize import linprog
+
     res = linprog(c, A_ub=A_ub, b_ub=b.ravel(), A_eq=A_eq, b_eq=np.ones(n), bounds=bounds.reshape(-1, 2),
                   method="highs")
     if res.status == 2 and hard.any():  # some element's hard rows are jointly empty: find it, relax all its rows
@@ -119,6 +122,9 @@ def _feasible(cons: list[_Con], A: np.ndarray, K: int) -> tuple[bool, int]:
             has_sum = True
     if np.any(lo > hi):
         return False, 2
+    if not rows:  # a box (with the simplex's sum): exact without an LP
+        ok = not has_sum or lo.sum() <= 1 <= hi.sum()
+        return ok, 0 if ok else 2  # linprog's statuses: 0 optimal, 2 infeasible
     A_ub = np.array([A[c.index] for c in rows]) if rows else None
     b_ub = np.array([c.value for c in rows]) if rows else None
     res = _lp(np.zeros(K), A_ub, b_ub, np.ones((1, K)) if has_sum else None, np.ones(1) if has_sum else None,

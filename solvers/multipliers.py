@@ -90,19 +90,29 @@ class NuPI(_DualRule):
 
 
 class AugmentedLagrangian(_DualRule):
-    """Augmented-Lagrangian multiplier rule: ``λ ← [λ + ρ g]₊`` with a per-entry penalty ``ρ`` that grows
-    ``ρ ← min(growth·ρ, max_penalty)`` where the violation ``max(g, 0)`` did not shrink below
-    ``shrink ×`` its previous value. The primal side adds ``ρ/2·max(g, 0)²``; read ``ρ`` with
-    :meth:`penalty_coefficient`."""
+    """Augmented-Lagrangian multiplier rule: ``λ ← [λ + ρ g]₊``, the primal side adding ``ρ/2·max(g, 0)²`` (read
+    ``ρ`` with :meth:`penalty_coefficient`). The penalty follows the standard schedule with a cap, paced for one
+    primal step per dual step: every ``patience`` dual steps, ``ρ ← min(growth·ρ, max_penalty)`` where the
+    constraint was violated (g > 0) at every one of those steps and the violation has not shrunk below ``shrink ×``
+    its value at the previous check. A residual that changes sign is the primal overshooting, not stalling: ρ stays
+    (growing on every step sent ρ, and λ with it, far past what a single primal step can follow).
+
+    Raises:
+        ValueError: ``penalty`` not > 0, ``growth`` < 1, ``max_penalty`` < ``penalty``, ``shrink`` outside (0, 1] or
+            ``patience`` < 1.
+    """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], penalty: float = 1.0, growth: float = 2.0,
-                 max_penalty: float = 1e4, shrink: float = 0.25) -> None:
+                 max_penalty: float = 100.0, shrink: float = 0.25, patience: int = 10) -> None:
         _check("penalty", penalty, strict=True)
         _check("growth", growth, low=1.0)
         _check("max_penalty", max_penalty, low=penalty)
         if not 0.0 < shrink <= 1.0:
             raise ValueError(f"shrink must be in (0, 1], got {shrink!r}")
-        super().__init__(params, {"penalty": penalty, "growth": growth, "max_penalty": max_penalty, "shrink": shrink})
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {patience!r}")
+        super().__init__(params, {"penalty": penalty, "growth": growth, "max_penalty": max_penalty,
+                                  "shrink": shrink, "patience": patience})
 
     def _rho(self, group: dict, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -113,12 +123,18 @@ class AugmentedLagrangian(_DualRule):
     def _update(self, group, p, g, state):
         rho = self._rho(group, p)
         p.add_(rho * g)
+        violated = state.get("violated", torch.ones_like(g, dtype=torch.bool)) & (g > 0)
+        state["step"] = step = state.get("step", 0) + 1
+        if step % group["patience"]:
+            state["violated"] = violated
+            return
         viol = g.clamp_min(0)
         prev = state.get("violation")
         if prev is not None:
-            stalled = (viol > 0) & (viol > group["shrink"] * prev)
+            stalled = violated & (viol > group["shrink"] * prev)
             rho.copy_(torch.where(stalled, (rho * group["growth"]).clamp_max(group["max_penalty"]), rho))
         state["violation"] = viol.clone()
+        state["violated"] = torch.ones_like(violated)
 
     def penalty_coefficient(self, i: int = 0) -> Tensor:
         """Penalty ``ρ`` (same shape as the multiplier) of the ``i``-th parameter across all groups."""

@@ -177,8 +177,10 @@ def _polish(v: np.ndarray, lo: np.ndarray, hi: np.ndarray, A: np.ndarray, b: np.
 
 def _solve(prob: cp.Problem, solver: str, opts: dict) -> None:
     """Solve with the tight default options; on failure retry once with the solver's own defaults."""
+    # no warm start: the cached problem is shared by every row, and Clarabel started from the previous row's point
+    # failed on valid rows (cold starts are also faster here)
     try:
-        prob.solve(solver=solver, **opts)
+        prob.solve(solver=solver, warm_start=False, **opts)
         if prob.status in _SOLVED or not opts:
             return
     except cp.error.SolverError as exc:
@@ -186,6 +188,6 @@ def _solve(prob: cp.Problem, solver: str, opts: dict) -> None:
             raise SolverError(f"cvxpy solver {solver} failed: {exc}") from exc
     logger.info("reference: %s failed with options %s; retrying with its defaults", solver, opts)
     try:
-        prob.solve(solver=solver)
+        prob.solve(solver=solver, warm_start=False)
     except cp.error.SolverError as exc:
         raise SolverError(f"cvxpy solver {solver} failed: {exc}") from exc

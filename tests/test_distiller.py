@@ -2,7 +2,6 @@
 import json
 import warnings
 
-import cvxpy as cp
 import numpy as np
 import pytest
 import torch
@@ -15,6 +14,8 @@ from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
 from safekd.steplog import StepLog, read_step_log
 from safekd.unsafe import UnsafeSet
 from safekd.weighting import ConfidenceSoftmax
+
+from constrained_toys import margin_problem
 
 NO_CHECKS = ChecksSpec(reference_every=0, alarm_window=0)
 
@@ -60,32 +61,13 @@ def _capture_targets(d: SafeDistiller) -> dict:
 
 def test_convex_problem_converges_to_cvxpy_kkt_point():
     """Softmax regression, fixed target, one linear constraint (mean logit margin ≤ b) + ℓ2 (weight decay)."""
-    g = torch.Generator().manual_seed(0)
-    N, F, V, mu, b = 40, 4, 3, 0.1, -0.3
-    X = torch.randn(N, F, generator=g, dtype=torch.float64)
-    q = torch.softmax(1.5 * torch.randn(N, V, generator=g, dtype=torch.float64), -1)
-
-    def margin(logits, batch):
-        return (logits[:, 0] - logits[:, 1]).mean()
-
-    th = cp.Variable((V, F))
-    Z = X.numpy() @ th.T
-    obj = cp.sum(cp.log_sum_exp(Z, axis=1) - cp.sum(cp.multiply(q.numpy(), Z), axis=1)) / N + mu / 2 * cp.sum_squares(th)
-    con = cp.sum(Z[:, 0] - Z[:, 1]) / N <= b
-    cp.Problem(cp.Minimize(obj), [con]).solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
-    assert con.dual_value > 0.1  # the constraint is active at the optimum
-
-    lin = torch.nn.Linear(F, V, bias=False).double()
-    torch.nn.init.zeros_(lin.weight)
-    spec = Spec(teachers=[TeacherSpec("t")], constraints=[C.metric(margin, "<=", b, name="margin")],
-                dual=DualSpec(rule="gradient_ascent", lr=0.5), checks=NO_CHECKS)
-    d = SafeDistiller(lin, None, torch.optim.SGD(lin.parameters(), lr=1.0, weight_decay=mu), spec)
-    batch = {"inputs": X, "teacher_logits": q.log().unsqueeze(1)}
+    d, batch, theta, lam = margin_problem(DualSpec(rule="gradient_ascent", lr=0.5))
+    assert lam > 0.1  # the constraint is active at the optimum
     for _ in range(400):
         rec = d.step(batch)
-    assert np.abs(lin.weight.detach().numpy() - th.value).max() < 1e-3
-    assert abs(float(d.multipliers["margin"]) - con.dual_value) < 1e-3
-    assert abs(rec.constraints["margin"]["value"] - b) < 1e-3
+    assert np.abs(d.student.weight.detach().numpy() - theta).max() < 1e-3
+    assert abs(float(d.multipliers["margin"]) - lam) < 1e-3
+    assert abs(rec.constraints["margin"]["value"] - (-0.3)) < 1e-3
 
 
 def test_step_record_projection_and_feasibility_of_weights():
@@ -152,14 +134,29 @@ def test_nan_guard_stops_before_any_change(where):
     assert lams == lams_after and d.step_count == 1
 
 
+@pytest.mark.parametrize("order", ["simultaneous", "dual_primal", "primal_dual"])
+def test_nan_gradients_leave_student_and_multipliers_unchanged_in_every_order(order):
+    d, student, batch = _setup([C.unsafe_rate(0.01)], order=order, checks=ChecksSpec(reference_every=0, alarm_window=2))
+    d.step(batch)
+    params, lams = _snapshot(d)
+    rule, meter = d.dual_optimizer.state_dict(), d.meter.state_dict()
+    student.out.weight.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(NonFiniteError, match="student gradients contain NaN or inf"):
+        d.step(batch)
+    after, lams_after = _snapshot(d)
+    assert all(torch.equal(a, b) for a, b in zip(params, after)) and d.step_count == 1
+    assert lams == lams_after and lams["unsafe_rate"] > 0
+    assert d.dual_optimizer.state_dict() == rule and d.meter.state_dict()["updates"] == meter["updates"]
+
+
 def test_alarm_when_multiplier_grows_and_violation_does_not_shrink():
     """An unattainable metric (constant, independent of the student) must raise the alarm."""
     const = C.metric(lambda z, b: z.new_tensor(1.0), "<=", 0.5, name="unattainable")
     d, _, batch = _setup([const], checks=ChecksSpec(reference_every=0, alarm_window=5))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        recs = [d.step(batch) for _ in range(6)]
-    assert [bool(r.alarms) for r in recs] == [False] * 4 + [True] * 2
+        recs = [d.step(batch) for _ in range(7)]
+    assert [bool(r.alarms) for r in recs] == [False] * 5 + [True] * 2  # stuck over 5//2 = 2 full windows
     assert recs[-1].alarms[0]["constraint"] == "unattainable" and "unattainable" in recs[-1].alarms[0]["message"]
     assert sum(issubclass(w.category, MultiplierAlarm) for w in caught) == 1  # warned once, flagged every step
 
@@ -195,8 +192,8 @@ def test_dual_rules_and_window(rule):
     assert r1.constraints["unsafe_rate"]["multiplier"] == 0.0 and r2.constraints["unsafe_rate"]["multiplier"] > 0
 
 
-def test_dual_first_uses_the_updated_multiplier_in_the_primal_step():
-    d, _, batch = _setup([C.unsafe_rate(0.0)], order="dual_first")
+def test_dual_primal_uses_the_updated_multiplier_in_the_primal_step():
+    d, _, batch = _setup([C.unsafe_rate(0.0)], order="dual_primal")
     rec = d.step(batch)
     lam = rec.constraints["unsafe_rate"]["multiplier"]
     assert lam > 0 and rec.penalty == pytest.approx(lam * rec.constraints["unsafe_rate"]["residual"], rel=1e-5)

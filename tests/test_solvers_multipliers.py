@@ -32,7 +32,7 @@ def test_nupi_pi_update_and_state_roundtrip():
 
 def test_augmented_lagrangian_grows_penalty_when_violation_stalls():
     lam = torch.zeros(2)
-    opt = AugmentedLagrangian([lam], penalty=1.0, growth=2.0, max_penalty=3.0)
+    opt = AugmentedLagrangian([lam], penalty=1.0, growth=2.0, max_penalty=3.0, patience=1)
     for g in ([1.0, 1.0], [1.0, 0.1], [1.0, 0.0]):
         lam.grad = torch.tensor(g)
         opt.step()
@@ -40,3 +40,16 @@ def test_augmented_lagrangian_grows_penalty_when_violation_stalls():
     assert lam.tolist() == pytest.approx([1 + 1 + 2, 1.1])  # λ uses ρ before it grows
     with pytest.raises(ValueError, match="penalty"):
         AugmentedLagrangian([lam], penalty=0.0)
+    with pytest.raises(ValueError, match="patience"):
+        AugmentedLagrangian([lam], patience=0)
+
+
+def test_augmented_lagrangian_penalty_checked_every_patience_steps():
+    lam = torch.zeros(1)
+    opt = AugmentedLagrangian([lam], penalty=1.0, growth=2.0, max_penalty=8.0, patience=3)
+    rhos = []
+    for _ in range(9):  # a violation that never shrinks: ρ grows at the 2nd and 3rd checks (steps 6 and 9) only
+        lam.grad = torch.ones(1)
+        opt.step()
+        rhos.append(float(opt.penalty_coefficient(0)))
+    assert rhos == [1.0] * 5 + [2.0] * 3 + [4.0]

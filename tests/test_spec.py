@@ -104,7 +104,7 @@ def test_yaml_and_toml_load_the_same_spec_and_round_trip(tmp_path):
 
 
 def test_python_built_spec_round_trips():
-    spec = Spec(teachers=[TeacherSpec("a", 1.0), TeacherSpec("b", 0.0)],
+    spec = Spec(teachers=[TeacherSpec("a", 1.0), TeacherSpec("b", 0.0), TeacherSpec("c", 0.5)],
                 constraints=[C.group_cap(["a", "b"], 0.9), C.exclude("b", {"labels": [5]}), C.retain("accuracy", 0.7)],
                 unsafe=[1, 2])
     assert Spec.from_dict(spec.to_dict()).to_dict() == spec.to_dict()

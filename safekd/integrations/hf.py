@@ -86,7 +86,8 @@ class SafeKDTrainer(Trainer):
                  teachers: Mapping[str, nn.Module] | None, spec: Spec,
                  weighting: nn.Module | Mapping[str, nn.Module] | None = None,
                  pool: Callable[[Tensor, Tensor], Tensor] | None = None, divergence: Callable[..., Any] | None = None,
-                 order: Literal["primal_first", "dual_first"] = "primal_first", step_log: Any | None = None,
+                 order: Literal["simultaneous", "dual_primal", "primal_dual"] = "simultaneous",
+                 step_log: Any | None = None,
                  causal: bool = True, **trainer_kwargs: Any) -> None:
         if not isinstance(spec, Spec):
             raise TypeError(f"spec must be a safekd Spec (see safekd.load_spec), got {type(spec).__name__}")

@@ -56,7 +56,8 @@ class SafeKDModule(L.LightningModule):
     def __init__(self, student: nn.Module, teachers: Mapping[str, Callable[[Any], Tensor]] | None, spec: Spec, *,
                  weighting: nn.Module | Mapping[str, nn.Module] | None = None,
                  pool: Callable[[Tensor, Tensor], Tensor] | None = None, divergence: Callable[..., Any] | None = None,
-                 order: Literal["primal_first", "dual_first"] = "primal_first", step_log: Any | None = None) -> None:
+                 order: Literal["simultaneous", "dual_primal", "primal_dual"] = "simultaneous",
+                 step_log: Any | None = None) -> None:
         if not isinstance(spec, Spec):
             raise TypeError(f"spec must be a safekd Spec (see safekd.load_spec), got {type(spec).__name__}")
         super().__init__()
