@@ -27,15 +27,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from safekd.distiller import SafeDistiller
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "load_file", "rng_state", "set_rng_state", "CheckpointError",
-           "FORMAT_VERSION"]
+           "FORMAT_VERSION", "DISTILLER_STATE_KEYS"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dual state as alarms + relaxations (format 1 held alarm_history/alarm_active)
 _KEYS = ("format_version", "distiller", "rng")
-#: What every format-1 distiller state holds (checked before anything is loaded).
-_DISTILLER_KEYS = ("step", "student", "optimizer", "multipliers", "dual_optimizer", "weighting", "meter",
-                   "alarm_history", "alarm_active", "events", "spec")
+#: What every distiller state of this format holds (checked before anything is loaded).
+DISTILLER_STATE_KEYS = ("step", "student", "optimizer", "multipliers", "dual_optimizer", "weighting", "meter",
+                        "alarms", "relaxations", "events", "spec")
 
 
 class CheckpointError(ValueError):
@@ -207,7 +207,7 @@ def load_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller", *,
     """
     payload = read_checkpoint(path, map_location)
     state = payload["distiller"]
-    missing = [k for k in _DISTILLER_KEYS if not isinstance(state, dict) or k not in state]
+    missing = [k for k in DISTILLER_STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: missing key 'distiller.{missing[0]}'; the checkpoint was not written by "
                               "SafeDistiller.save_checkpoint")

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 import solvers
 from safekd import constraints as C
 from safekd.batches import IGNORE_INDEX
+from safekd.checkpoint import DISTILLER_STATE_KEYS
 from safekd.distributed import assert_states_identical, get_world_size, is_rank_zero, token_mean_scale, unwrap
 from safekd.dual import AlarmMonitor, MultiplierAlarm, MultiplierAlarmError, Relaxations, make_rule, resolve_order
 from safekd.measurement import ConstraintMeter, reduce_sums_counts
@@ -797,8 +798,7 @@ class SafeDistiller:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; multipliers are matched by constraint name and checked ≥ 0. Everything is
         checked (names, shapes, optimizer groups) before anything is written: on ValueError nothing changed."""
-        missing = sorted({"step", "student", "optimizer", "multipliers", "dual_optimizer", "weighting", "meter",
-                          "alarms", "relaxations", "events", "spec"} - set(state))
+        missing = sorted(set(DISTILLER_STATE_KEYS) - set(state))
         if missing:
             raise ValueError(f"checkpoint state lacks {missing} (written by another safekd version?)")
         names = sorted(self.multipliers)
