@@ -40,6 +40,7 @@ from safekd import constraints as C
 from safekd.distributed import assert_states_identical, get_world_size, is_rank_zero, token_mean_scale, unwrap
 from safekd.measurement import ConstraintMeter, reduce_sums_counts
 from safekd.signals import Signals, all_finite
+from safekd.sparse import SparseTeachers, distiller_targets, token_rows
 from safekd.spec import Spec
 from safekd.weighting.compose import SCALES, compose
 
@@ -99,6 +100,9 @@ class Targets:
     ``relaxed``/``corrected`` are ``[...]`` bool (empty W_t solved on the least-relaxed set / target corrected);
     ``target_logp`` is the pooled, corrected target log q ``[..., V]``; ``projection`` the stats of
     :attr:`StepRecord.projection`; ``context`` the constraint :class:`~safekd.constraints.MeasureContext`.
+    With sparse teachers (``teacher_topk_*`` batch keys) ``sparse`` is the bucket view
+    (:class:`~safekd.sparse.SparseTargets`); ``targets()`` then gives the dense uniform-tail views, ``loss()``
+    the bucket ones (see :mod:`safekd.sparse`).
     """
 
     teacher_logits: Tensor
@@ -113,6 +117,7 @@ class Targets:
     target_logp: Tensor
     projection: dict[str, Any]
     context: C.MeasureContext
+    sparse: Any = None
 
 
 @dataclass(eq=False)
@@ -304,13 +309,16 @@ class SafeDistiller:
         """
         teacher_logits = self._teacher_logits(batch)
         student_logits = self.student(batch["inputs"])
-        t = self._targets(batch, teacher_logits, student_logits)
+        t = self._targets(batch, teacher_logits, student_logits, expand=False)
         shared = {}
-        if self.divergence is self._builtin_divergence and self.spec.temperature == 1.0:
-            # one student normaliser for the KD term and the constraints (unsafe_rate, kl_to, retain)
-            shared["student_logp"] = t.context.student_logp = F.log_softmax(student_logits, dim=-1)
-        div = self.divergence(t.target_logp, student_logits, mask=t.mask, temperature=self.spec.temperature,
-                              **shared)
+        if t.sparse is not None:  # on the union support + tail buckets (safekd.sparse)
+            div = t.sparse.divergence(self.divergence, student_logits, t.mask, self.spec.temperature)
+        else:
+            if self.divergence is self._builtin_divergence and self.spec.temperature == 1.0:
+                # one student normaliser for the KD term and the constraints (unsafe_rate, kl_to, retain)
+                shared["student_logp"] = t.context.student_logp = F.log_softmax(student_logits, dim=-1)
+            div = self.divergence(t.target_logp, student_logits, mask=t.mask, temperature=self.spec.temperature,
+                                  **shared)
         kd_loss, kd_mean, states = self._reduce_terms(t.context, div.sum, div.count)
         loss = kd_loss + self._penalty([s["proxy_residual"] for s in states], kd_loss)
         _require_finite("the loss", loss.detach())
@@ -367,10 +375,12 @@ class SafeDistiller:
             self.log.write(record)
         return record
 
-    def _teacher_logits(self, batch: Batch) -> Tensor:
+    def _teacher_logits(self, batch: Batch) -> Tensor | SparseTeachers:
         if not isinstance(batch, Mapping) or "inputs" not in batch:
             raise ValueError("batch must be a dict with at least 'inputs' (see SafeDistiller)")
         cached = batch.get("teacher_logits")
+        if cached is None and batch.get("teacher_topk_ids") is not None:
+            return SparseTeachers.from_batch(batch, self.K)
         if cached is not None:
             t = torch.as_tensor(cached)
             if t.dim() < 2 or t.shape[-2] != self.K:
@@ -395,8 +405,11 @@ class SafeDistiller:
         _require_finite("teacher logits", t, which)
         return t.detach()
 
-    def _targets(self, batch: Batch, teacher_logits: Tensor, student_logits: Tensor) -> Targets:
+    def _targets(self, batch: Batch, teacher_logits: Tensor | SparseTeachers, student_logits: Tensor,
+                 expand: bool = True) -> Targets:
         """:meth:`targets` from teacher logits already read (so :meth:`loss` runs teachers before the student)."""
+        if isinstance(teacher_logits, SparseTeachers):
+            return distiller_targets(self, batch, teacher_logits, student_logits, expand)
         if not isinstance(student_logits, Tensor):
             raise TypeError(f"the student must return a logits tensor, got {type(student_logits).__name__}")
         _require_finite("student logits", student_logits.detach())
@@ -420,13 +433,14 @@ class SafeDistiller:
                        composed=composed, weights=weights, feasible_set=fset, relaxed=relaxed, corrected=corrected,
                        target_logp=target, projection=stats, context=ctx)
 
-    def _weights(self, batch: Batch, teacher_logits: Tensor, teacher_logp: Tensor, student_logits: Tensor,
-                 mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def _weights(self, batch: Batch, teacher_logits: Tensor | None, teacher_logp: Tensor, student_logits: Tensor,
+                 mask: Tensor, sampled_logprobs: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         token_shape = mask.shape
         if not self.weighting:
             w = teacher_logp.new_full((*token_shape, self.K), 1.0 / self.K)
             return {}, w
         signals = Signals(teacher_logits=teacher_logits, teacher_logprobs=teacher_logp, labels=batch.get("labels"),
+                          sampled_logprobs=sampled_logprobs,
                           task_ids=batch.get("task_ids"), context=batch.get("context"),
                           safety=self.spec.safety_scores(dtype=teacher_logp.dtype, device=teacher_logp.device),
                           student_logits=student_logits.detach(), mask=mask)
@@ -440,7 +454,7 @@ class SafeDistiller:
         if not self.token_constraints:
             return fs
         for c in self.token_constraints:
-            a, b = c.token_rows(ctx, sel)
+            a, b = token_rows(c, ctx, sel)
             fs = fs.halfspace(a.to(dtype), b.to(dtype), name=c.name)
         return fs
 
