@@ -55,7 +55,8 @@ def topk_logprobs(logits: Tensor, k: int, unsafe: UnsafeSet | None = None,
                   batch: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
     """The sparse cache of full logits ``[..., K, V]`` (or ``[..., V]``): ``teacher_topk_ids [..., K, k]``,
     ``teacher_topk_logprobs [..., K, k]`` (log-softmax over all V, at least float32) and, with ``unsafe``, the exact
-    ``teacher_unsafe_mass [..., K]`` = Σ_{v∈U} softmax(z)_v."""
+    ``teacher_unsafe_mass [..., K]`` = Σ_{v∈U} softmax(z)_v, computed and kept in float64 (8 bytes per token and
+    teacher, so that the unsafe rows hold to 1e-12 on the full distribution)."""
     V = logits.shape[-1]
     if not 1 <= k <= V:
         raise ValueError(f"k must lie in [1, V={V}], got {k}")
@@ -64,7 +65,7 @@ def topk_logprobs(logits: Tensor, k: int, unsafe: UnsafeSet | None = None,
     top, ids = z.topk(k, dim=-1)
     out = {"teacher_topk_ids": ids, "teacher_topk_logprobs": top - lse}
     if unsafe is not None:
-        out["teacher_unsafe_mass"] = unsafe.mass_from_logits(z, lse.squeeze(-1), batch)
+        out["teacher_unsafe_mass"] = unsafe.mass_from_logits(z.double(), None, batch)
     return out
 
 
@@ -108,7 +109,6 @@ class SparseTeachers:
                                  f"{tuple(ids.shape[:-1])}, got {mass.dtype} {tuple(mass.shape)}")
             if not bool(((mass >= 0) & (mass <= 1 + 1e-4)).all()):
                 raise ValueError("batch['teacher_unsafe_mass'] must lie in [0, 1]")
-            mass = mass.to(lp32.dtype)
         return cls(ids.long(), lp32, mass)
 
     @property
@@ -217,19 +217,20 @@ class Buckets:
 
     def student_logp(self, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
         """The student's bucket log-masses ``[..., M+2]`` from its logits ``[..., V]`` (softened at T):
-        z_v − logsumexp(z) on S, logsumexp over U ∖ S, and log(1 − the rest) for T_S."""
+        z_v − logsumexp(z) on S, logsumexp over U ∖ S minus it for T_U, and log(1 − both) for T_S. The
+        ``[..., V]`` work is one fused autograd node (:class:`_GatherLSE`): its backward writes the logits'
+        gradient in one buffer."""
         z = student_logits if temperature == 1.0 else student_logits / temperature
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        on_s = (z.gather(-1, self.support) - lse).masked_fill(~self.valid, _NEG_INF)
+        V, lead = z.shape[-1], z.shape[:-1]
+        in_s = None
         if self.unsafe_ids is not None:
-            V = z.shape[-1]
-            z_u = z.reshape(-1, V).index_select(1, self.unsafe_ids).view(*z.shape[:-1], -1)
-            u = self.unsafe_ids.expand(*z.shape[:-1], -1).contiguous()
+            u = self.unsafe_ids.expand(*lead, -1).contiguous()
             pos = torch.searchsorted(self.support.contiguous(), u).clamp_max(self.support.shape[-1] - 1)
-            in_s = self.support.gather(-1, pos) == u
-            t_u = torch.logsumexp(z_u.masked_fill(in_s, _EMPTY), dim=-1, keepdim=True) - lse
-        else:
-            t_u = torch.full_like(lse, _NEG_INF)
+            in_s = (self.support.gather(-1, pos) == u).reshape(-1, u.shape[-1])
+        z_s, lse_u, lse = _GatherLSE.apply(z.reshape(-1, V), self.support.reshape(-1, self.support.shape[-1]),
+                                           self.unsafe_ids, in_s)
+        on_s = (z_s.view(*lead, -1) - lse.view(*lead, 1)).masked_fill(~self.valid, _NEG_INF)
+        t_u = (lse_u - lse).view(*lead, 1)
         head = torch.logsumexp(torch.cat([on_s, t_u], dim=-1), dim=-1, keepdim=True)
         t_s = log1mexp(head)
         return torch.cat([on_s, t_u, t_s], dim=-1).masked_fill(self.log_count == _NEG_INF, _NEG_INF)
@@ -268,6 +269,35 @@ class Buckets:
             first, ids = first.unsqueeze(-2), ids.unsqueeze(-2)
         first = first.expand(*vals.shape)
         return out.scatter(-1, ids.expand(*vals.shape), vals.gather(-1, first))
+
+
+class _GatherLSE(torch.autograd.Function):
+    """z ``[N, V]`` → (z on the support ``[N, M]``, logsumexp of z over U ∖ S ``[N, 1]``, logsumexp of z ``[N, 1]``).
+
+    Backward: ∂/∂z = g_lse·softmax(z) + scatter(g_S on S) + g_U·softmax_{U∖S}(z) on U, written into one ``[N, V]``
+    buffer (autograd's generic path allocates one per term and adds them)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, support: Tensor, unsafe_ids: Tensor | None, in_s: Tensor | None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        z_s = z.gather(-1, support)
+        if unsafe_ids is not None:
+            z_u = z.index_select(1, unsafe_ids).masked_fill_(in_s, _EMPTY)
+            lse_u = torch.logsumexp(z_u, dim=-1, keepdim=True)
+        else:
+            z_u, lse_u = None, torch.full_like(lse, _NEG_INF)
+        ctx.save_for_backward(z, support, lse, z_u, lse_u, unsafe_ids)
+        return z_s, lse_u, lse
+
+    @staticmethod
+    def backward(ctx: Any, g_s: Tensor, g_u: Tensor, g_lse: Tensor) -> tuple[Tensor | None, None, None, None]:
+        z, support, lse, z_u, lse_u, unsafe_ids = ctx.saved_tensors
+        grad = torch.sub(z, lse).exp_().mul_(g_lse)
+        grad.scatter_add_(-1, support, g_s)
+        if unsafe_ids is not None:
+            grad.index_add_(1, unsafe_ids, (z_u - lse_u).exp_().mul_(g_u))
+        return grad, None, None, None
 
 
 @dataclass(eq=False)
@@ -374,7 +404,8 @@ def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers
     if any(t != 1.0 for t in d.spec.teacher_temperatures()):
         raise ValueError("teacher temperatures need dense teacher logits: a sparse cache holds log-probabilities "
                          "at temperature 1 (cache the teachers at their temperature, or drop `temperature:`)")
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    # the bucket view is [..., K, K·k + 2]: small enough for float64 (exact weights and unsafe rows) except on MPS
+    dtype = torch.float64 if student_logits.device.type != "mps" else torch.float32
     needs_u = teachers.unsafe_mass is not None or bool(d.unsafe_mass_constraints)
     with torch.no_grad():
         b = teachers.buckets(student_logits.shape[-1], d.spec.unsafe if needs_u else None, dtype)

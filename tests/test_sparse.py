@@ -129,3 +129,26 @@ def test_sparse_batch_errors_name_the_key() -> None:
                    "teacher_topk_logprobs": sp["teacher_topk_logprobs"][..., :2, :]})
     with pytest.raises(ValueError, match="out of range"):
         d.targets({**sp, "teacher_topk_ids": sp["teacher_topk_ids"] + 100})
+
+
+def test_student_buckets_and_their_gradient_match_the_full_softmax() -> None:
+    V, k, u = 40, 3, list(range(0, 40, 4))
+    batch, logits = _batch(V=V)
+    b = SparseTeachers.from_batch(topk_logprobs(logits, k, UnsafeSet(u)), 3).buckets(V, UnsafeSet(u), torch.float64)
+    z = torch.randn(2, 6, V, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 6, b.log_count.shape[-1], dtype=torch.float64)
+    got = b.student_logp(z)
+    (torch.where(got > -torch.inf, got, 0.0) * g).sum().backward()
+    grad = z.grad.clone()
+    z.grad = None
+    lp = torch.log_softmax(z, -1)
+    in_s = torch.zeros(2, 6, V, dtype=torch.bool).scatter(-1, b.support, True)
+    in_u = torch.zeros(V, dtype=torch.bool)
+    in_u[u] = True
+    ref = torch.cat([lp.gather(-1, b.support).masked_fill(~b.valid, -torch.inf),
+                     torch.logsumexp(lp.masked_fill(in_s | ~in_u, -torch.inf), -1, keepdim=True),
+                     torch.logsumexp(lp.masked_fill(in_s | in_u, -torch.inf), -1, keepdim=True)], -1)
+    assert bool((b.log_count[..., -2] > -torch.inf).all())  # U ∖ S is not empty: the fused U term is exercised
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+    (torch.where(ref > -torch.inf, ref, 0.0) * g).sum().backward()
+    torch.testing.assert_close(grad, z.grad, rtol=1e-8, atol=1e-12)
