@@ -42,6 +42,7 @@ from safekd.measurement import ConstraintMeter, reduce_sums_counts
 from safekd.signals import Signals, all_finite
 from safekd.sparse import SparseTeachers, distiller_targets, token_rows
 from safekd.spec import Spec
+from safekd.teachers import teacher_outputs
 from safekd.weighting.compose import SCALES, compose
 
 __all__ = ["SafeDistiller", "StepRecord", "Targets", "PendingStep", "NonFiniteError", "ProjectionCheckError",
@@ -152,8 +153,10 @@ class SafeDistiller:
 
     Args:
         student: module mapping ``batch["inputs"]`` to logits ``[..., V]``.
-        teachers: ``{name: module or callable}`` returning logits ``[..., V]`` (names = ``spec.teachers``), or
-            None when every batch carries cached ``teacher_logits [..., K, V]`` (teacher order = spec order).
+        teachers: ``{name: module or callable}`` returning logits ``[..., V]`` (or an output with ``.logits``;
+            names = ``spec.teachers``; a :func:`~safekd.teachers.derived` teacher shares its base's forward), or
+            None when every batch carries cached ``teacher_logits [..., K, V]`` or a sparse top-k cache
+            (``teacher_topk_*``; teacher order = spec order).
         optimizer: the student's ``torch.optim`` optimizer (primal step).
         spec: the :class:`~safekd.spec.Spec` (teachers, constraints, dual rule, checks).
         weighting: a token-scale operator, or ``{"token": op, "task": op, "context": op}``; None = uniform.
@@ -389,8 +392,8 @@ class SafeDistiller:
         elif self.teachers is None:
             raise ValueError("no teacher logits: pass teachers={name: module} or put 'teacher_logits' in the batch")
         else:
-            with torch.no_grad():
-                outs = [fn(batch["inputs"]) for fn in self.teachers]
+            with torch.no_grad():  # each distinct model once (derived teachers share their base's forward)
+                outs = teacher_outputs(self.teachers, batch["inputs"], self.teacher_names)
             shapes = {tuple(o.shape) for o in outs}
             if len(shapes) != 1:
                 raise ValueError("teachers returned logits of different shapes: " +

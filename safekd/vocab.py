@@ -233,15 +233,16 @@ class MappedTeacher(nn.Module):
         self._checked = False
 
     def forward(self, student_ids: Tensor, **kwargs: Any) -> Tensor:
-        if not self._checked:  # once: the teacher reads a student UNK as its own UNK token, out of context
+        if not self._checked:  # once: the teacher reads such tokens as its own UNK token, out of context
             self._checked = True
-            n = int((student_ids == self.vmap.unk_id).sum())
+            lost = ~self.vmap.covered.to(student_ids.device)[student_ids.long()] | (student_ids == self.vmap.unk_id)
+            n = int(lost.sum())
             if n:
-                warnings.warn(f"MappedTeacher: {n} student UNK token(s) in the input are fed to the teacher as its "
-                              f"token id {int(self.vmap.encode_index[self.vmap.unk_id])}; its distributions after "
-                              "them are unreliable. Where the text is available, run the teacher on its own "
-                              "tokenization (safekd cache-teachers maps it to the student's positions).",
-                              UserWarning, stacklevel=2)
+                warnings.warn(f"MappedTeacher: {n} input token(s) are the student's UNK or absent from the teacher's "
+                              f"vocabulary; the teacher reads them as its token id "
+                              f"{int(self.vmap.encode_index[self.vmap.unk_id])}, so its distributions after them are "
+                              "unreliable. Where the text is available, run the teacher on its own tokenization "
+                              "(safekd cache-teachers maps it to the student's positions).", UserWarning, stacklevel=2)
         teacher_ids = self.vmap.encode(student_ids)
         out = self.model(teacher_ids, **kwargs)
         logits = getattr(out, "logits", out)
