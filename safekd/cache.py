@@ -20,8 +20,9 @@ continues where it stopped when it is run again with the same settings.
 
 Teachers whose tokenizer differs from the student's are run on **their own tokenization of the text** and
 aligned to the student's positions by character offsets: the student position ending at character e reads the
-teacher position whose prefix ends at e (the last one ending before e where none ends there), and its
-distribution is mapped onto the student vocabulary with :meth:`safekd.vocab.VocabMap.logprobs`.
+teacher position whose prefix ends at e (the last one ending before e where none ends there, or the last one
+within the teacher's context length), and its distribution is mapped onto the student vocabulary with
+:meth:`safekd.vocab.VocabMap.logprobs`; the manifest records the fraction of positions aligned exactly.
 """
 from __future__ import annotations
 
@@ -151,6 +152,8 @@ class _Runner:
                                  f"{list(_UNK_TOKENS)} to receive the teacher's unmatched mass")
             self.vmap = build_vocab_map(_vocab_of(t.tokenizer), student_vocab, student_unk=unk)
         self.aligned = self.positions = 0
+        # a teacher reads at most its context length (Hugging Face config), counted as inexact beyond it
+        self.max_len = getattr(getattr(t.model, "config", None), "max_position_embeddings", None)
 
     def __call__(self, data: TokenizedText, rows: slice) -> Tensor:
         ids = data.input_ids[rows].to(self.device)
@@ -174,15 +177,18 @@ class _Runner:
         cut = [t[:int(e[a].max()) if bool(a.any()) else 0] for t, e, a in zip(texts, ends, attn)]
         enc = self.t.tokenizer(cut, add_special_tokens=False, return_offsets_mapping=True)
         Lt = max(1, max(len(r) for r in enc["input_ids"]))
+        if self.max_len:
+            Lt = min(Lt, int(self.max_len))
         t_ids = torch.zeros(len(cut), Lt, dtype=torch.long)
         t_end = torch.full((len(cut), Lt), 2**62, dtype=torch.long)
         for i, (row, off) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+            row, off = row[:Lt], off[:Lt]
             if row:
                 t_ids[i, :len(row)] = torch.tensor(row)
                 t_end[i, :len(row)] = torch.tensor([o[1] for o in off])
         t_end = t_end.cummax(-1).values  # non-decreasing for searchsorted
         pos = torch.searchsorted(t_end, ends.contiguous(), right=True) - 1
-        exact = (t_end.gather(1, pos.clamp_min(0)) == ends) & attn
+        exact = (t_end.gather(1, pos.clamp(0, Lt - 1)) == ends) & (pos < Lt) & attn
         self.aligned += int(exact.sum())
         self.positions += int(attn.sum())
         return t_ids, pos.clamp(0, Lt - 1)

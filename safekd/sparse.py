@@ -412,7 +412,7 @@ def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers
         lp = b.teacher_logp
         dense_teachers = expand or any(isinstance(c, C.KLTo) for c in d.student_constraints)
         ctx = SparseContext(student_logits=student_logits, batch=batch,
-                            teacher_logprobs=b.expand(lp) if dense_teachers else lp,
+                            teacher_logprobs=b.expand(lp).to(student_logits.dtype) if dense_teachers else lp,
                             teacher_index=d.teacher_index, unsafe=d.spec.unsafe,
                             teacher_unsafe_mass=None if teachers.unsafe_mass is None else teachers.unsafe_mass.to(dtype))
         mask = ctx.mask
@@ -428,7 +428,7 @@ def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers
                         d.step_count + 1, stats["corrected_tokens"])
         needs_dense_target = expand or any(isinstance(c, C.Retain) and c.metric == "target_agreement"
                                            for c in d.student_constraints)
-        dense_target = b.expand(target) if needs_dense_target else target
+        dense_target = b.expand(target).to(student_logits.dtype) if needs_dense_target else target
     ctx.target_logp = dense_target
     teacher_view = ctx.teacher_logprobs
     return Targets(teacher_logits=teacher_view, teacher_logp=teacher_view, mask=mask, per_scale=per_scale,
