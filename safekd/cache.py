@@ -40,7 +40,7 @@ from torch import Tensor
 
 from safekd.batches import IGNORE_INDEX
 from safekd.sparse import topk_logprobs
-from safekd.teachers import logits_of
+from safekd.teachers import logits_of, teacher_outputs
 from safekd.unsafe import UnsafeSet
 from safekd.vocab import VocabMap, build_vocab_map
 
@@ -155,10 +155,11 @@ class _Runner:
         # a teacher reads at most its context length (Hugging Face config), counted as inexact beyond it
         self.max_len = getattr(getattr(t.model, "config", None), "max_position_embeddings", None)
 
-    def __call__(self, data: TokenizedText, rows: slice) -> Tensor:
-        ids = data.input_ids[rows].to(self.device)
+    def __call__(self, data: TokenizedText, rows: slice, shared: Mapping[str, Tensor]) -> Tensor:
+        """``shared``: the outputs of the teachers that read the student's ids, from one
+        :func:`~safekd.teachers.teacher_outputs` call (derived teachers share their base's forward)."""
         if self.vmap is None:
-            z = logits_of(self.t.model(ids), f"teacher {self.name!r}")
+            z, ids = shared[self.name], data.input_ids[rows]
             if z.shape[-1] < self.V or z.shape[:-1] != ids.shape:
                 raise ValueError(f"teacher {self.name!r} returned logits {tuple(z.shape)}; expected "
                                  f"[{ids.shape[0]}, {ids.shape[1]}, V >= {self.V}] over the student's vocabulary")
@@ -231,6 +232,7 @@ def cache_teachers(out: str | Path, data: TokenizedText, teachers: Mapping[str, 
                for n, t in teachers.items()}
     svocab = dict(student_vocab) if student_vocab is not None else None
     runners = {n: _Runner(n, t, svocab, vocab_size, dev) for n, t in sources.items()}
+    direct = [n for n, r in runners.items() if r.vmap is None]  # teachers reading the student's ids
     N, L = data.input_ids.shape
     data_hash = hashlib.sha256(data.input_ids.numpy().tobytes() + data.attention_mask.numpy().tobytes()).hexdigest()
     settings = {"format": FORMAT, "version": VERSION,
@@ -269,7 +271,9 @@ def cache_teachers(out: str | Path, data: TokenizedText, teachers: Mapping[str, 
         for s in range(lo, hi, batch_size):
             rows = slice(s, min(hi, s + batch_size))
             with torch.no_grad():
-                lp = torch.stack([run(data, rows) for run in runners.values()], dim=-2)  # [n, L, K, V]
+                ids = data.input_ids[rows].to(dev)
+                shared = dict(zip(direct, teacher_outputs([sources[n].model for n in direct], ids, direct)))
+                lp = torch.stack([run(data, rows, shared) for run in runners.values()], dim=-2)  # [n, L, K, V]
                 sp = topk_logprobs(lp, k, unsafe)
             parts["teacher_topk_ids"].append(sp["teacher_topk_ids"].int().cpu())
             parts["teacher_topk_logprobs"].append(sp["teacher_topk_logprobs"].to(_DTYPES[dtype]).cpu())

@@ -166,3 +166,15 @@ def test_cli_documents_every_flag_caches_and_refuses_in_one_line(tmp_path: Path,
     assert main(args[:4] + ["--teacher", "a"] + args[6:]) == 2
     assert "NAME=SOURCE" in capsys.readouterr().err
     sys.modules.pop("teachers_mod", None)
+
+
+def test_a_derived_teacher_shares_its_base_forward_while_caching(tmp_path: Path) -> None:
+    from safekd.teachers import derived
+
+    a = Table(len(STUDENT), 0)
+    _run(tmp_path / "c", {"a": a, "b": derived(a, lambda z: 2 * z)}, k=4)
+    assert a.calls == 3  # one forward per batch (3 batches), not two
+    batch = next(iter(TeacherCache(tmp_path / "c")))
+    lp = torch.log_softmax(2 * a.table[batch["inputs"]], -1)
+    torch.testing.assert_close(lp.gather(-1, batch["teacher_topk_ids"][..., 1, :].long()),
+                               batch["teacher_topk_logprobs"][..., 1, :], rtol=0, atol=1e-5)
