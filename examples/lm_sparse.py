@@ -11,7 +11,9 @@
    (``other`` is read on its own tokenization, aligned to the student's positions).
 5. A small GPT-2 student is distilled from the caches with ``SafeDistiller`` under the spec (cap on ``raw``,
    per-token ``unsafe_mass`` with the exact p_k(U) of the cache, ``unsafe_rate`` on the student), then audited on
-   the held-out cache.
+   the held-out cache. The ``unsafe_rate`` bound is formed over held-out examples: with the ~60 held-out items of
+   the bundled subset it is far too wide to pass; with the system corpus (``apt-get install fortunes``, 15,671
+   items; ``--items`` sets how many are used) it tightens.
 
 With network access, replace the teachers by hub names: ``--teacher clean=hf:HuggingFaceTB/SmolLM2-135M`` (and the
 student's tokenizer by ``--tokenizer HuggingFaceTB/SmolLM2-135M``); see ``docs/lm.md``.
@@ -124,7 +126,7 @@ def main() -> None:
         "constraints:\n"
         "  - {kind: cap, teacher: raw, max: 0.3}\n"
         "  - {kind: unsafe_mass, max: 0.002}\n"
-        "  - {kind: unsafe_rate, max: 0.002}\n"
+        "  - {kind: unsafe_rate, max: 0.01}\n"
         "dual: {rule: gradient_ascent, lr: 2.0}\n")
     spec = safekd.load_spec(spec_path)
 

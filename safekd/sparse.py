@@ -141,10 +141,15 @@ class SparseTeachers:
             top_in_u = torch.zeros_like(ids_sorted, dtype=torch.bool)
             s_in_u = torch.zeros_like(support, dtype=torch.bool)
             p_u = lp.new_zeros(lead + (K,))
+        # rounded (e.g. bf16) top-k probabilities may exceed their exact budgets p_k(U) and 1 − p_k(U): shrink them
+        # so that p̂_k(U) = p_k(U) and Σ p̂_k = 1 hold exactly
         p_top = lp_sorted.exp()
-        top_u = (p_top * top_in_u).sum(-1)
-        tail_u = (p_u - top_u).clamp_min(0)
-        tail_s = (1 - p_top.sum(-1) - tail_u).clamp_min(0)
+        top_u, top_s = (p_top * top_in_u).sum(-1), (p_top * ~top_in_u).sum(-1)
+        f_u = torch.where(top_u > p_u, p_u / top_u.clamp_min(torch.finfo(dtype).tiny), 1.0)
+        f_s = torch.where(top_s > 1 - p_u, (1 - p_u) / top_s.clamp_min(torch.finfo(dtype).tiny), 1.0)
+        lp_sorted = lp_sorted + torch.where(top_in_u, f_u.unsqueeze(-1), f_s.unsqueeze(-1)).log()
+        tail_u = (p_u - f_u * top_u).clamp_min(0)
+        tail_s = (1 - p_u - f_s * top_s).clamp_min(0)
         n_tail_u = n_u - top_in_u.sum(-1)                                            # |U ∖ top_k|
         n_tail_s = (vocab_size - n_u) - (~top_in_u).sum(-1)                          # |(V∖U) ∖ top_k|
         log_v_u = _log_ratio(tail_u, n_tail_u)                                       # per-token tail values

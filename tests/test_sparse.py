@@ -152,3 +152,15 @@ def test_student_buckets_and_their_gradient_match_the_full_softmax() -> None:
     torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
     (torch.where(ref > -torch.inf, ref, 0.0) * g).sum().backward()
     torch.testing.assert_close(grad, z.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_rounded_top_k_never_exceeds_the_exact_unsafe_budget() -> None:
+    V = 50
+    batch, logits = _batch(V=V)
+    sp = _sparse(batch, logits, 4)
+    sp["teacher_topk_logprobs"] = sp["teacher_topk_logprobs"].to(torch.bfloat16)  # ~0.4% rounding
+    b = SparseTeachers.from_batch(sp, 3).buckets(V, UnsafeSet(U), torch.float64)
+    full = b.expand(b.teacher_logp)
+    p_u = UnsafeSet(U).mass(torch.log_softmax(logits, -1), teacher_axis=True)
+    torch.testing.assert_close(UnsafeSet(U).mass(full, teacher_axis=True), p_u, rtol=0, atol=1e-12)
+    torch.testing.assert_close(full.exp().sum(-1), torch.ones_like(p_u), rtol=0, atol=1e-12)
