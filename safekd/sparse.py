@@ -19,8 +19,12 @@ pooled buckets are exactly the buckets of the pool of the p̂_k; the linear pool
 Σ_k w_k p_k(U), which is what the ``unsafe_mass`` rows constrain and the target correction enforces.
 The student is read on the same buckets: log p_θ(v) = z_v − logsumexp(z) gathered on S, its mass on T_U from
 its logits on U, and T_S = the rest. A divergence on the buckets is the divergence between the two
-distributions coarsened to the buckets: equal to the full one when k = V, a lower bound for the KL and TVD
-otherwise (data processing). Temperatures soften per token (a tail bucket's tokens share one value).
+distributions coarsened to the buckets: equal to the full one when k = V, a lower bound otherwise (forward and
+reverse KL, JSD and TVD are f-divergences: data processing). Weighting operators read the teachers' bucket
+distributions, and the gold token's log p̂_k(y) (exact where y is in teacher k's top-k) as ``sampled_logprobs``. The divergence temperature softens per token (a tail bucket's tokens share one
+value); per-teacher temperatures need dense logits (a cache holds temperature-1 log-probabilities). Top-k
+probabilities stored with rounding (bf16) are shrunk, where they exceed them, to the exact budgets p_k(U) and
+1 − p_k(U), so p̂_k(U) = p_k(U) and Σ p̂_k = 1 hold exactly whatever the storage precision.
 """
 from __future__ import annotations
 
@@ -111,10 +115,6 @@ class SparseTeachers:
                 raise ValueError("batch['teacher_unsafe_mass'] must lie in [0, 1]")
         return cls(ids.long(), lp32, mass)
 
-    @property
-    def K(self) -> int:
-        return int(self.ids.shape[-2])
-
     def buckets(self, vocab_size: int, unsafe: UnsafeSet | None, dtype: torch.dtype | None = None) -> "Buckets":
         """The teachers on the union support plus the two tail buckets (see the module docstring)."""
         if int(self.ids.max()) >= vocab_size:
@@ -122,7 +122,7 @@ class SparseTeachers:
                              f"student's vocabulary of {vocab_size}")
         dtype = dtype or self.logprobs.dtype
         lp = self.logprobs.to(dtype)
-        lead, K, k = self.ids.shape[:-2], self.K, self.ids.shape[-1]
+        lead, K, k = self.ids.shape[:-2], self.ids.shape[-2], self.ids.shape[-1]
         ids_sorted, order = self.ids.sort(dim=-1)
         lp_sorted = lp.gather(-1, order)
         support, _ = ids_sorted.flatten(-2).sort(dim=-1)                           # [..., M], M = K·k
@@ -213,13 +213,6 @@ class Buckets:
     unsafe_ids: Tensor | None
     vocab_size: int
 
-    def soften_teachers(self, temperatures: list[float]) -> Tensor:
-        """Each teacher softened per token at its temperature T_k (``teacher_logp`` when every T_k = 1)."""
-        if all(t == 1.0 for t in temperatures):
-            return self.teacher_logp
-        return torch.stack([_soften(self.teacher_logp[..., i, :], self.log_count, t)
-                            for i, t in enumerate(temperatures)], dim=-2)
-
     def student_logp(self, student_logits: Tensor, temperature: float = 1.0) -> Tensor:
         """The student's bucket log-masses ``[..., M+2]`` from its logits ``[..., V]`` (softened at T):
         z_v − logsumexp(z) on S, logsumexp over U ∖ S minus it for T_U, and log(1 − both) for T_S. The
@@ -307,8 +300,7 @@ class _GatherLSE(torch.autograd.Function):
 
 @dataclass(eq=False)
 class SparseTargets:
-    """The bucket view of one batch's targets: ``buckets``, the pooled and corrected ``target_logp [..., M+2]``
-    and the divergence temperature's student view (set by :meth:`divergence`)."""
+    """The bucket view of one batch's targets: ``buckets`` and the pooled, corrected ``target_logp [..., M+2]``."""
 
     buckets: Buckets
     target_logp: Tensor
