@@ -167,7 +167,9 @@ class SafeDistiller:
             ``"dual_first"`` (dual step from this batch's measurement, then the primal step with λ_{t+1}).
         log: a :class:`~safekd.steplog.StepLog` receiving every record (rank 0 only).
 
-    Batch keys: ``inputs``; optional ``teacher_logits``, ``labels``, ``mask`` (bool), ``task_ids``, ``context``.
+    Batch keys: ``inputs``; optional ``teacher_logits``, ``labels``, ``mask`` (bool), ``task_ids``, ``context``; a
+    sparse top-k teacher cache instead of ``teacher_logits``: ``teacher_topk_ids``, ``teacher_topk_logprobs``,
+    ``teacher_unsafe_mass`` (see :mod:`safekd.sparse`).
 
     Raises:
         solvers.InfeasibleError: the static teacher-weight constraints (caps, floors, groups, order) are empty;

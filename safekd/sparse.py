@@ -178,7 +178,8 @@ def _unsafe_ids(unsafe: UnsafeSet | None, vocab_size: int, device: torch.device)
     if unsafe.ids is None:
         raise ValueError(f"sparse teachers need an unsafe set given by token ids; {unsafe!r} is a mask callable "
                          "(cache dense teacher logits, or list the unsafe ids)")
-    unsafe.mask(vocab_size)  # range check with the standard message
+    if int(unsafe.ids[-1]) >= vocab_size:  # sorted ids on the host: no device sync
+        raise ValueError(f"UnsafeSet: token id {int(unsafe.ids[-1])} is out of range for vocabulary size {vocab_size}")
     return unsafe.ids.to(device)
 
 
