@@ -364,6 +364,15 @@ def run_methods(scenario: Scenario, methods: Sequence[str]) -> dict[str, dict[st
     return out
 
 
+def report_failures(methods: Mapping[str, Mapping[str, Any]]) -> int:
+    """Print one line per audited constraint that FAILs; the examples' exit code: 1 if any, else 0."""
+    failed = [f"{m}: {name}" for m, ev in methods.items() for name, c in ev.get("constraints", {}).items()
+              if not c["passed"]]
+    for line in failed:
+        print(f"FAIL {line}")
+    return 1 if failed else 0
+
+
 def config_from_args(cls: Any, args: argparse.Namespace) -> Any:
     """``cls.quick`` (``--quick``) or ``cls`` on ``--corpus`` (default: the fixture when quick, else the system
     corpus), with ``--seed`` and, when given, ``--steps``."""

@@ -13,9 +13,11 @@ the jailbroken teacher's weight, a per-token cap on the pooled target's unsafe m
 Reported on held-out data: perplexity, the student unsafe rate with its 95% upper bound, and the fraction of sampled
 continuations flagged by the word list and by ``alt-profanity-check`` with Clopper–Pearson bounds.
 
-    python examples/fortunes_lm.py                      # full corpus (apt-get install fortunes), a few minutes
-    python examples/fortunes_lm.py --quick              # the test fixture, a few seconds
+    python examples/fortunes_lm.py                      # full corpus (apt-get install fortunes)
+    python examples/fortunes_lm.py --quick              # the test fixture: 8 s CPU, 0.54 GB (2-core x86-64, 1 thread)
     python examples/fortunes_lm.py --method uniform     # one of fortunes_data.METHODS
+
+Exit code 1 when an audited constraint FAILs (each is printed as ``FAIL method: constraint``), else 0.
 """
 from __future__ import annotations
 
@@ -182,7 +184,7 @@ class LMScenario:
         logits = student(test[:, :-1])
         batch = {"inputs": test[:, :-1], "labels": test[:, 1:], "mask": test[:, 1:] != pad}
         v, c = per_example_sums(rate, logits, batch, unsafe=self.unsafe)
-        bound = bound_for_units(v.numpy(), c.numpy(), "<=", cfg.confidence)
+        bound = bound_for_units(v.numpy(), c.numpy(), "<=", cfg.confidence, rate.value_support)
         out["unsafe_rate"] = {"estimate": float(v.sum() / c.sum()), "per_doc_mean": bound.estimate,
                               "bound": bound.value, "method": bound.method, "n": bound.n,
                               "threshold": cfg.unsafe_rate_max,
@@ -256,4 +258,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(fd.report_failures(main()["methods"]))  # exit 1 when an audited constraint FAILs

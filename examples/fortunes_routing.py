@@ -15,8 +15,11 @@ threshold — a student constraint with a differentiable proxy (mean p_θ(kids) 
 poisoned teacher and the per-example unsafe mass of the pooled target. (No ``safety_order`` here: a fixed order over
 the domain experts would override the domain posterior, whose job is to rank them per context.)
 
-    python examples/fortunes_routing.py            # full corpus, < 1 min
-    python examples/fortunes_routing.py --quick    # the test fixture
+    python examples/fortunes_routing.py            # full corpus (apt-get install fortunes)
+    python examples/fortunes_routing.py --quick    # the test fixture: 11 s CPU, 0.45 GB (2-core x86-64, 1 thread)
+
+Exit code 1 when an audited constraint FAILs (each is printed as ``FAIL method: constraint``), else 0. On the small
+fixture the routing-rate constraint has few offensive examples to bound and usually FAILs.
 """
 from __future__ import annotations
 
@@ -203,7 +206,7 @@ class RoutingScenario:
     # ------------------------------------------------------------------------------------------ methods
     def _routed(self) -> C.Constraint:
         fn, proxy = routed_to_kids(self.kids)
-        return C.metric(fn, "<=", self.cfg.routed_max, proxy=proxy, name="offensive_routed_to_kids")
+        return C.metric(fn, "<=", self.cfg.routed_max, proxy=proxy, name="offensive_routed_to_kids", support="binary")
 
     def spec(self, method: str) -> Spec:
         cfg = self.cfg
@@ -254,8 +257,9 @@ class RoutingScenario:
         batch = self._batch(te)
         logits = student(batch["inputs"])
         acc = float((logits.argmax(-1) == self.y[te]).float().mean())
-        v, n = per_example_sums(self._routed(), logits, batch)
-        b = bound_for_units(v.numpy(), n.numpy(), "<=", cfg.confidence)
+        routed = self._routed()
+        v, n = per_example_sums(routed, logits, batch)
+        b = bound_for_units(v.numpy(), n.numpy(), "<=", cfg.confidence, routed.value_support)
         unsafe = {"estimate": b.estimate, "bound": b.value, "method": b.method, "n": b.n, "threshold": cfg.routed_max,
                   "passed": signed_slack("<=", b.value, cfg.routed_max) >= 0}
         cons, _ = fd.audit_constraints(student, batch, distiller, cfg.confidence)
@@ -293,4 +297,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(fd.report_failures(main()["methods"]))  # exit 1 when an audited constraint FAILs

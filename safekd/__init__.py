@@ -79,6 +79,9 @@ _EXPORTS: dict[str, str] = {
     "audit": "safekd.auditing",
     "AuditReport": "safekd.auditing",
     "write_report": "safekd.auditing",
+    "plan_audit": "safekd.auditing",
+    "ConstraintMonitor": "safekd.auditing",
+    "LogitsOf": "safekd.integrations.base",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,4 +1,4 @@
-"""Numerical axiom checker for weighting operators and pools (paper-spec §3, §8.2; every form is [INFERRED]).
+"""Numerical axiom checker for weighting operators and pools (every checkable form is safekd's reconstruction).
 
 `check_axioms(operator)` samples signals (random draws plus edge cases: one-hot, identical and uniform
 teachers, extreme logits, safety ties) and reports, per axiom, pass/fail, the measured constant and the
@@ -20,6 +20,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -53,7 +55,8 @@ _JUMP_TOL = 1e-3
 
 @dataclass
 class AxiomResult:
-    """One axiom: ``passed`` (measured), ``declared`` (claimed by the subject), constants and witness."""
+    """One axiom: ``passed`` (measured), ``declared`` (claimed by the subject), constants and witness; ``tag`` is
+    the provenance of the checkable form (``"reconstruction"``: safekd's, as the Theory page explains)."""
 
     name: str
     axiom_id: str
@@ -63,7 +66,7 @@ class AxiomResult:
     witness: dict[str, Any] | None = None
     seed: int = 0
     message: str = ""
-    tag: str = "INFERRED"
+    tag: str = "reconstruction"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "id": self.axiom_id, "passed": self.passed, "declared": self.declared,
@@ -90,11 +93,22 @@ class AxiomReport:
         return [r for r in self.results if r.declared and not r.passed]
 
     @property
+    def unclaimed_failures(self) -> list[AxiomResult]:
+        """Properties the subject does not declare and that do not hold (reported, never a failure)."""
+        return [r for r in self.results if not r.declared and not r.passed]
+
+    @property
     def message(self) -> str:
         if self.passed:
-            return f"{self.subject}: all {sum(r.declared for r in self.results)} declared axioms hold"
-        return f"{self.subject}: {len(self.failures)} declared axiom(s) FAILED: " + \
-            ", ".join(r.name for r in self.failures)
+            head = f"{self.subject}: all {sum(r.declared for r in self.results)} declared axioms hold"
+        else:
+            head = f"{self.subject}: {len(self.failures)} declared axiom(s) FAILED: " + \
+                ", ".join(r.name for r in self.failures)
+        other = self.unclaimed_failures
+        if other:
+            head += (f"; {len(other)} property(ies) it does not declare do not hold (not a failure): "
+                     + ", ".join(r.name for r in other))
+        return head
 
     def __getitem__(self, name: str) -> AxiomResult:
         for r in self.results:
@@ -108,9 +122,10 @@ class AxiomReport:
 
     def to_text(self) -> str:
         """Human-readable report: message first, one line per axiom, witnesses of failures."""
-        lines = [self.message, f"(kind={self.kind}, seed={self.seed}; forms are [INFERRED], paper-spec §3)"]
+        lines = [self.message, f"(kind={self.kind}, seed={self.seed}; the axioms' checkable forms are safekd's "
+                               "reconstruction, see the Theory page of the documentation)"]
         for r in self.results:
-            status = "PASS" if r.passed else "FAIL"
+            status = ("PASS" if r.passed else "FAIL") if r.declared else (" ok " if r.passed else " no ")
             scope = "declared" if r.declared else "measured only"
             consts = ", ".join(f"{k}={_fmt(v)}" for k, v in r.measured.items())
             lines.append(f"  [{status}] {r.axiom_id:<9} {r.name:<30} ({scope}) {consts}")
@@ -451,6 +466,8 @@ def check_axioms(operator: WeightOperator, num_teachers: int | None = None, batc
     """Check a `WeightOperator` against W1–W6 and composition closure; see the module docstring."""
     if not isinstance(operator, WeightOperator):
         raise TypeError(f"check_axioms needs a WeightOperator, got {type(operator).__name__}")
+    if num_teachers is not None and num_teachers < 1:
+        raise ValueError(f"num_teachers must be >= 1, got {num_teachers}")
     K = num_teachers or operator.num_teachers or 4
     d = operator.declared(K)
     declared = d.claims
@@ -484,7 +501,7 @@ def _pool_inputs(K: int, V: int, B: int, seed: int,
 def check_pool(pool: Callable[[Tensor, Tensor], Tensor], num_teachers: int = 4, batch: int = 56, vocab: int = 8,
                seed: int = 0, steps: int = 8, dtype: torch.dtype = torch.float64) -> AxiomReport:
     """Check an aggregation operator ``pool(teacher_logp [..., K, V], weights [..., K]) -> logp [..., V]``
-    against A1–A5 (paper-spec §3.2); ``pool.claims`` (if present) lists what it declares."""
+    against A1–A5 (the companion paper's aggregation axioms); ``pool.claims`` (if present) lists what it declares."""
     claims = frozenset(getattr(pool, "claims", _DEFAULT_POOL_CLAIMS))
     unknown = claims - set(POOL_AXIOMS)
     if unknown:
@@ -594,12 +611,35 @@ def check_pool(pool: Callable[[Tensor, Tensor], Tensor], num_teachers: int = 4, 
 
 
 # ---------------------------------------------------------------------------------------------- entry points
-def load_object(spec: str) -> Any:
-    """Import ``"package.module:attr.path"``; a class is instantiated with no arguments."""
+_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def load_object(spec: str, kwargs: Mapping[str, Any] | None = None) -> Any:
+    """Import ``"package.module:attr.path"``; a class is instantiated with ``kwargs`` (none by default).
+
+    A keyword value that is itself a ``"module:attr"`` string, or a mapping ``{"object": "module:attr", **kw}``, is
+    loaded the same way first, e.g. ``load_object("safekd.weighting:SafetyPrior",
+    {"base": {"object": "safekd.weighting:ConfidenceSoftmax", "beta": 4.0}, "gamma": 0.5})``.
+
+    Raises:
+        ValueError: the reference does not resolve, or ``kwargs`` are given for an object that is not a class.
+        TypeError: the constructor rejects the arguments.
+    """
     obj = import_reference(spec)
+    resolved = {k: _load_value(v) for k, v in (kwargs or {}).items()}
     if isinstance(obj, type):
-        obj = obj()
+        return obj(**resolved)
+    if resolved:
+        raise ValueError(f"{spec} is not a class, so it takes no constructor arguments (got {sorted(resolved)})")
     return obj
+
+
+def _load_value(value: Any) -> Any:
+    if isinstance(value, str) and _REFERENCE.match(value):
+        return load_object(value)
+    if isinstance(value, Mapping) and "object" in value:
+        return load_object(str(value["object"]), {k: v for k, v in value.items() if k != "object"})
+    return value
 
 
 def check(obj: Any, **kwargs: Any) -> AxiomReport:

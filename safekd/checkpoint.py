@@ -8,9 +8,12 @@ then ``os.replace``-d over ``path``; under DDP only rank 0 writes.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +25,33 @@ from safekd.distributed import is_rank_zero
 if TYPE_CHECKING:  # pragma: no cover
     from safekd.distiller import SafeDistiller
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "load_file", "rng_state", "set_rng_state", "CheckpointError",
+           "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+_KEYS = ("format_version", "distiller", "rng")
+#: What every format-1 distiller state holds (checked before anything is loaded).
+_DISTILLER_KEYS = ("step", "student", "optimizer", "multipliers", "dual_optimizer", "weighting", "meter",
+                   "alarm_history", "alarm_active", "events", "spec")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable safekd checkpoint (or tensor file): empty, truncated, corrupt, unsafe to
+    unpickle, of the wrong shape or missing a key. The message names the file and what to do."""
+
+
+def _no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception it was raised from is ENOSPC (torch wraps a failed write in RuntimeError)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,6 +99,10 @@ def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller") ->
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if _no_space(exc):  # the previous checkpoint at `path`, if any, is left untouched
+            raise OSError(errno.ENOSPC, "no space left on device", str(path)) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -86,18 +115,92 @@ def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller") ->
     return path
 
 
+def load_file(path: str | os.PathLike[str], *, what: str = "checkpoint", redo: str = "",
+              map_location: str | torch.device | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error per failure, naming ``path`` and ``what`` it is.
+
+    Without ``map_location``, tensors saved on a GPU are loaded on the CPU when CUDA is unavailable. ``redo`` is
+    appended to the messages about unreadable files (how to write the file again).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is empty, truncated or corrupt, or holds objects other than tensors and plain
+            containers (which are never unpickled).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "No such file", str(path))
+    redo = f"; {redo}" if redo else ""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the {what} file is empty (0 bytes){redo}")
+    if map_location is None and not torch.cuda.is_available():
+        map_location = "cpu"  # a file written on a GPU machine loads here too
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files before failing
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc):
+            raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, which safekd "
+                                  f"refuses to load (they could run code); use a {what} written by safekd") from None
+        raise CheckpointError(f"{path}: not a {what} (unreadable data){redo}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        if isinstance(exc, (PermissionError, IsADirectoryError)):
+            raise
+        raise CheckpointError(f"{path}: the {what} is truncated or corrupt ({_first_line(exc)}){redo}") from None
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = None) -> dict[str, Any]:
+    """The payload of the checkpoint at ``path``, read by :func:`load_file` and checked.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is empty, truncated or corrupt, holds objects other than tensors and plain
+            containers, is not a dict with ``format_version``, ``distiller`` and ``rng``, or has another format version.
+    """
+    redo = "write it again with SafeDistiller.save_checkpoint or `safekd train`"
+    payload = load_file(path, what="checkpoint", redo=redo, map_location=map_location)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: holds a {type(payload).__name__}, not a safekd checkpoint (a dict with keys "
+                              f"{', '.join(_KEYS)}); {redo}")
+    missing = [k for k in _KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: missing key {missing[0]!r} (a safekd checkpoint has {', '.join(_KEYS)}); "
+                              f"{redo}")
+    version = payload["format_version"]
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported checkpoint format version {version!r} (expected {FORMAT_VERSION})")
+    return payload
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text.split(". ")[0].rstrip(".")[:160]
+
+
 def load_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller", *, restore_rng: bool = True,
                     map_location: str | torch.device | None = None) -> dict[str, Any]:
     """Load ``path`` with ``torch.load(weights_only=True)`` into ``distiller`` (and the RNGs); returns the payload.
 
+    The file is checked (:func:`read_checkpoint`) and the distiller state's keys compared before anything changes.
+
     Raises:
-        ValueError: unknown format version, or the checkpoint's constraints/teachers differ from the distiller's.
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: (a ``ValueError``) the file is not a loadable checkpoint, lacks a key the distiller
+            needs, or its constraints/teachers differ from the distiller's; the message names the file.
     """
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    version = payload.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint format version {version!r} (expected {FORMAT_VERSION})")
-    distiller.load_state_dict(payload["distiller"])
+    payload = read_checkpoint(path, map_location)
+    state = payload["distiller"]
+    missing = [k for k in _DISTILLER_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: missing key 'distiller.{missing[0]}'; the checkpoint was not written by "
+                              "SafeDistiller.save_checkpoint")
+    try:
+        distiller.load_state_dict(state)
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: missing key {exc.args[0]!r} in the distiller state") from exc
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     if restore_rng:
         set_rng_state(payload["rng"])
     logger.info("loaded checkpoint at step %d from %s", distiller.step_count, path)

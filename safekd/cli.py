@@ -7,6 +7,7 @@ clear line on stderr. This module is the only place in safekd that prints.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -24,10 +25,14 @@ class CLIError(Exception):
 
 
 def _single_thread() -> None:
+    raw = os.environ.get("SAFEKD_THREADS", "1")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise CLIError(f"SAFEKD_THREADS must be a whole number >= 1, got {raw!r}; "
+                       "set e.g. SAFEKD_THREADS=1 or unset it")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
-    torch.set_num_threads(int(os.environ.get("SAFEKD_THREADS", "1")))
+    torch.set_num_threads(int(raw))
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -67,8 +72,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------- audit
+def _cmd_audit_plan(args: argparse.Namespace) -> int:
+    """``--plan``: held-out units needed per threshold (``--threshold``/``--expected-rate``, or the spec's student
+    constraints at their training targets ``threshold ∓ margin``)."""
+    from safekd.auditing.planning import plan_audit
+
+    if args.threshold is not None:
+        if args.expected_rate is None:
+            raise CLIError("--plan --threshold needs --expected-rate (the rate the trained student is expected to have)")
+        rows = [("threshold", args.direction, args.threshold, args.expected_rate)]
+    elif args.spec is not None:
+        from safekd.jobs import load_job
+
+        spec = load_job(args.spec).spec
+        rows = []
+        for c in spec.student_constraints:
+            expected = args.expected_rate if args.expected_rate is not None else c.train_threshold
+            if expected == c.threshold:
+                raise CLIError(f"constraint {c.name!r} has no training margin: give --expected-rate, or set `margin` "
+                               "so that training aims inside the threshold")
+            rows.append((c.name, c.sense, c.threshold, expected))
+        if not rows:
+            raise CLIError(f"{args.spec}: no student constraints to plan for")
+    else:
+        raise CLIError("--plan needs --threshold and --expected-rate, or --spec")
+    plans = [(name, plan_audit(thr, exp, confidence=args.confidence, power=args.power, direction=sense))
+             for name, sense, thr, exp in rows]
+    if args.json:
+        print(json.dumps({name: p.to_dict() for name, p in plans}, indent=2))
+    else:
+        for name, p in plans:
+            print(f"{name}: {p}")
+    return EXIT_OK
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     _single_thread()
+    if args.plan:
+        return _cmd_audit_plan(args)
+    if args.spec is None or args.checkpoint is None:
+        raise CLIError("audit needs --spec and --checkpoint (or --plan)")
     from safekd.auditing.render import write_report
     from safekd.jobs import audit_checkpoint, load_job
 
@@ -93,7 +136,11 @@ def _cmd_check_axioms(args: argparse.Namespace) -> int:
     _single_thread()
     from safekd.axioms import check, load_object
 
-    obj = load_object(args.object)
+    try:
+        obj = load_object(args.object, dict(args.arg))
+    except TypeError as exc:
+        raise CLIError(f"cannot construct {args.object}: {exc}; pass constructor arguments as --arg NAME=VALUE "
+                       "(a value may be a 'module:object' reference)") from exc
     kwargs: dict[str, int] = {"seed": args.seed}
     if args.batch is not None:
         kwargs["batch"] = args.batch
@@ -209,6 +256,30 @@ def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
         p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars (off anyway when not a TTY)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def _positive_int(x: str) -> int:
+    try:
+        v = int(x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {x!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {x}")
+    return v
+
+
+def _keyword(x: str) -> tuple[str, object]:
+    import yaml
+
+    name, sep, value = x.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. beta=4.0, got {x!r}")
+    try:
+        return name, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"{name}: the value {value!r} is not a YAML/JSON scalar, list or "
+                                         "mapping") from None
 
 
 def _confidence(x: str) -> float:
@@ -247,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="audit a checkpoint against a spec's constraints",
                        description="Evaluate every constraint of SPEC on DATA with one-sided confidence bounds. "
                                    "Exit 0 if every constraint passes at --confidence, 1 if some fail, 2 on error.")
-    p.add_argument("--spec", required=True, help="job spec file (.yaml/.yml/.toml)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by `safekd train` / save_checkpoint")
+    p.add_argument("--spec", default=None, help="job spec file (.yaml/.yml/.toml)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint written by `safekd train` / save_checkpoint")
     p.add_argument("--data", default=None,
                    help="audit data: a .pt file (dict of tensors), or a split name of the job's data "
                         "(default: the job's held-out split)")
@@ -256,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-log", default=None, help="JSONL step log to include training traces")
     p.add_argument("--out", default=None, help="write report.json/.html/.md here")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.add_argument("--plan", action="store_true",
+                   help="plan instead of auditing: held-out units needed for each student constraint of --spec at "
+                        "its training target (threshold minus margin), or for --threshold at --expected-rate")
+    p.add_argument("--threshold", type=float, default=None, help="--plan: the audited threshold (a rate in [0, 1])")
+    p.add_argument("--expected-rate", type=float, default=None,
+                   help="--plan: the rate the trained student is expected to have")
+    p.add_argument("--direction", choices=("<=", ">="), default="<=", help="--plan: the threshold's sense")
+    p.add_argument("--power", type=_confidence, default=0.8,
+                   help="--plan: wanted probability that such a student passes (default: 0.8)")
     _add_common(p)
     p.set_defaults(func=_cmd_audit)
 
@@ -293,13 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_cache_teachers)
 
     p = sub.add_parser("check-axioms", help="check a weighting operator or a pool against the axioms",
-                       description="Load OBJECT ('module:object'; a class is instantiated with no arguments) and check "
-                                   "it numerically: a WeightOperator against W1-W6 and composition, any other "
-                                   "callable as a pool against A1-A5. Exit 0 if every declared axiom holds, 1 if not.")
+                       description="Load OBJECT ('module:object'; a class is instantiated with the --arg values) "
+                                   "and check it numerically: a WeightOperator against W1-W6 and composition, any "
+                                   "other callable as a pool against A1-A5. Exit 0 if every declared axiom holds, 1 "
+                                   "if not; properties the object does not declare are reported, never a failure.",
+                       epilog="example: safekd check-axioms safekd.weighting:SafetyPrior "
+                              "--arg base=safekd.weighting:ConfidenceSoftmax --arg gamma=0.5")
     p.add_argument("object", help="'module:object' naming a weight operator or a pool, "
                                   "e.g. safekd.weighting:ConfidenceSoftmax or safekd.pooling:linear_pool")
-    p.add_argument("--teachers", type=int, default=None, help="number of teachers K (default: the object's or 4)")
-    p.add_argument("--batch", type=int, default=None, help="random signal draws per check (default: 56)")
+    p.add_argument("--arg", type=_keyword, action="append", default=[], metavar="NAME=VALUE",
+                   help="constructor argument (repeatable); VALUE is YAML/JSON (4.0, true, [1, 2]); a "
+                        "'module:object' VALUE is loaded too, and {object: 'module:object', NAME: VALUE} builds it "
+                        "with arguments")
+    p.add_argument("--teachers", type=_positive_int, default=None,
+                   help="number of teachers K (default: the object's or 4)")
+    p.add_argument("--batch", type=_positive_int, default=None, help="random signal draws per check (default: 56)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_common(p, device=False)
@@ -327,6 +415,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], int] = args.func
+    spec_file = getattr(args, "spec", None)
+    hooks = str(Path(spec_file).resolve().parent) if spec_file else ""
+    hooks = "" if hooks in sys.path else hooks
+    if hooks:  # a job's "module:function" hooks may live next to the job file (searched after installed packages)
+        sys.path.append(hooks)
     try:
         return func(args)
     except KeyboardInterrupt:
@@ -336,15 +429,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - every error becomes one line on stderr and exit 2
-        if args.verbose >= 2:
+        if getattr(args, "debug", False) or args.verbose >= 2:
             raise
         print(f"safekd {args.command}: error: {_describe(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if hooks:
+            sys.path.remove(hooks)
 
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"file not found: {exc.filename}"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on device: {exc.filename or 'while writing'}; free some space or write elsewhere (--out)"
     msg = str(exc) or type(exc).__name__
     return msg if isinstance(exc, (CLIError, ValueError, FileNotFoundError)) else f"{type(exc).__name__}: {msg}"
 

@@ -31,7 +31,7 @@ from safekd.unsafe import UnsafeSet
 __all__ = [
     "Constraint", "TeacherWeightConstraint", "StudentConstraint",
     "Cap", "Floor", "GroupCap", "Exclude", "UnsafeMass", "SafetyOrder",
-    "UnsafeRate", "KLTo", "Retain", "Metric", "TokenPredicate", "MeasureContext",
+    "UnsafeRate", "KLTo", "Retain", "Metric", "TokenPredicate", "MeasureContext", "Support",
     "cap", "floor", "group_cap", "exclude", "unsafe_mass", "safety_order",
     "unsafe_rate", "kl_to", "retain", "metric",
 ]
@@ -181,11 +181,68 @@ class TeacherWeightConstraint(Constraint):
         raise NotImplementedError(f"{type(self).__name__} is a static constraint")
 
 
+Support = Literal["binary"] | tuple[float, float]
+
+
+def _check_support(name: str, support: Any) -> "Support | None":
+    """``None``, ``"binary"`` (each counted item is 0 or 1) or a finite interval ``(lo, hi)`` with ``lo < hi``."""
+    if support is None or support == "binary":
+        return support
+    if isinstance(support, (str, bytes)) or not isinstance(support, Sequence) or len(support) != 2:
+        raise ValueError(f"constraint {name!r}: `support` must be 'binary' or (lo, hi), got {support!r}")
+    try:
+        lo, hi = (float(x) for x in support)
+    except (TypeError, ValueError):
+        raise ValueError(f"constraint {name!r}: `support` must be two numbers (lo, hi), got {support!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"constraint {name!r}: `support` must be finite with lo < hi, got {support!r}")
+    return (lo, hi)
+
+
 @dataclass(frozen=True, kw_only=True)
 class StudentConstraint(Constraint):
-    """A constraint on the student, enforced by a multiplier: measured on a batch as sums and counts."""
+    """A constraint on the student, enforced by a multiplier: measured on a batch as sums and counts.
 
+    ``support`` declares the range of one counted item's value (``"binary"`` or ``(lo, hi)``): the audit can only
+    certify a bound for a declared support (built-in rates know theirs). ``margin ≥ 0`` makes training aim at
+    ``train_threshold = threshold ∓ margin`` (the residual uses it) while the audit judges ``threshold``.
+    """
+
+    support: "Support | None" = None
+    margin: float = 0.0
     family: ClassVar[str] = "student"
+    default_support: ClassVar["Support | None"] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "support", _check_support(self.name, self.support))
+        m = float(self.margin)
+        if not (math.isfinite(m) and m >= 0):
+            raise ValueError(f"constraint {self.name!r}: `margin` must be finite and >= 0, got {self.margin!r}")
+        object.__setattr__(self, "margin", m)
+
+    @property
+    def train_threshold(self) -> float:
+        """The level training aims at: ``threshold − margin`` (``<=``) or ``threshold + margin`` (``>=``)."""
+        return self.threshold - self.margin if self.sense == "<=" else self.threshold + self.margin
+
+    @property
+    def value_support(self) -> "Support | None":
+        """The declared support, else the built-in one (None: unbounded or unknown, so never certified)."""
+        return self.support if self.support is not None else self.default_support
+
+    def residual(self, value: Tensor | float) -> Tensor | float:
+        """Signed residual against the training target: value − train_threshold (``<=``), or the reverse."""
+        t = self.train_threshold
+        return value - t if self.sense == "<=" else t - value
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.support is not None:
+            out["support"] = self.support if isinstance(self.support, str) else list(self.support)
+        if self.margin:
+            out["margin"] = self.margin
+        return out
 
     def measure(self, ctx: "MeasureContext") -> MeasurementSums:
         raise NotImplementedError
@@ -455,6 +512,7 @@ class UnsafeRate(StudentConstraint):
 
     unsafe: UnsafeSet | None = None
     kind: ClassVar[str] = "unsafe_rate"
+    default_support: ClassVar[Support | None] = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -538,6 +596,13 @@ class Metric(StudentConstraint):
         if self.proxy is not None and self.proxy_name is None:
             object.__setattr__(self, "proxy_name", _fn_name(self.proxy))
 
+    @property
+    def value_support(self) -> Support | None:
+        """Declared ``support``, else the function's own ``fn.support`` attribute (how a named function in a spec
+        file declares it), else None."""
+        return self.support if self.support is not None else _check_support(self.name, getattr(self.fn, "support",
+                                                                                                  None))
+
     def measure(self, ctx: MeasureContext) -> MeasurementSums:
         logits = ctx.student_logits
         assert logits is not None
@@ -586,6 +651,15 @@ class Retain(StudentConstraint):
             raise TypeError(f"constraint {self.name!r}: `metric` must be a name or a callable")
         if self.proxy is not None and self.proxy_name is None:
             object.__setattr__(self, "proxy_name", _fn_name(self.proxy))
+
+    @property
+    def value_support(self) -> Support | None:
+        """Built-ins are 0/1 per token; a callable declares ``support`` (or carries a ``support`` attribute)."""
+        if self.support is not None:
+            return self.support
+        if isinstance(self.metric, str):
+            return "binary"
+        return _check_support(self.name, getattr(self.metric, "support", None))
 
     def measure(self, ctx: MeasureContext) -> MeasurementSums:
         if callable(self.metric):
@@ -654,29 +728,37 @@ def safety_order(scores: Mapping[str, float] | None = None, *, name: str | None 
 
 
 def unsafe_rate(max: float, *, unsafe: "UnsafeSet | Sequence[int] | Callable[..., Tensor] | None" = None,
-                name: str | None = None, tolerance: float = 0.0) -> UnsafeRate:
-    """E_t[p_θ(U | t)] ≤ max (expected student probability of the unsafe set)."""
-    return UnsafeRate(name=name or "unsafe_rate", sense="<=", threshold=max, tolerance=tolerance,
+                name: str | None = None, tolerance: float = 0.0, margin: float = 0.0) -> UnsafeRate:
+    """E_t[p_θ(U | t)] ≤ max (expected student probability of the unsafe set; support [0, 1]); training aims at
+    ``max − margin``."""
+    return UnsafeRate(name=name or "unsafe_rate", sense="<=", threshold=max, tolerance=tolerance, margin=margin,
                       unsafe=None if unsafe is None else UnsafeSet.coerce(unsafe))
 
 
 def kl_to(teacher: str, max: float, *, on: "TokenPredicate | Callable[[Batch], Tensor] | Mapping[str, Any] | int | None" = None,
-          name: str | None = None, tolerance: float = 0.0) -> KLTo:
-    """E_t[KL(p_teacher ‖ p_θ)] ≤ max on the positions selected by ``on`` (a task id, predicate, ...)."""
+          name: str | None = None, tolerance: float = 0.0, support: Support | None = None,
+          margin: float = 0.0) -> KLTo:
+    """E_t[KL(p_teacher ‖ p_θ)] ≤ max on the positions selected by ``on`` (a task id, predicate, ...). A KL is
+    unbounded: the audit certifies it only under a declared ``support=(lo, hi)`` per token."""
     return KLTo(name=name or f"kl_to({teacher})", sense="<=", threshold=max, tolerance=tolerance, teacher=teacher,
-                on=None if on is None else TokenPredicate.coerce(on))
+                on=None if on is None else TokenPredicate.coerce(on), support=support, margin=margin)
 
 
 def retain(metric: str | MetricFn, min: float, *, proxy: MetricFn | None = None, name: str | None = None,
-           tolerance: float = 0.0) -> Retain:
-    """Capability retention: metric ≥ min (``"accuracy"``, ``"target_agreement"`` or a callable)."""
+           tolerance: float = 0.0, support: Support | None = None, margin: float = 0.0) -> Retain:
+    """Capability retention: metric ≥ min (``"accuracy"``, ``"target_agreement"`` — 0/1 per token — or a callable,
+    which declares its ``support``); training aims at ``min + margin``."""
     label = metric if isinstance(metric, str) else _fn_name(metric)
     return Retain(name=name or f"retain({label})", sense=">=", threshold=min, tolerance=tolerance, metric=metric,
-                  proxy=proxy)
+                  proxy=proxy, support=support, margin=margin)
 
 
 def metric(fn: MetricFn, sense: Sense, threshold: float, *, proxy: MetricFn | None = None, name: str | None = None,
-           tolerance: float = 0.0) -> Metric:
-    """A user measurement ``fn(student_logits, batch) {<=, >=} threshold``; ``proxy`` drives the gradient."""
+           tolerance: float = 0.0, support: Support | None = None, margin: float = 0.0) -> Metric:
+    """A user measurement ``fn(student_logits, batch) {<=, >=} threshold``; ``proxy`` drives the gradient.
+
+    ``support`` (``"binary"`` or ``(lo, hi)``, one counted item's range; or a ``fn.support`` attribute) is what lets
+    the audit certify it; ``margin`` moves the training target inside the threshold.
+    """
     return Metric(name=name or f"metric({_fn_name(fn)})", sense=sense, threshold=threshold, tolerance=tolerance, fn=fn,
-                  proxy=proxy)
+                  proxy=proxy, support=support, margin=margin)

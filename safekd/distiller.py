@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 import solvers
 from safekd import constraints as C
+from safekd.batches import IGNORE_INDEX
 from safekd.distributed import assert_states_identical, get_world_size, is_rank_zero, token_mean_scale, unwrap
 from safekd.measurement import ConstraintMeter, reduce_sums_counts
 from safekd.signals import Signals, all_finite
@@ -138,6 +139,30 @@ def _require_finite(what: str, t: Tensor, detail: Callable[[Tensor], str] | None
     if not all_finite(t):
         extra = detail(t) if detail is not None else ""
         raise NonFiniteError(f"{what} contain NaN or inf{extra}; the step was stopped before any parameter changed")
+
+
+def _check_batch(batch: Batch) -> None:
+    """A batch is a mapping whose ``inputs`` (a tensor or a dict of tensors) hold at least one example."""
+    if not isinstance(batch, Mapping) or "inputs" not in batch:
+        raise ValueError("batch must be a dict with at least 'inputs' (see SafeDistiller)")
+    inputs = batch["inputs"]
+    first = next(iter(inputs.values()), None) if isinstance(inputs, Mapping) else inputs
+    if isinstance(first, Tensor) and first.dim() > 0 and first.shape[0] == 0:
+        raise ValueError("batch['inputs'] is empty (0 examples); skip empty batches before calling the distiller")
+
+
+def _check_labels(batch: Batch, V: int) -> None:
+    """``labels`` are ids in ``[0, V)``, or ``-100`` (not counted)."""
+    labels = batch.get("labels")
+    if not isinstance(labels, Tensor):
+        return
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"batch['labels'] must be integer class/token ids, got {labels.dtype}")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        at = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"batch['labels'] holds {int(labels[at])} at index {at}: labels must be in [0, V={V}) "
+                         f"(the student's output size) or {IGNORE_INDEX} for a position that does not count")
 
 
 def _broadcast_tokens(w: Tensor, token_shape: torch.Size) -> Tensor:
@@ -289,8 +314,9 @@ class SafeDistiller:
 
         Raises:
             NonFiniteError: NaN/inf in the teacher or student logits.
-            ValueError: a malformed batch, or student logits ``[..., V]`` that do not match the teacher logits
-                ``[..., K, V]``.
+            ValueError: a malformed or empty batch, labels outside ``[0, V)`` other than ``-100``, or student logits
+                ``[..., V]`` that do not match the teacher logits ``[..., K, V]``.
+            TypeError: a teacher returned something other than a logits tensor (a tuple, a NumPy array, ...).
         """
         teacher_logits = self._teacher_logits(batch)
         if student_logits is None:
@@ -381,8 +407,7 @@ class SafeDistiller:
         return record
 
     def _teacher_logits(self, batch: Batch) -> Tensor | SparseTeachers:
-        if not isinstance(batch, Mapping) or "inputs" not in batch:
-            raise ValueError("batch must be a dict with at least 'inputs' (see SafeDistiller)")
+        _check_batch(batch)
         cached = batch.get("teacher_logits")
         if cached is None and batch.get("teacher_topk_ids") is not None:
             return SparseTeachers.from_batch(batch, self.K)
@@ -421,6 +446,7 @@ class SafeDistiller:
         if student_logits.shape[:-1] != teacher_logits.shape[:-2] or student_logits.shape[-1] != teacher_logits.shape[-1]:
             raise ValueError(f"student logits {tuple(student_logits.shape)} do not match teacher logits "
                              f"{tuple(teacher_logits.shape)} (expected [..., V] and [..., K, V])")
+        _check_labels(batch, student_logits.shape[-1])
         with torch.no_grad():
             temps = self.spec.teacher_temperatures()
             scaled = teacher_logits if all(t == 1.0 for t in temps) else \

@@ -1,4 +1,4 @@
-"""Pooling of teacher distributions with weights, in log space (companion 2601.09165; paper-spec §5.3).
+"""Pooling of teacher distributions with weights, in log space (companion paper arXiv 2601.09165).
 
 Every pool maps teacher log-probabilities ``[..., K, V]`` and weights ``[..., K]`` to target log-probabilities
 ``[..., V]``:
@@ -40,7 +40,7 @@ __all__ = [
     "POOL_AXIOMS",
 ]
 
-#: Aggregation axioms a pool may claim (paper-spec §3.2 A1–A5; strong/weak variants separate).
+#: Aggregation axioms a pool may claim (the companion paper's A1–A5; strong/weak variants separate).
 POOL_AXIOMS: tuple[str, ...] = (
     "simplex_output",
     "idempotence",
@@ -192,7 +192,7 @@ class TopKBuckets:
 
 def topk_buckets(teacher_logp: Tensor, k: int) -> TopKBuckets:
     """Keep the union of each teacher's top-``k`` tokens and lump the rest into one tail bucket (TRL
-    ``loss_add_tail``; catalogue E.11), so pools and divergences run on ``[..., K, K·k + 1]``."""
+    ``loss_add_tail``), so pools and divergences run on ``[..., K, K·k + 1]``."""
     V = teacher_logp.shape[-1]
     if not 1 <= k <= V:
         raise ValueError(f"k must lie in [1, V={V}], got {k}")

@@ -391,7 +391,7 @@ def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers
     pipeline on the buckets (weights, projection with the exact unsafe rows, pool, correction). ``expand`` also
     writes the dense uniform-tail views ``[..., K, V]`` / ``[..., V]`` into ``teacher_logp`` / ``target_logp``
     (the audit's view); without it (training) those hold the bucket view and ``Targets.sparse`` carries it."""
-    from safekd.distiller import Targets, _require_finite
+    from safekd.distiller import Targets, _check_labels, _require_finite
 
     if not isinstance(student_logits, Tensor):
         raise TypeError(f"the student must return a logits tensor, got {type(student_logits).__name__}")
@@ -399,6 +399,7 @@ def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers
     if student_logits.shape[:-1] != teachers.ids.shape[:-2]:
         raise ValueError(f"student logits {tuple(student_logits.shape)} do not match the sparse teachers "
                          f"{tuple(teachers.ids.shape)} (expected [..., V] and [..., K, k])")
+    _check_labels(batch, student_logits.shape[-1])
     if any(t != 1.0 for t in d.spec.teacher_temperatures()):
         raise ValueError("teacher temperatures need dense teacher logits: a sparse cache holds log-probabilities "
                          "at temperature 1 (cache the teachers at their temperature, or drop `temperature:`)")

@@ -27,7 +27,10 @@ def logits_of(out: Any, who: str = "teacher") -> Tensor:
     """
     logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
     if not isinstance(logits, Tensor):
-        raise TypeError(f"{who} returned {type(out).__name__}; expected a logits tensor or an object with .logits")
+        fix = ("convert it with torch.from_numpy" if type(out).__module__ == "numpy" else
+               "wrap a model that returns a tuple or another output object in safekd.integrations.base.LogitsOf")
+        raise TypeError(f"{who} returned a {type(out).__name__}, not a logits tensor [..., V] (or an output with "
+                        f".logits); {fix}")
     return logits
 
 

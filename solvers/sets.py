@@ -37,11 +37,27 @@ def _as_tensor(name: str, x: Scalar | Sequence[float], like: Tensor) -> Tensor:
     return t
 
 
+def _checked_device(device: torch.device | str | None) -> torch.device | None:
+    """``device`` as a ``torch.device`` after checking this torch build can allocate on it (``None`` passes)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+        if dev.type != "cpu":
+            torch.empty(0, device=dev)  # no kernel, no synchronisation
+    except (AssertionError, RuntimeError, NotImplementedError) as exc:
+        reason = " ".join(str(exc).split()).split(". ")[0][:120]
+        raise ValueError(f"device={str(device)!r} is not usable with this torch build ({reason}); use device='cpu' "
+                         "or install a torch build for that device") from None
+    return dev
+
+
 @dataclass(frozen=True, eq=False)
 class FeasibleSet:
     """{w ∈ Δ_K : lower ≤ w ≤ upper, A w ≤ b}; build with :meth:`simplex` and the chaining constructors.
 
-    ``lower``/``upper`` are clipped to [0, 1] (the simplex implies those bounds). ``lower_names[i]`` /
+    ``lower``/``upper`` are clipped to [0, 1] (the simplex implies those bounds). ``row_names`` name the rows of
+    ``A`` (default ``row[0]``, ``row[1]``, …; the chaining constructors name theirs). ``lower_names[i]`` /
     ``upper_names[i]`` name the constraint that set bound ``i`` (``None`` = structural 0 or 1).
     ``hard_rows[r]`` marks row ``r`` as never relaxed: where a batch element's set is empty, only the other
     (soft) rows are relaxed, by the least uniform amount (all rows are soft by default).
@@ -99,8 +115,10 @@ class FeasibleSet:
             batch = torch.broadcast_shapes(lower.shape[:-1], upper.shape[:-1], A.shape[:-2], b.shape[:-1], chain_batch)
         except RuntimeError as exc:
             raise ValueError(f"batch dims of lower/upper/A/b do not broadcast: {exc}") from None
-        if len(self.row_names) != m:
-            raise ValueError(f"row_names must have length m={m}, got {len(self.row_names)}")
+        names = tuple(self.row_names) or tuple(f"row[{r}]" for r in range(m))
+        if len(names) != m:
+            raise ValueError(f"row_names must have length m={m} (one name per row of A), got {len(names)}; "
+                             "pass one per row or leave it out for row[0], row[1], ...")
         hard = tuple(bool(h) for h in self.hard_rows) or (False,) * m
         if len(hard) != m:
             raise ValueError(f"hard_rows must have length m={m}, got {len(hard)}")
@@ -118,6 +136,7 @@ class FeasibleSet:
         object.__setattr__(self, "upper", upper.clamp(0.0, 1.0))
         object.__setattr__(self, "lower_names", tuple(ln))
         object.__setattr__(self, "upper_names", tuple(un))
+        object.__setattr__(self, "row_names", names)
         object.__setattr__(self, "hard_rows", hard)
         object.__setattr__(self, "_batch_shape", torch.Size(batch))
 
@@ -127,7 +146,7 @@ class FeasibleSet:
         """The probability simplex Δ_K = {w ≥ 0, Σ w = 1}."""
         if not isinstance(K, int) or K < 1:
             raise ValueError(f"K must be a positive int, got {K!r}")
-        z = torch.zeros(K, dtype=dtype, device=device)
+        z = torch.zeros(K, dtype=dtype, device=_checked_device(device))
         return cls(z, torch.ones_like(z), z.new_zeros(0, K), z.new_zeros(0), ())
 
     @property
@@ -275,7 +294,8 @@ class FeasibleSet:
     # ------------------------------------------------------------------ conversion
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FeasibleSet":
         """The same set with its tensors moved to ``device`` and cast to ``dtype`` (``chain`` stays long)."""
-        kw = {"device": device, "dtype": dtype}
+        same = device is None or str(device) == str(self.device)  # the hot path: nothing to check
+        kw = {"device": device if same else _checked_device(device), "dtype": dtype}
         chain = None if self.chain is None else self.chain.to(device=device)
         return replace(self, lower=self.lower.to(**kw), upper=self.upper.to(**kw), A=self.A.to(**kw), b=self.b.to(**kw),
                        chain=chain)

@@ -10,7 +10,7 @@ from torch import nn
 
 from safekd import constraints as C
 from safekd.auditing import audit, to_html, validate_report_dict
-from safekd.auditing.bounds import BOOTSTRAP, CLOPPER_PEARSON, EMPIRICAL_BERNSTEIN
+from safekd.auditing.bounds import BETTING, BOOTSTRAP, CLOPPER_PEARSON
 from safekd.auditing.core import EXHAUSTIVE
 from safekd.auditing.measure import per_example_sums
 from safekd.auditing.provenance import read_traces
@@ -22,6 +22,9 @@ V, F_CLS, N = 4, 3, 400
 def fpr(logits, batch):
     neg = batch["labels"] != F_CLS
     return ((logits.argmax(-1) == F_CLS) & neg).sum().to(logits.dtype), neg.sum().to(logits.dtype)
+
+
+fpr.support = "binary"  # one 0/1 outcome per counted example
 
 
 def fpr_proxy(logits, batch):
@@ -87,7 +90,7 @@ def test_student_constraints_use_training_measurement_and_exact_bounds():
     acc = r.constraint("retain(accuracy)")
     assert acc.direction == ">=" and acc.bound_method == CLOPPER_PEARSON
     assert acc.bound == pytest.approx(stats.binomtest(int(acc.count), acc.n).proportion_ci(0.90, "exact").low)
-    assert r.constraint("p_unsafe").bound_method == EMPIRICAL_BERNSTEIN  # expected probability: bounded mean
+    assert r.constraint("p_unsafe").bound_method == BETTING  # expected probability: a mean in [0, 1]
     assert r.metrics["accuracy"] == pytest.approx(acc.estimate)
 
 
@@ -120,11 +123,13 @@ def test_teacher_weight_constraints_checked_on_every_token():
     assert set(tw.active_fraction) <= {"cap(bad)", "target_mass"} and tw.active_fraction
 
 
-def test_kl_constraint_gets_a_bootstrap_bound():
+def test_kl_without_support_is_not_certified_and_cannot_pass():
     spec = make_spec(extra=({"kind": "kl_to", "teacher": "good", "max": 5.0},))
-    r = audit(Identity(), make_data(0.0), spec)
+    r = audit(Identity(), make_data(0.0), spec, seed=3, resamples=500)
     kl = r.constraint("kl_to(good)")
-    assert kl.bound_method == BOOTSTRAP and kl.bound >= kl.estimate > 0
+    assert kl.bound_method == BOOTSTRAP and kl.bound >= kl.estimate > 0 and kl.bound < 5.0
+    assert kl.status == "not certified" and not kl.passed and not r.passed
+    assert (kl.seed, kl.resamples) == (3, 500) and "not certified" in r.message
 
 
 def test_per_example_sums_add_up_to_the_batch_measurement_for_token_data():

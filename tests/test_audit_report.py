@@ -51,7 +51,7 @@ def _report():
 def test_json_validates_against_schema_and_round_trips():
     r = _report()
     d = json.loads(r.to_json())  # strict JSON: NaN became null
-    assert d["schema_version"] == SCHEMA_VERSION == "1.0"
+    assert d["schema_version"] == SCHEMA_VERSION == "2.0"
     assert d["metrics"]["nan_metric"] is None
     validate_report_dict(d)
     jsonschema.Draft202012Validator.check_schema(load_schema())
@@ -71,7 +71,7 @@ def test_schema_rejects_malformed_reports():
     with pytest.raises(jsonschema.ValidationError):
         validate_report_dict(bad)
     bad = json.loads(json.dumps(d))
-    bad["schema_version"] = "2.0"
+    bad["schema_version"] = "1.0"
     with pytest.raises(jsonschema.ValidationError):
         validate_report_dict(bad)
 

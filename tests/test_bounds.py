@@ -8,7 +8,6 @@ from scipy import stats
 from safekd.auditing.bounds import (
     CLOPPER_PEARSON,
     EMPIRICAL_BERNSTEIN,
-    bound_in_safe_direction,
     clopper_pearson,
     empirical_bernstein,
 )
@@ -78,23 +77,13 @@ def test_empirical_bernstein_validates_and_is_vacuous_when_tiny():
     assert empirical_bernstein(np.array([0.3]), side="lower").value == 0.0
 
 
-def test_bound_in_safe_direction_picks_side_and_method():
-    b = bound_in_safe_direction("<=", 0.95, count=3, n=100)
-    assert b.side == "upper" and b.method == CLOPPER_PEARSON
-    b = bound_in_safe_direction(">=", 0.95, values=np.full(50, 0.9))
-    assert b.side == "lower" and b.method == EMPIRICAL_BERNSTEIN and b.value < 0.9
-    with pytest.raises(ValueError, match="direction"):
-        bound_in_safe_direction("<", 0.95, count=1, n=2)
-    with pytest.raises(ValueError, match="not both"):
-        bound_in_safe_direction("<=", 0.95, count=1, n=2, values=np.zeros(3))
-
-
 def test_bootstrap_bound_is_seeded_and_brackets_the_mean():
     from safekd.auditing.bounds import BOOTSTRAP, bootstrap
 
     x = np.random.default_rng(2).exponential(2.0, size=300)  # unbounded values (e.g. a KL)
-    up, lo = bootstrap(x, 0.95, "upper", seed=3), bootstrap(x, 0.95, "lower", seed=3)
+    up, lo = bootstrap(x, None, 0.95, "upper", seed=3), bootstrap(x, None, 0.95, "lower", seed=3)
     assert up.method == BOOTSTRAP and lo.value < x.mean() < up.value
-    assert up.value == bootstrap(x, 0.95, "upper", seed=3).value
+    assert not up.certifies and (up.seed, up.resamples) == (3, 2000)
+    assert up.value == bootstrap(x, None, 0.95, "upper", seed=3).value
     # close to the normal-theory one-sided bound for a mean of 300 draws
     assert up.value == pytest.approx(x.mean() + 1.645 * x.std(ddof=1) / np.sqrt(x.size), rel=0.03)

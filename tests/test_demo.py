@@ -89,4 +89,4 @@ def test_quickstart_example_runs(tmp_path, capsys):
     module.main(epochs=1, out=str(tmp_path / "qs"))
     out = capsys.readouterr().out
     assert "forbidden_fpr" in out and "cap(biased)" in out
-    assert json.loads((tmp_path / "qs" / "report.json").read_text())["schema_version"] == "1.0"
+    assert json.loads((tmp_path / "qs" / "report.json").read_text())["schema_version"] == "2.0"

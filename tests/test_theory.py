@@ -123,3 +123,10 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="source_tag"):
         TheoryResult(name="x", claim="c", source_tag="guess", assumptions=(), measured=0, bound=0,
                      comparison="", passed=True, message="", reference="", seed=0)
+
+
+def test_nonconvex_gradient_plot_has_a_readable_log_axis():
+    from safekd.theory import run
+
+    low, high = run("convergence-nonconvex").figure.axes[1].get_ylim()
+    assert 1e-20 <= low < 1e-15 and 1e-2 < high < 1e3  # exact zeros drawn at a floor, not at 1e-300

@@ -1,20 +1,21 @@
 """``audit(student, data, spec, ...)``: every constraint of a spec on (held-out) data, with one-sided bounds.
 
-- **Student constraints** are measured with each constraint's own ``measure_batch`` (the training code), per
-  example (see :mod:`safekd.auditing.measure`), and bounded in the safe direction at ``confidence``
-  (Clopper–Pearson for count-based rates, empirical Bernstein for means in [0, 1], bootstrap otherwise).
-  A per-slice breakdown (by ``task_ids`` / ``context`` / ``labels`` or other keys) lists the worst slices first.
-- **Teacher-weight constraints** are deterministic given the teachers: they are checked on every audit token
-  after the same weighting → projection → pooling pipeline as training (``unsafe_mass`` on the pooled target,
-  caps/floors/groups/order/exclude on the projected weights); the "bound" is the worst token.
-- The **teacher-weight picture**: mean weight per teacher per scale, by slice, how often each teacher-weight
-  constraint was active, and relaxed/corrected token counts.
+- **Student constraints** are measured with each constraint's own ``measure_batch`` (the training code) per
+  independent unit (example, or ``group_ids`` group; see :mod:`safekd.auditing.measure`) and bounded in the safe
+  direction for the support they declare. The verdict compares the bound with the threshold alone.
+  A per-slice breakdown (``task_ids`` / ``context`` / ``labels`` or other keys) lists the worst slices first;
+  slices below ``min_slice`` units are listed as not bounded; slice bounds are Bonferroni-corrected by default.
+- **Teacher-weight constraints** are checked on every audit token after the spec's weighting → projection →
+  pooling pipeline (the spec's projection of the audit data); with a step log, cap / floor rows also check the
+  training record of the projected weights.
+- The data is streamed batch by batch (:func:`safekd.batches.iter_batches`): memory is bounded by one batch plus
+  per-unit sums and counts.
 """
 from __future__ import annotations
 
-import logging
+import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,22 +23,26 @@ import torch
 from torch import Tensor, nn
 
 from safekd import constraints as C
-from safekd.auditing.bounds import Bound
-from safekd.auditing.measure import bound_for_units, per_example_sums, signed_slack
-from safekd.auditing.provenance import provenance, read_traces
-from safekd.auditing.report import AuditReport, ConstraintResult, SliceResult, TeacherWeightSummary
+from safekd.auditing.bounds import BETTING, Bound, check_level
+from safekd.auditing.measure import (bound_for_units, check_support, per_example_sums, per_group_sums,
+                                     signed_slack, student_logits, support_label)
+from safekd.auditing.provenance import provenance, read_traces, weight_record
+from safekd.auditing.report import (FAIL, NOT_BOUNDED, NOT_CERTIFIED, PASS, AuditReport, ConstraintResult,
+                                    SliceResult, TeacherWeightSummary, format_confidence)
+from safekd.batches import iter_batches
+from safekd.signals import all_finite
 from safekd.spec import Spec
 
 if TYPE_CHECKING:
     from safekd.distiller import SafeDistiller, Targets
 
-__all__ = ["audit", "DEFAULT_SLICE_KEYS", "EXHAUSTIVE"]
+__all__ = ["audit", "DEFAULT_SLICE_KEYS", "EXHAUSTIVE", "ROUND_OFF"]
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_SLICE_KEYS = ("task_ids", "context", "labels")
 EXHAUSTIVE = "exhaustive (every audit token)"
-_NUM_TOL = 1e-6  # numerical slack for projected weights (the projection is exact to ~1e-9 in float64)
+ROUND_OFF = 1e-6  # projected weights are exact to ~1e-9 in float64; shown in the report as numerical_tolerance
+_TEACHER_KEYS = ("teacher_logits", "teacher_topk_ids")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -60,73 +65,113 @@ def _distiller(spec: Spec, student: nn.Module, teachers: Mapping[str, Callable[.
     return SafeDistiller(student, teachers, idle, spec, weighting=weighting, pool=pool)
 
 
-def _as_batches(data: Mapping[str, Any], batch_size: int, device: torch.device) -> tuple[int, list[dict[str, Any]]]:
-    if not isinstance(data, Mapping) or "inputs" not in data:
-        raise ValueError("data must be a dict of tensors with at least 'inputs' (and usually 'labels')")
-    x = data["inputs"]
-    if not isinstance(x, Tensor) or x.dim() == 0:
-        raise ValueError(f"data['inputs'] must be a tensor with a leading example axis, got {type(x).__name__}")
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("data['inputs'] is empty: nothing to audit")
-    for k, v in data.items():
-        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] != n:
-            raise ValueError(f"data[{k!r}] has {v.shape[0]} rows but data['inputs'] has {n}")
-        if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise ValueError(f"data[{k!r}] contains NaN or inf")
-    batches = []
-    for s in range(0, n, batch_size):
-        batches.append({k: (v[s:s + batch_size].to(device) if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n
-                            else v) for k, v in data.items()})
-    return n, batches
+def _check_finite(batch: Mapping[str, Any], i: int) -> None:
+    """One reduction per floating tensor the audit reads (no whole-tensor isfinite copy unless a sum overflows)."""
+    for k, v in batch.items():
+        parts = v.items() if isinstance(v, Mapping) else [(None, v)]
+        for sub, t in parts:
+            if isinstance(t, Tensor) and k != "teacher_topk_logprobs" and not all_finite(t):
+                where = f"data[{k!r}]" + (f"[{sub!r}]" if sub is not None else "")
+                raise ValueError(f"{where} contains NaN or inf (audit batch {i})")
 
 
-def _slice_keys(data: Mapping[str, Any], n: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Per-example integer slice labels ``[N]`` for each requested key present with that shape."""
-    out = {}
-    for k in keys:
-        v = data.get(k)
-        if isinstance(v, Tensor) and v.shape == (n,) and not v.is_floating_point():
-            out[k] = v.detach().cpu().numpy()
-    return out
+def _unit_keys(batch: Mapping[str, Any], B: int, token_shape: torch.Size, offset: int, grouped: bool) -> tuple[np.ndarray | None, Tensor | None]:
+    """(per-example unit keys [B], or None with per-token group ids): examples by running index, or ``group_ids``."""
+    gid = batch.get("group_ids")
+    if (gid is not None) != grouped:
+        raise ValueError("'group_ids' must be in every audit batch or in none (it names the independent unit)")
+    if gid is None:
+        return np.arange(offset, offset + B, dtype=np.int64), None
+    if not isinstance(gid, Tensor) or gid.is_floating_point() or gid.dtype == torch.bool:
+        raise ValueError(f"data['group_ids'] must be an integer tensor [B] or per token, got "
+                         f"{getattr(gid, 'dtype', type(gid).__name__)}")
+    if gid.shape == (B,):
+        return gid.detach().cpu().numpy().astype(np.int64), None
+    if gid.shape == token_shape:
+        return None, gid
+    raise ValueError(f"data['group_ids'] has shape {tuple(gid.shape)}; expected [{B}] (per example) or "
+                     f"{list(token_shape)} (per token)")
 
 
-def _result(c: C.Constraint, kind: str, measure: str, b: Bound, confidence: float, slices: list[SliceResult],
-            description: str = "") -> ConstraintResult:
-    slack = signed_slack(c.sense, b.value, c.threshold, c.tolerance)
-    return ConstraintResult(name=c.name, kind=kind, measure=measure, direction=c.sense, threshold=c.threshold,
-                            estimate=b.estimate, bound=b.value, bound_method=b.method, confidence=confidence,
-                            slack=slack, passed=bool(slack >= 0), n=b.n, count=b.count, description=description,
-                            slices=slices)
+class _Units:
+    """Per-unit sums and counts of one constraint, accumulated batch by batch and summed per key at the end."""
+
+    def __init__(self) -> None:
+        self.keys: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+
+    def add(self, keys: np.ndarray, v: Tensor, c: Tensor) -> None:
+        self.keys.append(keys)
+        self.values.append(v.double().cpu().numpy())
+        self.counts.append(c.double().cpu().numpy())
+
+    def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keys, inv = np.unique(np.concatenate(self.keys), return_inverse=True)
+        return (keys, np.bincount(inv, np.concatenate(self.values), keys.size),
+                np.bincount(inv, np.concatenate(self.counts), keys.size))
 
 
-def _support(c: C.StudentConstraint) -> str:
-    """What is known about the range of a constraint's per-token value (decides which bound is valid)."""
-    if isinstance(c, C.KLTo):
-        return "unbounded"
-    if isinstance(c, C.UnsafeRate) or (isinstance(c, C.Retain) and isinstance(c.metric, str)):
-        return "unit"
-    return "unknown"
+def _unit_labels(pairs: list[tuple[np.ndarray, np.ndarray]], keys: np.ndarray) -> np.ndarray:
+    """Each unit's slice label (its first example's), aligned with ``keys``."""
+    k = np.concatenate([p[0] for p in pairs])
+    lab = np.concatenate([p[1] for p in pairs])
+    uk, first = np.unique(k, return_index=True)
+    return lab[first][np.searchsorted(uk, keys)]
 
 
-def _student_result(c: C.StudentConstraint, values: np.ndarray, counts: np.ndarray, confidence: float,
-                    slice_labels: Mapping[str, np.ndarray], min_slice: int) -> ConstraintResult:
-    support = _support(c)
-    b = bound_for_units(values, counts, c.sense, confidence, support)
+def _status(b: Bound, slack: float) -> str:
+    return NOT_CERTIFIED if not b.certifies else (PASS if slack >= 0 else FAIL)
+
+
+def _student_result(c: C.StudentConstraint, v: np.ndarray, n: np.ndarray, labels: Mapping[str, np.ndarray],
+                    confidence: float, min_slice: int, slice_correction: str, unit: str, seed: int,
+                    resamples: int, max_unit_count: float | None) -> ConstraintResult:
+    support = c.value_support
+    check_support(c.name, support, v, n)
+    if max_unit_count is not None and n.size and n.max() > max_unit_count:
+        raise ValueError(f"constraint {c.name!r}: a unit counts {n.max():g} items > max_unit_count {max_unit_count:g}")
+    b = bound_for_units(v, n, c.sense, confidence, support, seed=seed, resamples=resamples,
+                        max_unit_count=max_unit_count)
+    slack = signed_slack(c.sense, b.value, c.threshold)
+    status = _status(b, slack)
+    # slices: list every value; bound those with at least min_slice units, Bonferroni over the bounded ones
+    cells = [(key, val, (lab == val) & (n > 0)) for key, lab in labels.items() for val in np.unique(lab[n > 0])]
+    bounded = sum(int(sel.sum()) >= min_slice for _, _, sel in cells)
+    alpha = 1.0 - confidence
+    s_conf = 1.0 - alpha / max(bounded, 1) if slice_correction == "bonferroni" else confidence
     slices = []
-    for key, lab in slice_labels.items():
-        for val in np.unique(lab):
-            sel = (lab == val) & (counts > 0)
-            if int(sel.sum()) < min_slice:
-                continue
-            sb = bound_for_units(values[sel], counts[sel], c.sense, confidence, support)
-            sl = signed_slack(c.sense, sb.value, c.threshold, c.tolerance)
-            slices.append(SliceResult(key=key, value=str(val.item()), n=sb.n, estimate=sb.estimate, bound=sb.value,
-                                      slack=sl, passed=bool(sl >= 0), count=sb.count))
-    slices.sort(key=lambda s: (math.isnan(s.slack), s.slack))
-    unit = "examples" if np.all(counts[counts > 0] == 1) else "per-example means over tokens"
-    desc = f"{c.kind} measured by the training code on {int((counts > 0).sum())} {unit}"
-    return _result(c, "student", c.kind, b, confidence, slices, desc)
+    for key, val, sel in cells:
+        k = int(sel.sum())
+        est = float(v[sel].sum() / n[sel].sum()) if k else math.nan
+        if k < min_slice or status == NOT_CERTIFIED:
+            slices.append(SliceResult(key=key, value=str(val.item()), n=k, estimate=est, bound=math.nan,
+                                      slack=math.nan, passed=False, count=float(v[sel].sum()),
+                                      status=NOT_BOUNDED if k < min_slice else NOT_CERTIFIED, confidence=None))
+            continue
+        sb = bound_for_units(v[sel], n[sel], c.sense, s_conf, support, seed=seed, max_unit_count=max_unit_count)
+        sl = signed_slack(c.sense, sb.value, c.threshold)
+        slices.append(SliceResult(key=key, value=str(val.item()), n=sb.n, estimate=sb.estimate, bound=sb.value,
+                                  slack=sl, passed=sl >= 0, count=sb.count, status=PASS if sl >= 0 else FAIL,
+                                  confidence=s_conf))
+    slices.sort(key=lambda s: (math.isnan(s.slack), s.slack if not math.isnan(s.slack) else -s.estimate))
+    counted = n[n > 0]
+    ratio = bool(counted.size) and not bool(np.all(counted == 1))
+    estimand = ("ratio of sums Σv/Σc over units (the training measurement; a token rate for token data)" if ratio
+                else "mean over units (one counted item each)")
+    desc = (f"{c.kind} measured by the training code on {int(counted.size)} {unit}s"
+            + (f" ({int(counted.sum())} counted items)" if ratio else ""))
+    if b.method == BETTING and ratio:
+        desc += (f"; units scaled by the declared max_unit_count {max_unit_count:g}" if max_unit_count is not None
+                 else f"; units scaled by the largest unit's count {counted.max():g} (read from the data)")
+    if status == NOT_CERTIFIED:
+        desc += "; no declared support, so no finite-sample bound: the bootstrap bound is an estimate only"
+    return ConstraintResult(name=c.name, kind="student", measure=c.kind, direction=c.sense, threshold=c.threshold,
+                            estimate=b.estimate, bound=b.value, bound_method=b.method, confidence=confidence,
+                            slack=slack, passed=status == PASS, status=status, n=b.n, count=b.count,
+                            description=desc, slices=slices, tolerance=c.tolerance, train_threshold=c.train_threshold,
+                            estimand=estimand, unit=unit, support=support_label(support), seed=b.seed,
+                            resamples=b.resamples)
 
 
 def _columns(fset: Any, name: str) -> tuple[list[int], list[int], list[int]]:
@@ -162,58 +207,115 @@ def _weight_residuals(c: C.TeacherWeightConstraint, t: Targets, spec: Spec, batc
     return torch.cat(parts, dim=-1).amax(-1)
 
 
-def _weight_result(c: C.TeacherWeightConstraint, resid: np.ndarray, confidence: float) -> ConstraintResult:
-    worst = float(resid.max()) if resid.size else -math.inf
+_PROJECTION = "the spec's projection of the audit data (what training with this spec feeds a student on these inputs)"
+
+
+def _weight_result(c: C.TeacherWeightConstraint, worst: float, violating: int, tokens: int, confidence: float,
+                   record: Mapping[str, tuple[float, float, int]] | None) -> ConstraintResult:
     value = c.threshold + worst if c.sense == "<=" else c.threshold - worst
     if not math.isfinite(value):
         value = c.threshold
-    violating = int((resid > c.tolerance + _NUM_TOL).sum())
-    b = Bound(estimate=value, value=value, side="upper" if c.sense == "<=" else "lower", confidence=confidence,
-              method=EXHAUSTIVE, n=int(resid.size), count=float(violating))
     kind = "target" if isinstance(c, C.UnsafeMass) else "teacher_weight"
     measure = "pooled-target unsafe mass (worst token)" if kind == "target" else f"{c.kind} (worst token)"
-    slack = signed_slack(c.sense, value, c.threshold, c.tolerance + _NUM_TOL)
+    passed = violating == 0
+    desc = f"{violating} of {tokens} audit tokens exceed the threshold by more than {ROUND_OFF:g} (round-off)"
+    source = _PROJECTION + (", not a record of how the audited student was trained; pass the step log to check "
+                            "the training record" if record is None else "")
+    teacher = getattr(c, "teacher", None)
+    if record is not None:
+        if isinstance(c, (C.Cap, C.Floor)) and teacher in record:
+            lo, hi, steps = record[teacher]
+            broke = hi > c.threshold + ROUND_OFF if isinstance(c, C.Cap) else lo < c.threshold - ROUND_OFF
+            seen = hi if isinstance(c, C.Cap) else lo
+            source += (f"; training record (step log, {steps} steps): batch-mean projected weight of {teacher!r} "
+                       f"reached {seen:.4g}" + (" — violated during training" if broke else ""))
+            passed = passed and not broke
+        else:
+            source += "; the step log holds no per-step record of this constraint"
     return ConstraintResult(name=c.name, kind=kind, measure=measure, direction=c.sense, threshold=c.threshold,
                             estimate=value, bound=value, bound_method=EXHAUSTIVE, confidence=confidence,
-                            slack=slack, passed=violating == 0, n=int(resid.size), count=float(violating),
-                            description=f"{violating} of {resid.size} audit tokens violate it")
+                            slack=signed_slack(c.sense, value, c.threshold), passed=passed,
+                            status=PASS if passed else FAIL, n=tokens, count=float(violating), description=desc,
+                            tolerance=c.tolerance, estimand="worst audit token", unit="token",
+                            support="deterministic given the teachers", numerical_tolerance=ROUND_OFF, source=source)
+
+
+def _message(results: list[ConstraintResult], confidence: float, units: int, simultaneous: bool, m: int) -> str:
+    pct = format_confidence(confidence)
+    failed = [r.name for r in results if r.status == FAIL]
+    uncertified = [r.name for r in results if r.status == NOT_CERTIFIED]
+    how = (f"simultaneous bounds (each student bound at 1 − α/{m})" if simultaneous and m > 1 else
+           "each constraint's own one-sided bound (an intersection–union test; the bounds are not simultaneous)")
+    if not failed and not uncertified:
+        return f"all {len(results)} constraints pass at {pct} confidence on {units} units by {how}"
+    parts = []
+    if failed:
+        parts.append(f"{len(failed)} of {len(results)} constraints FAIL at {pct} confidence: " + ", ".join(failed))
+    if uncertified:
+        parts.append(f"{len(uncertified)} not certified (no declared support, so no valid bound): "
+                     + ", ".join(uncertified))
+    return "; ".join(parts) + f"; {units} units, {how}"
 
 
 # --------------------------------------------------------------------------------------------------- audit
-def audit(student: nn.Module, data: Mapping[str, Any], spec: Spec,
+def audit(student: nn.Module, data: Mapping[str, Any] | Iterable[Mapping[str, Any]], spec: Spec,
           teachers: Mapping[str, Callable[..., Tensor]] | None = None, confidence: float = 0.95,
           step_log: str | None = None, *, weighting: nn.Module | Mapping[str, nn.Module] | None = None,
           pool: Callable[[Tensor, Tensor], Tensor] | None = None, distiller: Any | None = None,
           batch_size: int = 512, slice_keys: Sequence[str] = DEFAULT_SLICE_KEYS, min_slice: int = 5,
-          seed: int | None = None, metrics: Mapping[str, float] | None = None, progress: bool = False
-          ) -> AuditReport:
+          seed: int | None = None, metrics: Mapping[str, float] | None = None, progress: bool = False,
+          simultaneous: bool = False, slice_correction: str = "bonferroni", resamples: int = 2000,
+          max_unit_count: float | None = None) -> AuditReport:
     """Audit ``student`` on ``data`` against every constraint of ``spec`` at one-sided ``confidence``.
 
     Args:
-        student: maps ``data["inputs"]`` batches to logits ``[..., V]`` (evaluated under ``no_grad``, eval mode).
-        data: dict of tensors with a leading example axis: ``inputs``, usually ``labels``; optional ``mask``,
-            ``task_ids``, ``context``, other slice keys, and cached ``teacher_logits [N, ..., K, V]``.
+        student: maps ``batch["inputs"]`` to logits ``[..., V]`` (or a ``ModelOutput`` with ``.logits``).
+        data: a dict of tensors with a leading example axis, or an iterable of such batches (a ``DataLoader``),
+            streamed one batch at a time: ``inputs``, usually ``labels``; optional ``mask``, ``group_ids`` (the
+            independent unit, ``[N]`` or per token), ``task_ids``, ``context``, cached ``teacher_logits``.
         spec: the :class:`~safekd.spec.Spec` whose constraints are audited.
-        teachers: ``{name: callable}`` giving teacher logits, when ``data`` has no ``teacher_logits``.
+        teachers: ``{name: callable}`` giving teacher logits, when the data has no ``teacher_logits``.
         confidence: one-sided confidence of every bound, in (0, 1).
-        step_log: JSONL step log of the training run (adds the training traces).
-        weighting, pool, distiller: the training run's weighting operators / pool (or the distiller itself) so the
-            teacher-weight picture matches training; default uniform weights and the linear pool.
+        step_log: JSONL step log of the training run (training traces; the training record of teacher weights).
+        weighting, pool, distiller: the training run's weighting operators / pool (or the distiller itself).
+        batch_size: rows per batch for in-memory data.
         slice_keys: per-example integer keys to break student constraints down by (worst slices first).
-        metrics: extra numbers to carry into the report (e.g. a baseline's accuracy).
+        min_slice: slices with fewer units are listed as not bounded.
+        seed: seeds the betting bound's unit order and the bootstrap (recorded in the report).
+        simultaneous: bound each of the m student constraints at ``1 − α/m`` (Bonferroni), so that all bounds
+            hold together; by default each bound holds on its own (the PASS verdict is then an
+            intersection–union test, still at level α).
+        slice_correction: ``"bonferroni"`` (slice bounds at ``1 − α/S`` over the S bounded slices) or ``"none"``
+            (per-slice bounds, labelled so).
+        resamples: bootstrap resamples for constraints without a declared support (shown, never certifying).
+        max_unit_count: the most counted items one unit can hold (e.g. the context length), declared up front;
+            ratio bounds scale units by it (default: the largest unit's count in the data).
 
     Returns:
         An :class:`~safekd.auditing.report.AuditReport`; ``report.passed`` iff every constraint passes.
     """
     if not isinstance(spec, Spec):
         raise TypeError(f"spec must be a safekd Spec (see safekd.load_spec), got {type(spec).__name__}")
-    if not 0.0 < float(confidence) < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    check_level(confidence)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int(min_slice) != min_slice or min_slice < 1:
+        raise ValueError(f"min_slice must be an integer >= 1, got {min_slice!r}")
+    if slice_correction not in ("bonferroni", "none"):
+        raise ValueError(f"slice_correction must be 'bonferroni' or 'none', got {slice_correction!r}")
+    if resamples < 100:
+        raise ValueError(f"resamples must be >= 100, got {resamples}")
+    if max_unit_count is not None and not (isinstance(max_unit_count, (int, float)) and math.isfinite(max_unit_count)
+                                           and max_unit_count > 0):
+        raise ValueError(f"max_unit_count must be a positive number, got {max_unit_count!r}")
+    seed_used = 0 if seed is None else int(seed)
     device = next((p.device for p in student.parameters()), torch.device("cpu"))
-    n, batches = _as_batches(data, batch_size, device)
-    have_teachers = teachers is not None or "teacher_logits" in data or distiller is not None
+    batches = iter_batches(data, batch_size, device=device)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("the audit data is empty: nothing to audit")
+    batches = itertools.chain([first], batches)
+    have_teachers = teachers is not None or distiller is not None or any(k in first for k in _TEACHER_KEYS)
     weight_cons = spec.teacher_weight_constraints
     needs = [c.name for c in weight_cons] + [c.name for c in spec.student_constraints if isinstance(c, C.KLTo)]
     if needs and not have_teachers:
@@ -221,46 +323,76 @@ def audit(student: nn.Module, data: Mapping[str, Any], spec: Spec,
                          "'teacher_logits' [N, K, V] in the audit data")
     view = _distiller(spec, student, teachers, weighting, pool, distiller) if have_teachers else None
     K = len(spec.teacher_names)
+    grouped = "group_ids" in first
 
+    units = {c.name: _Units() for c in spec.student_constraints}
+    labels: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in slice_keys}
+    worst = {c.name: -math.inf for c in weight_cons}
+    violating = {c.name: 0 for c in weight_cons}
+    w_sum: dict[str, Tensor] = {}
+    w_slice: dict[str, dict[Any, list[Any]]] = {k: {} for k in slice_keys}
+    active: dict[str, int] = {}
+    examples = tokens = relaxed = corrected = 0
+    correct = total = 0.0
+    nb = 0
     was_training = student.training
     student.eval()
-    s_vals: dict[str, list[Tensor]] = {c.name: [] for c in spec.student_constraints}
-    s_cnts: dict[str, list[Tensor]] = {c.name: [] for c in spec.student_constraints}
-    w_resid: dict[str, list[Tensor]] = {c.name: [] for c in weight_cons}
-    per_example_w: dict[str, list[Tensor]] = {}
-    active: dict[str, int] = {}
-    tokens = relaxed = corrected = 0
-    correct = total = 0.0
     try:
         from tqdm.auto import tqdm
 
-        for batch in tqdm(batches, desc="audit", unit="batch", disable=not progress, leave=False):
+        for i, batch in enumerate(tqdm(batches, desc="audit", unit="batch", disable=not progress, leave=False)):
+            nb += 1
+            _check_finite(batch, i)
+            if view is None and any(k in batch for k in _TEACHER_KEYS) != have_teachers:
+                raise ValueError("'teacher_logits' must be in every audit batch or in none")
             with torch.no_grad():
-                logits = student(batch["inputs"])
-            if not isinstance(logits, Tensor) or not bool(torch.isfinite(logits).all()):
+                logits = student_logits(student(batch["inputs"]))
+            if not all_finite(logits):
                 raise ValueError("the student returned non-finite logits (NaN/inf) on the audit data")
+            B, tshape = logits.shape[0], logits.shape[:-1]
+            keys, tok_groups = _unit_keys(batch, B, tshape, examples, grouped)
             out = view.targets(batch, logits) if view is not None else None
+            kw = {"teacher_logprobs": None if out is None else out.teacher_logp, "teacher_names": spec.teacher_names,
+                  "unsafe": spec.unsafe, "target_logp": None if out is None else out.target_logp}
             for c in spec.student_constraints:
-                v, cnt = per_example_sums(c, logits, batch, teacher_logprobs=None if out is None else out.teacher_logp,
-                                          teacher_names=spec.teacher_names, unsafe=spec.unsafe,
-                                          target_logp=None if out is None else out.target_logp)
-                s_vals[c.name].append(v.double().cpu())
-                s_cnts[c.name].append(cnt.double().cpu())
+                if tok_groups is None:
+                    v, cnt = per_example_sums(c, logits, batch, **kw)
+                    units[c.name].add(keys, v, cnt)  # type: ignore[arg-type]
+                else:
+                    g, v, cnt = per_group_sums(c, logits, batch, tok_groups, **kw)
+                    units[c.name].add(g.cpu().numpy().astype(np.int64), v, cnt)
+            ex_labels = {}
+            for k in slice_keys:
+                lab = batch.get(k)
+                if isinstance(lab, Tensor) and lab.shape == (B,) and not lab.is_floating_point():
+                    ex_labels[k] = lab.detach().cpu().numpy()
+                    ukeys = keys if tok_groups is None else tok_groups.reshape(B, -1).cpu().numpy()
+                    ulab = ex_labels[k] if tok_groups is None else np.broadcast_to(ex_labels[k][:, None], ukeys.shape)
+                    labels[k].append((np.asarray(ukeys).reshape(-1), np.asarray(ulab).reshape(-1)))
             mask = batch.get("mask")
-            m = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device) if mask is None else mask
+            m = torch.ones(tshape, dtype=torch.bool, device=logits.device) if mask is None else mask
             if "labels" in batch:
-                labels = batch["labels"]
-                ok = m & (labels >= 0)
-                correct += float(((logits.argmax(-1) == labels) & ok).sum())
+                ok = m & (batch["labels"] >= 0)
+                correct += float(((logits.argmax(-1) == batch["labels"]) & ok).sum())
                 total += float(ok.sum())
+            examples += B
             if out is not None:
                 for c in weight_cons:
-                    w_resid[c.name].append(_weight_residuals(c, out, spec, batch).double().cpu())
+                    r = _weight_residuals(c, out, spec, batch)
+                    if r.numel():
+                        worst[c.name] = max(worst[c.name], float(r.max()))
+                        violating[c.name] += int((r > ROUND_OFF).sum())
                 mf = out.mask.to(out.weights.dtype).unsqueeze(-1)
-                scales = {**out.per_scale, "composed": out.composed, "final": out.weights}
-                for scale, w in scales.items():  # per-example mean over unmasked tokens → [B, K]
-                    wt = (w * mf).reshape(w.shape[0], -1, K).sum(1) / mf.reshape(w.shape[0], -1, 1).sum(1).clamp_min(1)
-                    per_example_w.setdefault(scale, []).append(wt.double().cpu())
+                for scale, w in {**out.per_scale, "composed": out.composed, "final": out.weights}.items():
+                    wt = (w * mf).reshape(B, -1, K).sum(1) / mf.reshape(B, -1, 1).sum(1).clamp_min(1)  # [B, K]
+                    w_sum[scale] = w_sum.get(scale, 0) + wt.double().sum(0).cpu()
+                    if scale == "final":
+                        for k, lab in ex_labels.items():
+                            for val in np.unique(lab):
+                                acc = w_slice[k].setdefault(val.item(), [0, 0])
+                                sel = torch.as_tensor(lab == val, device=wt.device)
+                                acc[0] = acc[0] + wt[sel].double().sum(0).cpu()
+                                acc[1] += int(sel.sum())
                 for name, cnt in out.projection["active"].items():
                     active[name] = active.get(name, 0) + int(cnt)
                 tokens += int(out.mask.sum())
@@ -269,37 +401,44 @@ def audit(student: nn.Module, data: Mapping[str, Any], spec: Spec,
     finally:
         student.train(was_training)
 
-    slice_labels = _slice_keys(data, n, slice_keys)
+    m_stat = len(spec.student_constraints)
+    each = 1.0 - (1.0 - confidence) / m_stat if simultaneous and m_stat > 1 else float(confidence)
+    unit = "group (group_ids)" if grouped else "example"
+    record = weight_record(step_log, list(spec.teacher_names)) if step_log is not None else None
     results: list[ConstraintResult] = []
+    n_units = examples
     for c in spec.constraints:
         if isinstance(c, C.StudentConstraint):
-            results.append(_student_result(c, torch.cat(s_vals[c.name]).numpy(), torch.cat(s_cnts[c.name]).numpy(),
-                                           confidence, slice_labels, min_slice))
+            ukeys, v, n = units[c.name].sums()
+            n_units = ukeys.size
+            lab = {k: _unit_labels(p, ukeys) for k, p in labels.items() if len(p) == nb}
+            results.append(_student_result(c, v, n, lab, each, min_slice, slice_correction, unit, seed_used,
+                                           resamples, max_unit_count))
         else:
-            results.append(_weight_result(c, torch.cat(w_resid[c.name]).numpy(), confidence))
+            results.append(_weight_result(c, worst[c.name], violating[c.name], tokens, confidence, record))
 
     tw = None
-    if per_example_w:
-        ew = {s: torch.cat(v) for s, v in per_example_w.items()}
+    if w_sum:
         by_slice = {}
-        fin = ew["final"].numpy()
-        for key, lab in slice_labels.items():
-            vals = np.unique(lab)
-            by_slice[key] = {"values": [str(v.item()) for v in vals],
-                             "mean_weight": [fin[lab == v].mean(0).tolist() for v in vals]}
+        for k, cells in w_slice.items():
+            if cells:
+                vals = sorted(cells)
+                by_slice[k] = {"values": [str(v) for v in vals],
+                               "mean_weight": [(cells[v][0] / max(cells[v][1], 1)).tolist() for v in vals]}
         tw = TeacherWeightSummary(
             teachers=list(spec.teacher_names),
-            mean_weight={s: w.mean(0).tolist() for s, w in ew.items()}, by_slice=by_slice,
+            mean_weight={s: (w / max(examples, 1)).tolist() for s, w in w_sum.items()}, by_slice=by_slice,
             active_fraction={k: v / max(tokens, 1) for k, v in sorted(active.items())},
             relaxed_tokens=relaxed, corrected_tokens=corrected, total_tokens=tokens)
 
-    all_metrics = {"accuracy": correct / total if total else float("nan"), "examples": float(n)}
-    all_metrics.update({k: float(v) for k, v in (metrics or {}).items()})
-    failed = [r.name for r in results if not r.passed]
-    message = (f"all {len(results)} constraints pass at {confidence:.0%} confidence on {n} examples" if not failed else
-               f"{len(failed)} of {len(results)} constraints FAIL at {confidence:.0%} confidence on {n} examples: "
-               + ", ".join(failed))
+    all_metrics: dict[str, float | int] = {"accuracy": correct / total if total else float("nan"),
+                                           "examples": int(examples)}
+    if grouped:
+        all_metrics["units"] = int(n_units)
+    all_metrics.update({k: v if isinstance(v, int) else float(v) for k, v in (metrics or {}).items()})
     traces = read_traces(step_log, list(spec.teacher_names)) if step_log is not None else None
-    return AuditReport(passed=not failed, message=message, confidence=float(confidence), constraints=results,
-                       metrics=all_metrics, provenance=provenance(spec.to_dict(), student, n, seed),
-                       teacher_weights=tw, traces=traces)
+    return AuditReport(passed=all(r.status == PASS for r in results),
+                       message=_message(results, float(confidence), n_units, simultaneous, m_stat),
+                       confidence=float(confidence), constraints=results, metrics=all_metrics,
+                       provenance=provenance(spec.to_dict(), student, examples, seed), teacher_weights=tw,
+                       traces=traces, simultaneous=bool(simultaneous), slice_correction=slice_correction)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from safekd.auditing.report import AuditReport, ConstraintResult, TeacherWeightSummary
+from safekd.auditing.report import AuditReport, ConstraintResult, TeacherWeightSummary, format_confidence
 
 __all__ = ["bounds_figure", "weight_heatmaps", "trace_figure"]
 
@@ -33,7 +33,7 @@ def bounds_figure(constraints: list[ConstraintResult]) -> str | None:
         colour = "tab:green" if c.passed else "tab:red"
         ax.bar([0], [est], color=colour, alpha=0.6, width=0.5, label="estimate")
         ax.errorbar([0], [est], yerr=[[max(est - bnd, 0.0)], [max(bnd - est, 0.0)]], fmt="none", ecolor="k",
-                    capsize=8, label=f"{c.confidence:.0%} bound")
+                    capsize=8, label=f"{format_confidence(c.confidence)} bound")
         ax.axhline(c.threshold, color="tab:red", linestyle="--", label="threshold")
         top = max(est, bnd, c.threshold)
         ax.set_ylim(0, top * 1.25 if top > 0 else 1.0)

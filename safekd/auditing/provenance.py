@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["spec_hash", "parameter_digest", "package_versions", "read_traces", "provenance"]
+__all__ = ["spec_hash", "parameter_digest", "package_versions", "read_traces", "provenance", "weight_record"]
 
 _PACKAGES = ("safekd", "torch", "numpy", "scipy", "scikit-learn", "cvxpy", "matplotlib")
 
@@ -109,3 +109,28 @@ def _teacher_key(key: str, teacher_names: list[str]) -> str:
     if head and tail.isdigit() and int(tail) < len(teacher_names):
         return f"{head}/{teacher_names[int(tail)]}"
     return key
+
+
+def weight_record(path: str | Path, teacher_names: list[str]) -> dict[str, tuple[float, float, int]]:
+    """``{teacher: (min, max, steps)}`` of the batch-mean projected weight over every record of a JSONL step log
+    (the training record of the teachers' weights; read line by line, never thinned). Teachers absent from the
+    log are absent from the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"step log {str(path)!r} does not exist")
+    out: dict[str, tuple[float, float, int]] = {}
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({exc.msg})") from exc
+            projected = rec.get("weights", {}).get("projected", {}) if isinstance(rec, Mapping) else {}
+            for t in teacher_names:
+                w = projected.get(t) if isinstance(projected, Mapping) else None
+                if isinstance(w, (int, float)) and math.isfinite(w):
+                    lo, hi, k = out.get(t, (math.inf, -math.inf, 0))
+                    out[t] = (min(lo, float(w)), max(hi, float(w)), k + 1)
+    return out

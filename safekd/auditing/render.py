@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from .plots import bounds_figure, trace_figure, weight_heatmaps
-from .report import AuditReport, save_json
+from .report import NOT_BOUNDED, PASS, AuditReport, ConstraintResult, format_confidence, save_json
 
 __all__ = ["to_markdown", "to_html", "write_report"]
 
@@ -15,28 +15,71 @@ def _f(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
+def _metric(x: float | int | None) -> str:
+    return str(x) if isinstance(x, int) and not isinstance(x, bool) else _f(x)
+
+
+def _result(status: str) -> str:
+    return status.upper()
+
+
+def _slices_note(report: AuditReport) -> str:
+    level = ("Bonferroni-corrected over the bounded slices of a constraint (the column holds jointly)"
+             if report.slice_correction == "bonferroni" else "per slice (no multiplicity correction)")
+    return (f"A slice is certified when its own bound meets the threshold; bounds are {level}. Small slices rarely "
+            "certify, and slices with fewer units than the minimum are listed as not bounded (informational; the "
+            "verdict is the constraint's).")
+
+
+def _how(c: ConstraintResult) -> str:
+    """Estimand, unit, support and what was used to bound it, in one line."""
+    parts = [c.estimand, f"unit: {c.unit}", f"support: {c.support}"]
+    if c.kind == "student":
+        parts.append(f"tolerance {c.tolerance:g} (training only)")
+        if c.train_threshold is not None and c.train_threshold != c.threshold:
+            parts.append(f"train threshold {c.train_threshold:g}")
+    if c.numerical_tolerance is not None:
+        parts.append(f"round-off {c.numerical_tolerance:g}")
+    if c.resamples is not None:
+        parts.append(f"{c.resamples} resamples, seed {c.seed}")
+    elif c.seed is not None:
+        parts.append(f"unit order seed {c.seed}")
+    if c.source:
+        parts.append(c.source)
+    return "; ".join(p for p in parts if p)
+
+
 def to_markdown(report: AuditReport, max_slices: int = 5) -> str:
     """A short Markdown summary: verdict, metrics, constraint table, worst slices, teacher weights, provenance."""
     lines = [f"# safekd audit: {'PASS' if report.passed else 'FAIL'}", "", report.message, ""]
     if report.metrics:
         lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_f(v)} |" for k, v in report.metrics.items()]
+        lines += [f"| {k} | {_metric(v)} |" for k, v in report.metrics.items()]
         lines.append("")
-    lines += [f"## Constraints (one-sided bounds at {report.confidence:.0%})", "",
+    lines += [f"## Constraints (one-sided bounds at {format_confidence(report.confidence)})", "",
               "| constraint | kind | estimate | bound | method | threshold | slack | n | result |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c in report.constraints:
+        res = _result(c.status) if c.status == PASS else f"**{_result(c.status)}**"
         lines.append(f"| `{c.name}` | {c.kind} | {_f(c.estimate)} | {_f(c.bound)} | {c.bound_method} | "
-                     f"{c.direction} {_f(c.threshold)} | {_f(c.slack)} | {c.n} | {'PASS' if c.passed else '**FAIL**'} |")
+                     f"{c.direction} {_f(c.threshold)} | {_f(c.slack)} | {c.n} | {res} |")
+    lines.append("")
+    lines += [f"- `{c.name}`: {_how(c)}" for c in report.constraints]
     lines.append("")
     for c in report.constraints:
-        if c.slices:
-            lines += [f"### Worst slices of `{c.name}`", "", "| slice | n | estimate | bound | slack | certified |",
-                      "|---|---|---|---|---|---|"]
-            for s in c.slices[:max_slices]:
+        shown = [s for s in c.slices if s.status != NOT_BOUNDED][:max_slices]
+        small = [s for s in c.slices if s.status == NOT_BOUNDED]
+        if shown or small:
+            lines += [f"### Worst slices of `{c.name}`", "", _slices_note(report), ""]
+        if shown:
+            lines += ["| slice | n | estimate | bound | slack | certified |", "|---|---|---|---|---|---|"]
+            for s in shown:
                 lines.append(f"| {s.key}={s.value} | {s.n} | {_f(s.estimate)} | {_f(s.bound)} | {_f(s.slack)} | "
-                             f"{'yes' if s.passed else 'no'} |")
+                             f"{'yes' if s.status == PASS else 'no'} |")
             lines.append("")
+        if small:
+            lines += ["Not bounded (n < min_slice): " + ", ".join(f"{s.key}={s.value} (n={s.n}, estimate "
+                                                                   f"{_f(s.estimate)})" for s in small), ""]
     tw = report.teacher_weights
     if tw is not None:
         lines += ["## Teacher weights (mean over audit tokens)", "",
@@ -62,8 +105,9 @@ th{background:#f3f3f3}.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;fo
 img{max-width:100%}code{background:#f6f8fa;padding:0 3px}"""
 
 
-def _verdict(ok: bool) -> str:
-    return f'<span class="{"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</span>'
+def _verdict(status: bool | str) -> str:
+    status = (PASS if status else "fail") if isinstance(status, bool) else status
+    return f'<span class="{"pass" if status == PASS else "fail"}">{_result(status)}</span>'
 
 
 def _img(b64: str | None, alt: str) -> str:
@@ -78,28 +122,35 @@ def to_html(report: AuditReport, max_slices: int = 10) -> str:
            f"<h1>safekd audit: {_verdict(report.passed)}</h1>", f"<p>{e(report.message)}</p>"]
     if report.metrics:
         out.append("<h2>Metrics</h2><table><tr><th>metric</th><th>value</th></tr>")
-        out += [f"<tr><td>{e(k)}</td><td>{_f(v)}</td></tr>" for k, v in report.metrics.items()]
+        out += [f"<tr><td>{e(k)}</td><td>{_metric(v)}</td></tr>" for k, v in report.metrics.items()]
         out.append("</table>")
-    out.append(f"<h2>Constraints (one-sided bounds at {report.confidence:.0%})</h2>")
+    out.append(f"<h2>Constraints (one-sided bounds at {format_confidence(report.confidence)})</h2>")
     out.append("<table><tr><th>constraint</th><th>kind</th><th>measure</th><th>estimate</th><th>bound</th>"
                "<th>method</th><th>threshold</th><th>slack</th><th>n</th><th>result</th></tr>")
     for c in report.constraints:
         out.append(f'<tr id="constraint-{e(c.name)}"><td><code>{e(c.name)}</code></td><td>{e(c.kind)}</td>'
                    f"<td>{e(c.measure)}</td><td>{_f(c.estimate)}</td><td>{_f(c.bound)}</td><td>{e(c.bound_method)}</td>"
                    f"<td>{e(c.direction)} {_f(c.threshold)}</td><td>{_f(c.slack)}</td><td>{c.n}</td>"
-                   f"<td>{_verdict(c.passed)}</td></tr>")
-    out.append("</table>")
+                   f"<td>{_verdict(c.status)}</td></tr>")
+    out.append("</table><ul>")
+    out += [f"<li><code>{e(c.name)}</code>: {e(_how(c))}</li>" for c in report.constraints]
+    out.append("</ul>")
     out.append(_img(bounds_figure(report.constraints), "estimate, bound and threshold per constraint"))
     for c in report.constraints:
-        if c.slices:
-            out.append(f"<h3>Worst slices of <code>{e(c.name)}</code></h3><p>A slice is certified when its own "
-                       "bound meets the threshold; small slices rarely are (informational; the verdict is the "
-                       "constraint's).</p><table><tr><th>slice</th><th>n</th><th>estimate</th><th>bound</th>"
-                       "<th>slack</th><th>certified</th></tr>")
-            for s in c.slices[:max_slices]:
-                out.append(f"<tr><td>{e(s.key)}={e(s.value)}</td><td>{s.n}</td><td>{_f(s.estimate)}</td>"
-                           f"<td>{_f(s.bound)}</td><td>{_f(s.slack)}</td><td>{'yes' if s.passed else 'no'}</td></tr>")
+        shown = [s for s in c.slices if s.status != NOT_BOUNDED][:max_slices]
+        small = [s for s in c.slices if s.status == NOT_BOUNDED]
+        if shown or small:
+            out.append(f"<h3>Worst slices of <code>{e(c.name)}</code></h3><p>{e(_slices_note(report))}</p>")
+        if shown:
+            out.append("<table><tr><th>slice</th><th>n</th><th>estimate</th><th>bound</th><th>slack</th>"
+                       "<th>certified</th></tr>")
+            for s in shown:
+                out.append(f"<tr><td>{e(s.key)}={e(s.value)}</td><td>{s.n}</td><td>{_f(s.estimate)}</td><td>"
+                           f"{_f(s.bound)}</td><td>{_f(s.slack)}</td><td>{'yes' if s.status == PASS else 'no'}</td></tr>")
             out.append("</table>")
+        if small:
+            out.append("<p>Not bounded (n &lt; min_slice): " + ", ".join(
+                f"{e(s.key)}={e(s.value)} (n={s.n}, estimate {_f(s.estimate)})" for s in small) + "</p>")
     tw = report.teacher_weights
     if tw is not None:
         out.append("<h2>Teacher weights</h2><table><tr><th>scale</th>" + "".join(f"<th>{e(t)}</th>" for t in tw.teachers)

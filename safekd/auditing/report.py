@@ -1,7 +1,11 @@
 """The audit report: plain dataclasses, a versioned JSON form and its schema.
 
-The JSON form is validated by ``schema_v1.json`` (JSON Schema draft 2020-12). Every float in the JSON is
+The JSON form is validated by ``schema_v2.json`` (JSON Schema draft 2020-12). Every float in the JSON is
 finite or ``null`` (NaN and ±inf become ``null``) so that strict JSON parsers accept the file.
+
+A constraint's ``status`` is ``"pass"``, ``"fail"`` or ``"not certified"`` (no declared support: no valid bound,
+so it cannot pass); the verdict compares the bound with the threshold alone (the training ``tolerance`` and
+``margin`` are shown, never added).
 """
 from __future__ import annotations
 
@@ -21,9 +25,21 @@ __all__ = [
     "load_schema",
     "validate_report_dict",
     "save_json",
+    "format_confidence",
+    "PASS", "FAIL", "NOT_CERTIFIED", "NOT_BOUNDED",
 ]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
+PASS, FAIL, NOT_CERTIFIED, NOT_BOUNDED = "pass", "fail", "not certified", "not bounded (n < min_slice)"
+
+
+def format_confidence(c: float) -> str:
+    """``0.95`` → ``"95%"``, ``0.999`` → ``"99.9%"``: as many digits as needed, never rounded up to 100%."""
+    for digits in range(2, 16):
+        text = f"{100.0 * c:.{digits}g}"
+        if float(text) < 100.0 or c >= 1.0:
+            return text + "%"
+    return f"{100.0 * c!r}%"
 
 
 @dataclass(frozen=True)
@@ -38,14 +54,21 @@ class SliceResult:
     slack: float
     passed: bool
     count: float | None = None
+    status: str = ""
+    confidence: float | None = None
+
+    def __post_init__(self) -> None:
+        _settle_status(self)
 
 
 @dataclass(frozen=True)
 class ConstraintResult:
     """One constraint on the audit data.
 
-    ``slack`` is signed in the safe direction: ``threshold − bound`` for ``≤`` and ``bound − threshold`` for ``≥``;
-    the constraint passes iff ``slack ≥ 0``. ``slices`` are sorted worst (smallest slack) first.
+    ``slack`` is signed in the safe direction against the threshold alone: ``threshold − bound`` for ``≤`` and
+    ``bound − threshold`` for ``≥``; a certified constraint passes iff ``slack ≥ 0``. ``estimand``, ``unit``,
+    ``support``, ``seed`` and ``resamples`` say what was bounded and how; ``tolerance`` and ``train_threshold`` are
+    the training settings, shown only. ``slices`` are sorted worst (smallest slack) first, unbounded ones last.
     """
 
     name: str
@@ -63,6 +86,27 @@ class ConstraintResult:
     count: float | None = None
     description: str = ""
     slices: list[SliceResult] = field(default_factory=list)
+    status: str = ""
+    tolerance: float = 0.0
+    train_threshold: float | None = None
+    estimand: str = ""
+    unit: str = ""
+    support: str = ""
+    seed: int | None = None
+    resamples: int | None = None
+    numerical_tolerance: float | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        _settle_status(self)
+
+
+def _settle_status(r: "SliceResult | ConstraintResult") -> None:
+    """``status`` defaults to pass/fail from ``passed``; a given status must agree with ``passed``."""
+    if not r.status:
+        object.__setattr__(r, "status", PASS if r.passed else FAIL)
+    elif r.passed != (r.status == PASS):
+        raise ValueError(f"{type(r).__name__}: passed={r.passed} contradicts status {r.status!r}")
 
 
 @dataclass(frozen=True)
@@ -91,10 +135,12 @@ class AuditReport:
     message: str
     confidence: float
     constraints: list[ConstraintResult]
-    metrics: dict[str, float]
+    metrics: dict[str, float | int]
     provenance: dict[str, Any]
     teacher_weights: TeacherWeightSummary | None = None
     traces: dict[str, Any] | None = None
+    simultaneous: bool = False
+    slice_correction: str = "bonferroni"
     schema_version: str = SCHEMA_VERSION
 
     @property
@@ -114,6 +160,8 @@ class AuditReport:
             "passed": self.passed,
             "message": self.message,
             "confidence": self.confidence,
+            "simultaneous": self.simultaneous,
+            "slice_correction": self.slice_correction,
             "constraints": [asdict(c) for c in self.constraints],
             "metrics": dict(self.metrics),
             "teacher_weights": asdict(self.teacher_weights) if self.teacher_weights is not None else None,
@@ -140,6 +188,8 @@ class AuditReport:
             fields = {k: v for k, v in c.items() if k != "slices"}
             for k in ("estimate", "bound", "slack", "threshold"):
                 fields[k] = f(fields[k])
+            if fields.get("train_threshold") is not None:
+                fields["train_threshold"] = f(fields["train_threshold"])
             constraints.append(ConstraintResult(**fields, slices=slices))
         tw = d.get("teacher_weights")
         return cls(
@@ -147,10 +197,12 @@ class AuditReport:
             message=d["message"],
             confidence=d["confidence"],
             constraints=constraints,
-            metrics={k: f(v) for k, v in d["metrics"].items()},
+            metrics={k: v if isinstance(v, int) else f(v) for k, v in d["metrics"].items()},
             provenance=d["provenance"],
             teacher_weights=TeacherWeightSummary(**tw) if tw is not None else None,
             traces=d.get("traces"),
+            simultaneous=d["simultaneous"],
+            slice_correction=d["slice_correction"],
             schema_version=d["schema_version"],
         )
 
@@ -160,7 +212,7 @@ class AuditReport:
         rows = [head, "-" * len(head)]
         for c in self.constraints:
             rows.append(f"{c.name:<28} {c.estimate:>9.4f} {c.bound:>9.4f} {c.direction}{c.threshold:>7.4f} "
-                        f"{c.slack:>+9.4f}  {'PASS' if c.passed else 'FAIL'}")
+                        f"{c.slack:>+9.4f}  {c.status.upper()}")
         return "\n".join(rows)
 
 
@@ -175,12 +227,12 @@ def _finite(x: Any) -> Any:
 
 
 def load_schema() -> dict[str, Any]:
-    """The report's JSON Schema (draft 2020-12), shipped as ``safekd/auditing/schema_v1.json``."""
-    return json.loads(resources.files("safekd.auditing").joinpath("schema_v1.json").read_text(encoding="utf-8"))
+    """The report's JSON Schema (draft 2020-12), shipped as ``safekd/auditing/schema_v2.json``."""
+    return json.loads(resources.files("safekd.auditing").joinpath("schema_v2.json").read_text(encoding="utf-8"))
 
 
 def validate_report_dict(d: dict[str, Any]) -> None:
-    """Raise ``jsonschema.ValidationError`` unless ``d`` matches the v1 schema."""
+    """Raise ``jsonschema.ValidationError`` unless ``d`` matches the v2 schema."""
     import jsonschema
 
     jsonschema.Draft202012Validator(load_schema()).validate(d)

@@ -198,6 +198,7 @@ def digits_functions(forbidden_class: int = FORBIDDEN_CLASS) -> dict[str, Callab
         cls = torch.arange(vocab_size, device=labels.device)
         return (cls == f) & (labels != f).unsqueeze(-1)
 
+    forbidden_fpr.support = "binary"  # type: ignore[attr-defined]  # one 0/1 outcome per counted example
     return {"forbidden_fpr": forbidden_fpr, "forbidden_fpr_proxy": forbidden_fpr_proxy,
             "forbidden_when_wrong": forbidden_when_wrong}
 

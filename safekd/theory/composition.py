@@ -1,4 +1,4 @@
-"""Composition harness (paper-spec §4.3, §6): normalised product of token/task/context weights.
+"""Composition harness: normalised product of token/task/context weights.
 
 Ratio bounds multiply, R(w) ≤ Π_s R_s, and per-scale log perturbations with ‖Δlog u_s‖_∞ ≤ η_s move
 the composite by ‖Δw‖₁ ≤ 2·tanh(η/2), η = Σ_s η_s. Both are shown tight on constructed cases.
@@ -98,7 +98,7 @@ def composition(*, seed: int = 0, samples: int = 1000, teachers: int = 5, max_et
         message=f"ratio bound tightness ≤ {ratio_tightness.max().item():.3f} (tight case {tight_ratio:.6f}), "
                 f"‖Δw‖₁/(2tanh(η/2)) ≤ {lip_tightness.max().item():.3f} (tight case {tight_lip:.6f}); "
                 f"violations: {ratio_violations} ratio, {lip_violations} Lipschitz",
-        reference="paper-spec §4.3(2)–(3), §6", seed=seed,
+        reference="arXiv 2601.17910, product-structure composition (bounds: reconstruction)", seed=seed,
         details={"ratio_violations": ratio_violations, "lipschitz_violations": lip_violations,
                  "ratio_max_tightness": ratio_tightness.max().item(), "lipschitz_max_tightness":
                  lip_tightness.max().item(), "tight_ratio_case": tight_ratio, "tight_lipschitz_case": tight_lip,

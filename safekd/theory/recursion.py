@@ -1,4 +1,4 @@
-"""Recursive (anchored) distillation harness (companion 2601.13100; paper-spec §4.9, §8.3 Toy F).
+"""Recursive (anchored) distillation harness (companion paper arXiv 2601.13100; Toy F).
 
 Linear anchoring q_{n+1} = α·p_b + (1−α)·s_n. With a realizable student (s_n = q_n), convexity of KL
 in its second argument gives KL(p_b‖q_n) ≤ (1−α)^n·KL(p_b‖q_0): geometric convergence to the unique
@@ -102,7 +102,7 @@ def recursive_distillation(*, seed: int = 0, vocab: int = 6, alpha: float = 0.3,
         message=f"{inits} starts: KL_n/((1−α)^n KL_0) ≤ {ratio.max():.6f}, measured factor per generation "
                 f"{per_gen:.3f} vs 1−α = {1 - alpha:.3f}, max ‖q_N − p_b‖₁ {distance:.1e}; rank-{rank} student: "
                 f"factor {lr_factor:.3f}, KL floor {lr_floor:.2e} (> 0, not realizable)",
-        reference="paper-spec §4.9, §5.5, §8.3 Toy F", seed=seed,
+        reference="arXiv 2601.13100, anchored recursive distillation (Toy F)", seed=seed,
         details={"alpha": alpha, "violations": violations, "max_ratio": float(ratio.max()),
                  "measured_factor": float(per_gen), "limit_spread": spread, "limit_distance": distance,
                  "final_kl_max": float(kls[-1].max()),

@@ -39,7 +39,7 @@ class TheoryResult:
 
     ``passed`` means "the harness shows what the theory predicts", computed from ``measured`` and
     ``bound`` by the rule written in ``comparison``. ``source_tag`` says whether the statement is the
-    paper's claim or safekd's reconstruction (paper-spec tags [SEEN*]/[3P-NOTE] vs [INFERRED]).
+    paper's claim or safekd's reconstruction (see the Theory page of the documentation).
     """
 
     name: str

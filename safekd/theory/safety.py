@@ -1,4 +1,4 @@
-"""Safety-preservation harness (paper-spec §4.7, §8.6).
+"""Safety-preservation harness: ordinal weights and a linear pool keep the target at least as safe as the mean teacher.
 
 Under ordinal safety monotonicity (weights comonotone with teacher safety σ_k = S(p_k)) and a linear
 pool, S(q) = Σ_k w_k σ_k ≥ mean_k σ_k (Chebyshev's sum inequality); a student with KL(q‖p_θ) ≤ ε
@@ -115,7 +115,7 @@ def safety_preservation(*, seed: int = 0, operator: str | SafetyOperator = "osm"
                  f"{pinsker_ratio.max().item():.3f})") if passed else
                 (f"operator {op_name!r}: safety preservation FAILS — S(q) < mean σ on {chebyshev_violations}/{n} "
                  f"samples (worst margin {min_margin:.3f}); Pinsker violations: {pinsker_violations}"),
-        reference="paper-spec §4.7, §7.5–7.6, §8.6", seed=seed,
+        reference="arXiv 2601.17910, safety preservation under ordinal weighting (bounds: reconstruction)", seed=seed,
         details={"operator": op_name, "chebyshev_violations": chebyshev_violations,
                  "chebyshev_violation_rate": chebyshev_violations / n, "min_margin": min_margin,
                  "mean_margin": margin.mean().item(), "pinsker_violations": pinsker_violations,

@@ -1,4 +1,4 @@
-"""Stability harnesses (paper-spec §4.5, §8.3 Toy E, §8.4).
+"""Stability harnesses: perturbation bounds P1–P5 and the damped fixed-point iteration (Toy E).
 
 * ``perturbation_bounds`` — P1–P5 checked on random samples, with the tightness ratio lhs/rhs.
 * ``damped_fixed_point`` — student-dependent weights w ← (1−β)w + βΦ(θ*(w)) and its contraction
@@ -36,7 +36,7 @@ _POOLS = {"linear": linear_pool, "geometric": geometric_pool}
 def perturbation_bounds(*, seed: int = 0, samples: int = 500, teachers: int = 4, vocab: int = 6,
                         mu: float = 0.5, pool: Literal["linear", "geometric"] = "linear",
                         teacher_scale: float = 3.0, tol: float = 1e-9, plot: bool = True) -> TheoryResult:
-    """Check the perturbation bounds of §4.5 on ``samples`` random (P, w, w′, P′, z) draws.
+    """Check the perturbation bounds P1–P5 on ``samples`` random (P, w, w′, P′, z) draws.
 
     P1w ‖q(w) − q(w′)‖₁ ≤ ‖w − w′‖₁ and P1p ‖Δq‖₁ ≤ Σ_k w_k‖Δp_k‖₁ (both assume LINEAR G, applied
     to the pool named by ``pool``); P2 |CE(q,p_θ) − CE(q′,p_θ)| ≤ log(1/p_min)·‖Δq‖₁; P3
@@ -103,12 +103,12 @@ def perturbation_bounds(*, seed: int = 0, samples: int = 500, teachers: int = 4,
         lim = [1e-6, 1e2]
         ax.plot(lim, lim, "k--", lw=1, label="lhs = rhs")
         ax.set(xlabel="bound (rhs)", ylabel="measured (lhs)", xlim=lim, ylim=lim,
-               title=f"§4.5 perturbation bounds ({pool} pool)")
+               title=f"perturbation bounds P1–P5 ({pool} pool)")
         ax.legend(fontsize=6)
     return TheoryResult(
         name="stability-perturbation",
         claim="The pooled target, the loss, its logit gradient and the strongly convex minimiser are Lipschitz "
-              "in the weights/teachers with the constants of §4.5 (P1–P5).",
+              "in the weights/teachers with the constants of the bounds P1–P5.",
         source_tag="reconstruction",
         assumptions=(f"P1 assumes a LINEAR pool (run with pool={pool!r})", "P2 needs a student probability floor "
                      "p_min (log(1/p_min) bounds the loss change)", "P4: μ-ridge on free logits (μ-strong "
@@ -118,7 +118,7 @@ def perturbation_bounds(*, seed: int = 0, samples: int = 500, teachers: int = 4,
         message=(f"all {len(checks)} bounds hold on {n} samples; tightest is {worst_key!r} "
                  f"(lhs/rhs up to {worst:.3f})") if passed else
                 f"bounds violated with pool={pool!r}: {', '.join(failing)} (lhs/rhs up to {worst:.3g})",
-        reference="paper-spec §4.5 P1–P5, §8.4", seed=seed,
+        reference="arXiv 2601.17910, stability and perturbation robustness (bounds P1–P5: reconstruction)", seed=seed,
         details={"pool": pool, "bounds": table, "worst_bound": worst_key, "samples": n, "mu": mu},
         figure=fig,
     )
@@ -229,7 +229,7 @@ def damped_fixed_point(*, seed: int = 0, contexts: int = 6, vocab: int = 5, teac
         passed=passed,
         message=f"L_Φ = {l_phi:.3f}, L_θ* = {l_theta:.3f}, ρ = {rho:.3f}; {verdict} "
                 f"(empirical step ratio {empirical:.3f})",
-        reference="paper-spec §4.5 (N2 §VII), §8.3 Toy E", seed=seed,
+        reference="arXiv 2601.17910, stability (fixed-point argument as reported by a third-party reading; Toy E)", seed=seed,
         details={"L_phi": l_phi, "L_theta_star": l_theta, "rho": rho, "damping": beta, "sharpness": sharpness,
                  "mu": mu, "converged": converged, "unique": unique, "spread": spread,
                  "empirical_contraction": empirical, "final_weights": w},

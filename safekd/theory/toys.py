@@ -30,7 +30,7 @@ def cross_entropy(q: Tensor, logits: Tensor) -> Tensor:
 
 
 def softmax_weights(scores: Tensor, beta: float, eps: float) -> Tensor:
-    """Conforming operator of spec §5.1: w = (1−ε)·softmax(β·g) + ε/K over the last axis."""
+    """Conforming operator (the softmax template): w = (1−ε)·softmax(β·g) + ε/K over the last axis."""
     k = scores.shape[-1]
     return (1.0 - eps) * torch.softmax(beta * scores, dim=-1) + eps / k
 

@@ -20,7 +20,7 @@ __all__ = ["AEKD", "kd_logit_gradients", "capped_min_norm", "capped_min_norm_exa
 
 
 def kd_logit_gradients(teacher_logp: Tensor, student_logits: Tensor, divergence: str = "forward") -> Tensor:
-    """Closed-form ``∂/∂z_s`` of each teacher's KD loss, ``[..., K, V]`` (catalogue §2 item 4, τ=1):
+    """Closed-form ``∂/∂z_s`` of each teacher's KD loss, ``[..., K, V]`` (τ=1):
     forward ``KL(p_k‖q)``: ``q − p_k``; reverse ``KL(q‖p_k)``: ``q ⊙ (log q − log p_k − KL(q‖p_k))``.
     """
     lq = torch.log_softmax(student_logits, dim=-1).unsqueeze(-2)
@@ -119,7 +119,7 @@ def capped_min_norm_exact(gram: Tensor, cap: float) -> Tensor:
 
 
 class AEKD(WeightOperator):
-    """AEKD (Du et al., "Agree to Disagree", NeurIPS 2020; catalogue C.1) with closed-form logit gradients:
+    """AEKD (Du et al., "Agree to Disagree", NeurIPS 2020) with closed-form logit gradients:
 
     ``g_k = ∂KD_k/∂z_s`` (per token, or masked batch mean with ``reduce="batch"``), ``ĝ_k = g_k/‖g_k‖``,
     ``α* = argmin_{α∈Δ_K, α_k≤C} ‖Σ_k α_k ĝ_k‖²`` (Gram ``Ĝ = ĝĝᵀ``), ``w ∝ α*_k/‖g_k‖``; then the template

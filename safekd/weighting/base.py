@@ -1,6 +1,6 @@
 """Weighting-operator protocol: scale, required signals, declared constants, ``(1-ε)·softmax(β·scores)+ε/K``.
 
-Declared constants follow paper-spec §5.1 [INFERRED]: for scores ``g ∈ [a, b]^K`` the template gives
+Declared constants (safekd's reconstruction): for scores ``g ∈ [a, b]^K`` the template gives
 ``w_k ∈ [ε/K + (1-ε)/(1+(K-1)e^{βΔ}), ε/K + (1-ε)/(1+(K-1)e^{-βΔ})]`` with ``Δ = b - a``, and softmax has
 ℓ∞→ℓ1 constant ≤ 1, so ``‖Δw‖₁ ≤ (1-ε)·β·L_g·‖Δs‖_∞`` when the scores are ``L_g``-Lipschitz in the signal ``s``.
 """
@@ -31,7 +31,7 @@ __all__ = [
 Scale = Literal["token", "task", "context"]
 SafetyMode = Literal["none", "own", "comonotone", "ordinal"]
 
-#: Weight axioms an operator may claim (paper-spec §3.1 W1–W6).
+#: Weight axioms an operator may claim (W1–W6).
 AXIOM_NAMES: tuple[str, ...] = (
     "normalization",
     "bounded_influence",
@@ -44,7 +44,7 @@ AXIOM_NAMES: tuple[str, ...] = (
 )
 
 _SAFETY_CLAIMS: dict[str, frozenset[str]] = {
-    # an operator that does not read safety satisfies all three readings weakly (paper-spec §4.1)
+    # an operator that does not read safety satisfies all three readings weakly
     "none": frozenset({"safety_own_score", "safety_comonotone", "safety_ordinal"}),
     "own": frozenset({"safety_own_score"}),
     "comonotone": frozenset({"safety_own_score", "safety_comonotone"}),
@@ -105,7 +105,7 @@ class WeightOperator(nn.Module):
     requires: frozenset[str] = frozenset()
     #: Per-teacher parameters (a table, static weights, ...) break permutation equivariance.
     permutation_equivariant: ClassVar[bool] = True
-    #: Operators whose scores read the student are not fixed targets (paper-spec §9.2).
+    #: Operators whose scores read the student are not fixed targets.
     depends_on_student: ClassVar[bool] = False
 
     def __init__(self, beta: float = 1.0, epsilon: float = 0.0, num_teachers: int | None = None,
@@ -160,7 +160,7 @@ class WeightOperator(nn.Module):
         return ()
 
     def safety_mode(self) -> SafetyMode:
-        """How the operator reads teacher safety scores (paper-spec §3.1 W4 readings)."""
+        """How the operator reads teacher safety scores (the three readings of W4)."""
         return "none"
 
     def weight_lipschitz(self, K: int) -> float | None:

@@ -1,4 +1,4 @@
-"""Product-structure composition of per-scale weights (paper-spec §4.3, §6): ``w ∝ Π_s (w^s)^{λ_s}``."""
+"""Product-structure composition of per-scale weights: ``w ∝ Π_s (w^s)^{λ_s}``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,7 +28,7 @@ def compose(token: Tensor | None = None, task: Tensor | None = None, context: Te
 
     Factors broadcast over leading dims; a uniform factor is neutral; the result does not depend on the
     order of the arguments (factors are summed in the fixed order token, task, context). Exponents
-    default to 1 (exponents other than 1 are a safekd extension, paper-spec §9.9).
+    default to 1 (exponents other than 1 are a safekd extension).
     """
     factors = {name: w for name, w in (("token", token), ("task", task), ("context", context)) if w is not None}
     if not factors:

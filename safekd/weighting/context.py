@@ -14,8 +14,8 @@ __all__ = ["DomainPosterior"]
 
 
 class DomainPosterior(WeightOperator):
-    """Context/domain posterior (paper-spec §5.1 "context/domain-posterior"; AMTML-KD instance-embedding
-    softmax, catalogue D.1): teacher k is the expert of domain k and
+    """Context/domain posterior (AMTML-KD instance-embedding
+    softmax): teacher k is the expert of domain k and
 
     * classifier: ``g = classifier(c)`` (logits ``[..., K]``, so ``softmax(g) = π(domain | c)``);
     * rule: ``g_k = −‖c − μ_k‖₂ / h`` (nearest-centroid with bandwidth h; ``L_g = √F/h`` in ℓ∞ of c).

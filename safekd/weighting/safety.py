@@ -25,7 +25,7 @@ def ordinal_rank(safety: Tensor) -> Tensor:
 
 class SafetyPrior(WeightOperator):
     """``scores = base.scores + γ·rank(σ)`` then ``(1-ε)·softmax(β·scores) + ε/K`` with the base's β and ε
-    (paper-spec §5.1 "safety prior (OSM)"). Higher σ = safer. Reads σ only through its order, so it meets
+    ("safety prior", ordinal safety monotonicity). Higher σ = safer. Reads σ only through its order, so it meets
     own-score monotonicity and ordinal invariance, and comonotonicity ceteris paribus when the base is
     permutation-equivariant. Continuity is declared in the base's signals only (rank is a step function of σ).
     """

@@ -25,7 +25,7 @@ def broadcast_scores(s: Signals, row: Tensor) -> Tensor:
 
 
 class Uniform(WeightOperator):
-    """``w_k = 1/K`` (Hinton et al. 2015; catalogue A.1). Neutral element of `compose`."""
+    """``w_k = 1/K`` (Hinton et al. 2015). Neutral element of `compose`."""
 
     requires = frozenset()
 
@@ -47,7 +47,7 @@ class Uniform(WeightOperator):
 
 
 class Static(WeightOperator):
-    """User-given weights normalised onto Δ_K: ``w ∝ (1-ε)·softmax(β·log v) + ε/K`` (NeMo RL / ModelOpt; catalogue A.2).
+    """User-given weights normalised onto Δ_K: ``w ∝ (1-ε)·softmax(β·log v) + ε/K`` (NeMo RL / ModelOpt).
 
     With β=1, ε=0 this is ``w = v / Σ v``. Teacher identity matters, so it is not permutation-equivariant.
     """

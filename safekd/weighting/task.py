@@ -13,8 +13,8 @@ __all__ = ["TaskQuality", "Routing"]
 
 
 class TaskQuality(WeightOperator):
-    """``g_k(τ) = −L̂_k(τ)``: the EMA of teacher k's held-out loss on task τ (paper-spec §5.1 "task-quality";
-    NeMo RL per-microbatch CE scores, catalogue A.4/B.2, made a running per-task estimate).
+    """``g_k(τ) = −L̂_k(τ)``: the EMA of teacher k's held-out loss on task τ ("task-quality";
+    NeMo RL per-microbatch CE scores, made a running per-task estimate).
 
     `update` folds a batch of held-out losses into the buffers ``loss_ema [T, K]`` / ``seen [T]`` (saved in
     ``state_dict``): ``L̂ ← m·L̂ + (1−m)·mean_batch`` (the first observation of a task sets ``L̂``).
@@ -76,7 +76,7 @@ class TaskQuality(WeightOperator):
 
 class Routing(WeightOperator):
     """One teacher per key: ``w = (1−ε)·e_{r(key)} + ε/K`` with ``r = table.get(key, fallback)``
-    (MOPD, arXiv 2601.02780 / 2606.30406; NeMo RL, TRL; catalogue A.3).
+    (MOPD, arXiv 2601.02780 / 2606.30406; NeMo RL, TRL).
 
     ``key="task"`` reads ``task_ids``; ``key="context"`` reads an integer domain id in ``context [..., 1]``.
     """

@@ -29,7 +29,7 @@ LOGP_FLOOR = -1.0e4  # scores built from log p(y) are clamped here so that p(y)=
 
 
 class ConfidenceSoftmax(WeightOperator):
-    """``g_k = max_v p_k(v)`` (NeMo RL ``sum_weights_metric``; catalogue B.2; paper-spec §5.1).
+    """``g_k = max_v p_k(v)`` (NeMo RL ``sum_weights_metric``).
 
     ``g ∈ [1/V, 1]`` (width ≤ 1); ``‖∇_z max softmax(z)‖₁ = 2p_max(1−p_max) ≤ 1/2``, so ``L_g = 1/2`` in logits.
     """
@@ -50,7 +50,7 @@ class ConfidenceSoftmax(WeightOperator):
 
 
 class EntropySoftmax(WeightOperator):
-    """``g_k = −H(p_k)/log V`` (entropy weighting, Kwon et al. ICASSP 2020 (EBKD); catalogue B.1/B.2).
+    """``g_k = −H(p_k)/log V`` (entropy weighting, Kwon et al. ICASSP 2020 (EBKD)).
 
     ``g ∈ [−1, 0]``; ``‖∇_z H‖₁ = E_p|log p + H| ≤ 2H ≤ 2 log V``, so ``L_g = 2`` in logits.
     Needs full teacher distributions (sampled-token log-probs are not enough).
@@ -83,8 +83,8 @@ def _kl_terms(p_logp: Tensor, q_logp: Tensor) -> Tensor:
 
 
 class AgreementSoftmax(WeightOperator):
-    """``g_k = −JS(p_k, p̄)/log 2`` with ``p̄ = mean_k p_k`` (agreement with the mean teacher; paper-spec §5.1,
-    catalogue B.5 disagreement score). ``g ∈ [−1, 0]``; ``L_g = (2 log 2 + 1)/log 2`` in logits.
+    """``g_k = −JS(p_k, p̄)/log 2`` with ``p̄ = mean_k p_k`` (agreement with the mean teacher;
+    disagreement score). ``g ∈ [−1, 0]``; ``L_g = (2 log 2 + 1)/log 2`` in logits.
     """
 
     requires = frozenset({"teacher_logprobs"})
@@ -108,8 +108,8 @@ class AgreementSoftmax(WeightOperator):
 
 
 class GoldLikelihood(WeightOperator):
-    """``g_k = log p_k(y)`` (softmax of −CE: NeMo RL ``sum_weights_metric``; correctness weighting, Wu et al. 2022,
-    catalogue B.2/B.5). With β=1, ε=0: ``w_k ∝ p_k(y)``. ``‖∇_z log p_y‖₁ = 2(1−p_y) ≤ 2``, so ``L_g = 2``.
+    """``g_k = log p_k(y)`` (softmax of −CE: NeMo RL ``sum_weights_metric``; correctness weighting, Wu et al. 2022).
+    With β=1, ε=0: ``w_k ∝ p_k(y)``. ``‖∇_z log p_y‖₁ = 2(1−p_y) ≤ 2``, so ``L_g = 2``.
     Scores are unbounded, so bounded influence needs ε > 0 (``w_min = ε/K``).
     """
 
@@ -127,7 +127,7 @@ class GoldLikelihood(WeightOperator):
 
 class CAMKD(WeightOperator):
     """``w_k = (1 − softmax_k(β·CE))/(K−1)`` with ``CE_k = −log p_k(y)`` (CA-MKD, Zhang, Chen & Wang,
-    ICASSP 2022; catalogue B.3), then uniform mixing ε. β=1 is the paper.
+    ICASSP 2022), then uniform mixing ε. β=1 is the paper.
 
     β acts inside (on CE), so the outer softmax has β=1 and ``scores = log(1 − softmax(β·CE))``.
     ``w_k ∈ [ε/K, ε/K + (1−ε)/(K−1)]``; ``‖Δw‖₁ ≤ (1−ε)·2β/(K−1)·‖Δz‖_∞``.
@@ -163,8 +163,8 @@ class CAMKD(WeightOperator):
 
 
 class MTBert(WeightOperator):
-    """``w_k ∝ (1 + CE_k)^{−β}`` i.e. ``g_k = −log(1 + CE_k)`` (MT-BERT, Wu, Wu & Huang, Findings of ACL 2021;
-    catalogue B.4); β=1 gives the paper's ``1/(1+CE)``. ``L_g = 2`` in logits; scores unbounded (use ε > 0).
+    """``w_k ∝ (1 + CE_k)^{−β}`` i.e. ``g_k = −log(1 + CE_k)`` (MT-BERT, Wu, Wu & Huang, Findings of ACL 2021);
+    β=1 gives the paper's ``1/(1+CE)``. ``L_g = 2`` in logits; scores unbounded (use ε > 0).
     """
 
     requires = frozenset({"teacher_logprobs", "labels"})
