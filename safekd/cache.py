@@ -150,7 +150,7 @@ class _Runner:
             if unk is None:
                 raise ValueError(f"teacher {name!r} has another tokenizer, and the student vocabulary has none of "
                                  f"{list(_UNK_TOKENS)} to receive the teacher's unmatched mass")
-            self.vmap = build_vocab_map(_vocab_of(t.tokenizer), student_vocab, student_unk=unk)
+            self.vmap = build_vocab_map(_vocab_of(t.tokenizer), student_vocab, student_unk=unk).to(device)
         self.aligned = self.positions = 0
         # a teacher reads at most its context length (Hugging Face config), counted as inexact beyond it
         self.max_len = getattr(getattr(t.model, "config", None), "max_position_embeddings", None)
@@ -167,7 +167,7 @@ class _Runner:
         t_ids, pos = self._align(data, rows)
         z = logits_of(self.t.model(t_ids.to(self.device)), f"teacher {self.name!r}")
         z = z.gather(1, pos.to(self.device).unsqueeze(-1).expand(*pos.shape, z.shape[-1]))
-        return self.vmap.to(self.device).logprobs(z.float())
+        return self.vmap.logprobs(z.float())
 
     def _align(self, data: TokenizedText, rows: slice) -> tuple[Tensor, Tensor]:
         """The teacher's ids ``[n, L_t]`` for the text the student saw, and for each student position the teacher
