@@ -1,4 +1,5 @@
-"""The ``safekd`` command line: ``demo``, ``train``, ``validate``, ``audit``, ``check-axioms``, ``theory``.
+"""The ``safekd`` command line: ``demo``, ``train``, ``validate``, ``audit``, ``cache-teachers``, ``check-axioms``,
+``theory``.
 
 Exit codes: 0 = success (for ``audit``: every constraint passes at the requested confidence), 1 = a check failed
 (a constraint, an axiom, a theory harness), 2 = an error (bad spec, missing file, bad argument); errors are one
@@ -185,6 +186,83 @@ def _cmd_theory(args: argparse.Namespace) -> int:
     return EXIT_OK if result.passed else EXIT_FAIL
 
 
+# -------------------------------------------------------------------------------------------------- cache-teachers
+def _read_texts(path: str, field: str) -> list[str]:
+    """One example per line of a text file, or the ``field`` of each line of a ``.jsonl`` file."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if not path.endswith(".jsonl"):
+        return [line for line in lines if line.strip()]
+    texts = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise CLIError(f"{path}:{i}: expected a JSON object with a string field {field!r}")
+            texts.append(row[field])
+    return texts
+
+
+def _load_tokenizer(path: str) -> object:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if path.endswith(".json"):
+        if not Path(path).is_file():
+            raise FileNotFoundError(path)
+        return PreTrainedTokenizerFast(tokenizer_file=path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _teacher_source(name: str, ref: str, student_vocab: dict, device: str) -> object:
+    """``hf:PATH_OR_HUB_NAME`` (a causal LM and its tokenizer) or ``module:callable`` (input_ids -> logits)."""
+    from safekd.cache import TeacherSource
+    from safekd.references import import_reference
+
+    if ref.startswith("hf:"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(ref[3:]).to(device).eval()
+        try:
+            tok = _load_tokenizer(ref[3:])
+        except (OSError, ValueError):  # no tokenizer saved with the model: it reads the student's ids
+            tok = None
+        same = tok is None or dict(tok.get_vocab()) == student_vocab
+        return TeacherSource(model, None if same else tok, ref)
+    obj = import_reference(ref, context=f"--teacher {name}")
+    if not callable(obj):
+        raise CLIError(f"--teacher {name}={ref}: {type(obj).__name__} is not callable")
+    return TeacherSource(obj, None, ref)
+
+
+def _cmd_cache_teachers(args: argparse.Namespace) -> int:
+    _single_thread()
+    from safekd.cache import cache_teachers, tokenize_texts
+    from safekd.spec import Spec, load_document
+
+    doc = load_document(args.spec)
+    spec = Spec.from_dict({k: v for k, v in doc.data.items() if k != "job"}, source=doc.source, locate=doc.locate)
+    refs = {}
+    for item in args.teacher:
+        name, eq, ref = item.partition("=")
+        if not eq or not name or not ref:
+            raise CLIError(f"--teacher expects NAME=SOURCE (hf:PATH or module:callable), got {item!r}")
+        refs[name] = ref
+    if sorted(refs) != sorted(spec.teacher_names):
+        raise CLIError(f"--teacher names {sorted(refs)} must be the spec's teachers {list(spec.teacher_names)}")
+    tokenizer = _load_tokenizer(args.tokenizer)
+    vocab = dict(tokenizer.get_vocab())
+    texts = _read_texts(args.text, args.text_field)
+    if args.limit is not None:
+        texts = texts[:args.limit]
+    data = tokenize_texts(texts, tokenizer, args.seq_len)
+    teachers = {n: _teacher_source(n, refs[n], vocab, args.device) for n in spec.teacher_names}
+    manifest = cache_teachers(args.out, data, teachers, k=args.k, vocab_size=len(tokenizer), unsafe=spec.unsafe,
+                              student_vocab=vocab, dtype=args.dtype, batch_size=args.batch_size,
+                              shard_size=args.shard_size, device=args.device, progress=_progress(args))
+    print(f"teacher cache: {manifest.parent} ({len(texts)} examples x {args.seq_len} tokens, "
+          f"{len(spec.teacher_names)} teachers, top-{args.k})")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------------------------------------- parser
 def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
@@ -298,6 +376,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--plan: wanted probability that such a student passes (default: 0.8)")
     _add_common(p)
     p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("cache-teachers", help="run teachers once over a text data set and cache their top-k",
+                       description="Tokenize TEXT with the student's tokenizer, run every teacher of SPEC once and "
+                                   "write a sharded cache (safetensors) of each token's top-k teacher log-"
+                                   "probabilities and exact unsafe mass p_k(U), with a manifest (teachers, k, "
+                                   "vocabulary and unsafe-set hashes). Re-running the same command resumes an "
+                                   "interrupted run (completed shards are kept); a directory holding a cache with "
+                                   "other settings is refused. Teachers with another tokenizer read their own "
+                                   "tokenization of the text, aligned to the student's positions by character "
+                                   "offsets and mapped onto the student's vocabulary. Read the cache in Python "
+                                   "with safekd.TeacherCache(OUT, spec=spec).")
+    p.add_argument("--spec", required=True, help="spec file (.yaml/.yml/.toml): its teachers (names and order) "
+                                                 "and its unsafe set (token ids) are cached")
+    p.add_argument("--teacher", action="append", required=True, metavar="NAME=SOURCE",
+                   help="one per teacher of the spec; SOURCE is hf:PATH_OR_HUB_NAME (a causal LM loaded with "
+                        "transformers' AutoModelForCausalLM, and its tokenizer when saved with it) or "
+                        "module:callable (input_ids [B, L] -> logits [B, L, V] over the student's vocabulary)")
+    p.add_argument("--text", required=True, help="the data: a text file with one example per line, or a .jsonl "
+                                                 "file with one JSON object per line (see --text-field)")
+    p.add_argument("--text-field", default="text", help="field holding the text in a .jsonl file (default: text)")
+    p.add_argument("--tokenizer", required=True, help="the student's tokenizer: a tokenizer.json file, a saved "
+                                                      "Hugging Face tokenizer directory or a hub name")
+    p.add_argument("--out", required=True, help="cache directory (created; resumed when it holds this cache)")
+    p.add_argument("--k", type=int, default=64, help="top-k kept per token and teacher (default: 64)")
+    p.add_argument("--seq-len", type=int, default=128, help="student tokens per example: longer texts are "
+                                                           "truncated, shorter ones padded (default: 128)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="storage of the top-k log-probabilities (default: bf16; p_k(U) is always float64)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per teacher forward (default: 8)")
+    p.add_argument("--shard-size", type=int, default=1024, help="examples per shard file (default: 1024)")
+    p.add_argument("--limit", type=int, default=None, help="cache only the first N examples")
+    _add_common(p)
+    p.set_defaults(func=_cmd_cache_teachers)
 
     p = sub.add_parser("check-axioms", help="check a weighting operator or a pool against the axioms",
                        description="Load OBJECT ('module:object'; a class is instantiated with the --arg values) "

@@ -44,7 +44,9 @@ from safekd.distributed import assert_states_identical, get_world_size, is_rank_
 from safekd.dual import AlarmMonitor, MultiplierAlarm, MultiplierAlarmError, Relaxations, make_rule, resolve_order
 from safekd.measurement import ConstraintMeter, reduce_sums_counts
 from safekd.signals import Signals, all_finite
+from safekd.sparse import SparseTeachers, distiller_targets, token_rows
 from safekd.spec import Spec
+from safekd.teachers import teacher_outputs
 from safekd.weighting.compose import SCALES, compose
 
 __all__ = ["SafeDistiller", "StepRecord", "Targets", "PendingStep", "NonFiniteError", "ProjectionCheckError",
@@ -101,6 +103,9 @@ class Targets:
     ``relaxed``/``corrected`` are ``[...]`` bool (empty W_t solved on the least-relaxed set / target corrected);
     ``target_logp`` is the pooled, corrected target log q ``[..., V]``; ``projection`` the stats of
     :attr:`StepRecord.projection`; ``context`` the constraint :class:`~safekd.constraints.MeasureContext`.
+    With sparse teachers (``teacher_topk_*`` batch keys) ``sparse`` is the bucket view
+    (:class:`~safekd.sparse.SparseTargets`); ``targets()`` then gives the dense uniform-tail views, ``loss()``
+    the bucket ones (see :mod:`safekd.sparse`).
     """
 
     teacher_logits: Tensor
@@ -115,6 +120,7 @@ class Targets:
     target_logp: Tensor
     projection: dict[str, Any]
     context: C.MeasureContext
+    sparse: Any = None
 
 
 @dataclass(eq=False)
@@ -148,15 +154,6 @@ def _check_batch(batch: Batch) -> None:
         raise ValueError("batch['inputs'] is empty (0 examples); skip empty batches before calling the distiller")
 
 
-def _check_teacher_output(name: str, out: Any) -> None:
-    """A live teacher returns one logits tensor ``[..., V]``."""
-    if isinstance(out, Tensor):
-        return
-    fix = ("convert it with torch.from_numpy" if type(out).__module__ == "numpy" else
-           "wrap a model that returns an output object or a tuple in safekd.integrations.base.LogitsOf")
-    raise TypeError(f"teacher {name!r} returned a {type(out).__name__}, not a logits tensor [..., V]; {fix}")
-
-
 def _check_labels(batch: Batch, V: int) -> None:
     """``labels`` are ids in ``[0, V)``, or ``-100`` (not counted)."""
     labels = batch.get("labels")
@@ -184,8 +181,10 @@ class SafeDistiller:
 
     Args:
         student: module mapping ``batch["inputs"]`` to logits ``[..., V]``.
-        teachers: ``{name: module or callable}`` returning logits ``[..., V]`` (names = ``spec.teachers``), or
-            None when every batch carries cached ``teacher_logits [..., K, V]`` (teacher order = spec order).
+        teachers: ``{name: module or callable}`` returning logits ``[..., V]`` (or an output with ``.logits``;
+            names = ``spec.teachers``; a :func:`~safekd.teachers.derived` teacher shares its base's forward), or
+            None when every batch carries cached ``teacher_logits [..., K, V]`` or a sparse top-k cache
+            (``teacher_topk_*``; teacher order = spec order).
         optimizer: the student's ``torch.optim`` optimizer (primal step).
         spec: the :class:`~safekd.spec.Spec` (teachers, constraints, dual rule, checks).
         weighting: a token-scale operator, or ``{"token": op, "task": op, "context": op}``; None = uniform.
@@ -197,7 +196,9 @@ class SafeDistiller:
             re-measured at θ_{t+1} on the same batch: one more no-grad student forward); see :mod:`safekd.dual`.
         log: a :class:`~safekd.steplog.StepLog` receiving every record (rank 0 only).
 
-    Batch keys: ``inputs``; optional ``teacher_logits``, ``labels``, ``mask`` (bool), ``task_ids``, ``context``.
+    Batch keys: ``inputs``; optional ``teacher_logits``, ``labels``, ``mask`` (bool), ``task_ids``, ``context``; a
+    sparse top-k teacher cache instead of ``teacher_logits``: ``teacher_topk_ids``, ``teacher_topk_logprobs``,
+    ``teacher_unsafe_mass`` (see :mod:`safekd.sparse`).
 
     Raises:
         solvers.InfeasibleError: the static teacher-weight constraints (caps, floors, groups, order) are empty;
@@ -330,13 +331,16 @@ class SafeDistiller:
         """
         teacher_logits = self._teacher_logits(batch)
         student_logits = self.student(batch["inputs"])
-        t = self._targets(batch, teacher_logits, student_logits)
+        t = self._targets(batch, teacher_logits, student_logits, expand=False)
         shared = {}
-        if self.divergence is self._builtin_divergence and self.spec.temperature == 1.0:
-            # one student normaliser for the KD term and the constraints (unsafe_rate, kl_to, retain)
-            shared["student_logp"] = t.context.student_logp = F.log_softmax(student_logits, dim=-1)
-        div = self.divergence(t.target_logp, student_logits, mask=t.mask, temperature=self.spec.temperature,
-                              **shared)
+        if t.sparse is not None:  # on the union support + tail buckets (safekd.sparse)
+            div = t.sparse.divergence(self.divergence, student_logits, t.mask, self.spec.temperature)
+        else:
+            if self.divergence is self._builtin_divergence and self.spec.temperature == 1.0:
+                # one student normaliser for the KD term and the constraints (unsafe_rate, kl_to, retain)
+                shared["student_logp"] = t.context.student_logp = F.log_softmax(student_logits, dim=-1)
+            div = self.divergence(t.target_logp, student_logits, mask=t.mask, temperature=self.spec.temperature,
+                                  **shared)
         kd_loss, kd_mean, states = self._reduce_terms(t.context, div.sum, div.count)
         loss = kd_loss + self._penalty([s["proxy_residual"] for s in states], kd_loss)
         _require_finite("the loss", loss.detach())
@@ -442,9 +446,11 @@ class SafeDistiller:
             zero = logits.new_zeros((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
             return self._reduce_terms(ctx, zero, 0)[2]
 
-    def _teacher_logits(self, batch: Batch) -> Tensor:
+    def _teacher_logits(self, batch: Batch) -> Tensor | SparseTeachers:
         _check_batch(batch)
         cached = batch.get("teacher_logits")
+        if cached is None and batch.get("teacher_topk_ids") is not None:
+            return SparseTeachers.from_batch(batch, self.K)
         if cached is not None:
             t = torch.as_tensor(cached)
             if t.dim() < 2 or t.shape[-2] != self.K:
@@ -453,10 +459,8 @@ class SafeDistiller:
         elif self.teachers is None:
             raise ValueError("no teacher logits: pass teachers={name: module} or put 'teacher_logits' in the batch")
         else:
-            with torch.no_grad():
-                outs = [fn(batch["inputs"]) for fn in self.teachers]
-            for n, o in zip(self.teacher_names, outs):
-                _check_teacher_output(n, o)
+            with torch.no_grad():  # each distinct model once (derived teachers share their base's forward)
+                outs = teacher_outputs(self.teachers, batch["inputs"], self.teacher_names)
             shapes = {tuple(o.shape) for o in outs}
             if len(shapes) != 1:
                 raise ValueError("teachers returned logits of different shapes: " +
@@ -471,8 +475,11 @@ class SafeDistiller:
         _require_finite("teacher logits", t, which)
         return t.detach()
 
-    def _targets(self, batch: Batch, teacher_logits: Tensor, student_logits: Tensor) -> Targets:
+    def _targets(self, batch: Batch, teacher_logits: Tensor | SparseTeachers, student_logits: Tensor,
+                 expand: bool = True) -> Targets:
         """:meth:`targets` from teacher logits already read (so :meth:`loss` runs teachers before the student)."""
+        if isinstance(teacher_logits, SparseTeachers):
+            return distiller_targets(self, batch, teacher_logits, student_logits, expand)
         if not isinstance(student_logits, Tensor):
             raise TypeError(f"the student must return a logits tensor, got {type(student_logits).__name__}")
         _require_finite("student logits", student_logits.detach())
@@ -497,13 +504,14 @@ class SafeDistiller:
                        composed=composed, weights=weights, feasible_set=fset, relaxed=relaxed, corrected=corrected,
                        target_logp=target, projection=stats, context=ctx)
 
-    def _weights(self, batch: Batch, teacher_logits: Tensor, teacher_logp: Tensor, student_logits: Tensor,
-                 mask: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    def _weights(self, batch: Batch, teacher_logits: Tensor | None, teacher_logp: Tensor, student_logits: Tensor,
+                 mask: Tensor, sampled_logprobs: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         token_shape = mask.shape
         if not self.weighting:
             w = teacher_logp.new_full((*token_shape, self.K), 1.0 / self.K)
             return {}, w
         signals = Signals(teacher_logits=teacher_logits, teacher_logprobs=teacher_logp, labels=batch.get("labels"),
+                          sampled_logprobs=sampled_logprobs,
                           task_ids=batch.get("task_ids"), context=batch.get("context"),
                           safety=self.spec.safety_scores(dtype=teacher_logp.dtype, device=teacher_logp.device),
                           student_logits=student_logits.detach(), mask=mask)
@@ -517,7 +525,7 @@ class SafeDistiller:
         if not self.token_constraints:
             return fs
         for c in self.token_constraints:
-            a, b = c.token_rows(ctx, sel)
+            a, b = token_rows(c, ctx, sel)
             fs = fs.halfspace(a.to(dtype), b.to(dtype), name=c.name)
         return fs
 

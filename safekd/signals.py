@@ -112,15 +112,18 @@ class Signals:
         raise MissingSignalError("signal 'teacher_logprobs' (or 'teacher_logits') is None")
 
     def gold_logprobs(self) -> Tensor:
-        """``log p_k(y)`` ``[..., K]`` for the gold label: from full distributions, else from ``sampled_logprobs``."""
+        """``log p_k(y)`` ``[..., K]`` for the gold label: ``sampled_logprobs`` when given (the log-prob at the
+        label, e.g. from a sparse teacher cache), else gathered from the full distributions. Positions whose label
+        is negative (``-100``: not counted) give 0 and are never used as an index."""
         if self.labels is None:
             raise MissingSignalError("signal 'labels' is None (gold-likelihood weights need the gold token)")
-        if self.teacher_logprobs is not None or self.teacher_logits is not None:
-            lp = self.logprobs()
-            idx = self.labels.long().unsqueeze(-1).unsqueeze(-1).expand(*lp.shape[:-1], 1)
-            return lp.gather(-1, idx).squeeze(-1)
         if self.sampled_logprobs is not None:
             return self.sampled_logprobs
+        if self.teacher_logprobs is not None or self.teacher_logits is not None:
+            lp = self.logprobs()
+            y = self.labels.long()
+            idx = y.clamp_min(0).unsqueeze(-1).unsqueeze(-1).expand(*lp.shape[:-1], 1)
+            return torch.where((y >= 0).unsqueeze(-1), lp.gather(-1, idx).squeeze(-1), lp.new_zeros(()))
         raise MissingSignalError("signal 'teacher_logprobs' (or 'sampled_logprobs' at the label) is None")
 
     # ------------------------------------------------------------------ shape inference

@@ -18,13 +18,18 @@ a function, a ``transformers`` ``AutoModelForCausalLM`` whose output has ``.logi
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from safekd.signals import all_finite
 
 __all__ = ["VocabMap", "build_vocab_map", "MappedTeacher", "strip_subword_markers"]
 
@@ -99,8 +104,9 @@ class VocabMap:
     def logprobs(self, teacher_logits: Tensor, smoothing: float = 0.0) -> Tensor:
         """Teacher logits ``[..., V_t]`` → log-probabilities over the student vocabulary ``[..., V_s]``.
 
-        ``log p̃(s) = log Σ_{j: m(j)=s} softmax(z)_j``, computed as ``max z + log Σ exp(z − max z)`` scattered
-        by ``index_add`` (stable, differentiable); then ``log((1 − smoothing)·p̃ + smoothing/V_s)`` if smoothing > 0.
+        ``log p̃(s) = log Σ_{j: m(j)=s} softmax(z)_j``: one ``log_softmax`` over V_t, one gather for the student
+        ids with a single source, and a log-sum-exp over the (few) teacher ids that share a student id
+        (the UNK/tail bucket mostly); stable and differentiable. Then ``log((1 − smoothing)·p̃ + smoothing/V_s)`` if smoothing > 0.
         """
         if teacher_logits.shape[-1] != self.teacher_size:
             raise ValueError(f"teacher_logits last dim {teacher_logits.shape[-1]} != teacher vocabulary size "
@@ -109,19 +115,38 @@ class VocabMap:
             raise ValueError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must lie in [0, 1), got {smoothing!r}")
-        if not bool(torch.isfinite(teacher_logits).all()):
+        if not all_finite(teacher_logits):
             raise ValueError("teacher_logits contain NaN or inf")
         lead = teacher_logits.shape[:-1]
-        z = teacher_logits.reshape(-1, self.teacher_size)
-        zmax = z.max(dim=-1, keepdim=True).values.detach()
-        e = torch.exp(z - zmax)
-        idx = self.index.to(z.device)
-        mass = torch.zeros(z.shape[0], self.student_size, dtype=z.dtype, device=z.device).index_add(1, idx, e)
-        total = e.sum(dim=-1, keepdim=True)
+        lsm = torch.log_softmax(teacher_logits.reshape(-1, self.teacher_size), dim=-1)
+        plan = {k: v.to(lsm.device) for k, v in self._plan.items()}
+        out = lsm.index_select(1, plan["source"]).index_fill_(1, plan["uncovered"], -math.inf)
+        if plan["shared_teacher"].numel():  # student ids with several sources: log Σ exp over their teacher ids
+            part = lsm.index_select(1, plan["shared_teacher"])
+            top = part.amax(dim=-1, keepdim=True).detach()
+            mass = part.new_zeros(part.shape[0], plan["shared_student"].numel()).index_add_(
+                1, plan["shared_group"], (part - top).exp())
+            out = out.index_copy_(1, plan["shared_student"], mass.log() + top)
         if smoothing > 0.0:
-            mass = (1.0 - smoothing) * mass + (smoothing / self.student_size) * total
-        out = torch.log(mass) - torch.log(total)
+            if out.requires_grad:
+                out = torch.log(out.exp() * (1.0 - smoothing) + smoothing / self.student_size)
+            else:  # no autograd (teachers run under no_grad): the same in place
+                out = out.exp_().mul_(1.0 - smoothing).add_(smoothing / self.student_size).log_()
         return out.reshape(*lead, self.student_size)
+
+    @functools.cached_property
+    def _plan(self) -> dict[str, Tensor]:
+        """Index plan of :meth:`logprobs`: ``source[s]`` (the teacher id of a single-source student id),
+        ``uncovered`` (student ids without a source), and the shared ids: ``shared_teacher`` (teacher ids whose student id has
+        several sources), ``shared_group`` (their group), ``shared_student`` (the group's student id)."""
+        counts = torch.bincount(self.index.cpu(), minlength=self.student_size)
+        source = torch.zeros(self.student_size, dtype=torch.long).scatter_(0, self.index.cpu(),
+                                                                          torch.arange(self.teacher_size))
+        shared_student = (counts > 1).nonzero()[:, 0]
+        shared_teacher = torch.isin(self.index.cpu(), shared_student).nonzero()[:, 0]
+        group = torch.searchsorted(shared_student, self.index.cpu()[shared_teacher])
+        return {"source": source, "uncovered": (counts == 0).nonzero()[:, 0], "shared_teacher": shared_teacher,
+                "shared_group": group, "shared_student": shared_student}
 
 
 def build_vocab_map(teacher_vocab: VocabLike, student_vocab: VocabLike, *, student_unk: str,
@@ -205,8 +230,19 @@ class MappedTeacher(nn.Module):
         self.model = model
         self.vmap = vmap
         self.smoothing = float(smoothing)
+        self._checked = False
 
     def forward(self, student_ids: Tensor, **kwargs: Any) -> Tensor:
+        if not self._checked:  # once: the teacher reads such tokens as its own UNK token, out of context
+            self._checked = True
+            lost = ~self.vmap.covered.to(student_ids.device)[student_ids.long()] | (student_ids == self.vmap.unk_id)
+            n = int(lost.sum())
+            if n:
+                warnings.warn(f"MappedTeacher: {n} input token(s) are the student's UNK or absent from the teacher's "
+                              f"vocabulary; the teacher reads them as its token id "
+                              f"{int(self.vmap.encode_index[self.vmap.unk_id])}, so its distributions after them are "
+                              "unreliable. Where the text is available, run the teacher on its own tokenization "
+                              "(safekd cache-teachers maps it to the student's positions).", UserWarning, stacklevel=2)
         teacher_ids = self.vmap.encode(student_ids)
         out = self.model(teacher_ids, **kwargs)
         logits = getattr(out, "logits", out)

@@ -10,7 +10,7 @@ import torch
 from safekd.cli import build_parser, main
 from safekd.jobs import _make_distiller, load_job, prepare_data, resolve, run_training
 
-SUBCOMMANDS = ["demo", "train", "validate", "audit", "check-axioms", "theory"]
+SUBCOMMANDS = ["demo", "train", "validate", "audit", "cache-teachers", "check-axioms", "theory"]
 
 
 @pytest.mark.parametrize("cmd", [None, *SUBCOMMANDS])

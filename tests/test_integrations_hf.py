@@ -107,3 +107,38 @@ def test_weighting_to_moves_module_operators_and_passes_the_rest_through() -> No
     assert moved["token"].weight.device.type == "meta" and moved["task"] is fn
     assert weighting_to(torch.nn.Linear(2, 2), "meta").weight.device.type == "meta"
     assert weighting_to(None, "cpu") is None
+
+
+def test_trainer_takes_a_mapped_teacher_a_callable_and_a_derived_teacher(tmp_path: Path) -> None:
+    from safekd.teachers import derived
+    from safekd.vocab import MappedTeacher, build_vocab_map
+
+    student_vocab = [f"w{i}" for i in range(VOCAB)]
+    teacher_vocab = [f"w{i}" for i in range(0, VOCAB, 2)] + [f"x{i}" for i in range(VOCAB)]  # another tokenizer
+    torch.manual_seed(4)
+    other = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(teacher_vocab), n_positions=LENGTH, n_embd=16, n_layer=1, n_head=2))
+    mapped = MappedTeacher(other, build_vocab_map(teacher_vocab, student_vocab, student_unk="w1"))
+    base = tiny_gpt2(1)
+    calls = []
+    base.register_forward_hook(lambda *a: calls.append(1))
+    shift = torch.zeros(VOCAB)
+    shift[:2] = 2.0
+    plain = tiny_gpt2(2)
+    teachers = {"safe": mapped, "mid": lambda ids: plain(ids).logits, "risky": derived(base, lambda z: z + shift)}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        seed=0)
+    with pytest.warns(UserWarning, match="UNK"):
+        trainer = SafeKDTrainer(model=tiny_gpt2(0), args=args, train_dataset=dataset(), teachers=teachers,
+                                spec=spec())
+        trainer.train()
+    assert trainer.distiller.step_count == 2
+    assert len(calls) == 2  # the derived teacher ran its base once per step
+    assert not any(p.requires_grad for p in base.parameters())
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(h["safekd/weight/risky"] <= CAP + 1e-6 for h in logged)
+    with pytest.raises(TypeError, match="teacher 'mid'"):
+        SafeKDTrainer(model=tiny_gpt2(0), args=args, train_dataset=dataset(), spec=spec(),
+                      teachers={**teachers, "mid": 3})

@@ -66,8 +66,11 @@ class SafeKDTrainer(Trainer):
         model, args, **trainer_kwargs: as for ``Trainer`` (datasets yield ``input_ids``, optional
             ``attention_mask``, ``labels``, and safekd keys such as ``task_ids``; pass
             ``remove_unused_columns=False`` in ``args`` to keep keys the model's ``forward`` does not take).
-        teachers: ``{name: model}`` for every teacher of ``spec`` (moved to the training device, eval mode,
-            frozen), or None when batches carry cached ``teacher_logits [B, L, K, V]``.
+        teachers: ``{name: teacher}`` for every teacher of ``spec``, of any kind
+            :class:`~safekd.distiller.SafeDistiller` accepts: a causal LM (its ``.logits`` are read), a
+            :class:`~safekd.vocab.MappedTeacher`, a :func:`~safekd.teachers.derived` teacher (sharing its base's
+            forward) or a plain callable ``input_ids -> logits``; modules are moved to the training device, put in
+            eval mode and frozen. None when batches carry cached ``teacher_logits`` or a top-k cache.
         spec: the :class:`~safekd.spec.Spec`.
         weighting, pool, divergence, order, step_log: as for :class:`~safekd.distiller.SafeDistiller`
             (``step_log`` is a :class:`~safekd.steplog.StepLog`, written by rank 0 only).
@@ -83,7 +86,7 @@ class SafeKDTrainer(Trainer):
     """
 
     def __init__(self, model: nn.Module | None = None, args: Any = None, *,
-                 teachers: Mapping[str, nn.Module] | None, spec: Spec,
+                 teachers: Mapping[str, Callable[..., Any]] | None, spec: Spec,
                  weighting: nn.Module | Mapping[str, nn.Module] | None = None,
                  pool: Callable[[Tensor, Tensor], Tensor] | None = None, divergence: Callable[..., Any] | None = None,
                  order: Literal["simultaneous", "dual_primal", "primal_dual"] = "simultaneous",
@@ -95,16 +98,21 @@ class SafeKDTrainer(Trainer):
         # The Lagrangian is a per-micro-batch token mean: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.spec, self.causal = spec, causal
-        self.teachers = None if teachers is None else {n: self._frozen(t) for n, t in teachers.items()}
+        self.teachers = None if teachers is None else {n: self._frozen(n, t) for n, t in teachers.items()}
         self.weighting = weighting
         self._distiller_kwargs = {"pool": pool, "divergence": divergence, "order": order, "log": step_log}
         self.distiller: SafeDistiller | None = None
         self.last_record: StepRecord | None = None
 
-    def _frozen(self, teacher: nn.Module) -> LogitsOf:
-        teacher = teacher.to(self.args.device).eval()
-        teacher.requires_grad_(False)
-        return LogitsOf(teacher)
+    def _frozen(self, name: str, teacher: Callable[..., Any]) -> Callable[..., Any]:
+        """The teacher itself (called with the input ids; same object, so derived teachers still share its
+        forward), moved to the device, in eval mode and frozen when it is a module."""
+        if not callable(teacher):
+            raise TypeError(f"teacher {name!r} must be a model or a callable input_ids -> logits, got "
+                            f"{type(teacher).__name__}")
+        if isinstance(teacher, nn.Module):
+            teacher.to(self.args.device).eval().requires_grad_(False)
+        return teacher
 
     def _distiller(self, model: nn.Module) -> SafeDistiller:
         if self.distiller is None:
