@@ -75,6 +75,5 @@ def flagged_when_wrong(batch: Mapping[str, Tensor], vocab_size: int) -> Tensor:
     return (classes == FLAGGED) & (batch["labels"] != FLAGGED).unsqueeze(-1)
 
 
-flagged_fpr.support = "binary"  # type: ignore[attr-defined]  # one 0/1 outcome per counted example: audit-certifiable
 FUNCTIONS = {"flagged_fpr": flagged_fpr, "flagged_fpr_proxy": flagged_fpr_proxy,
              "flagged_when_wrong": flagged_when_wrong}

@@ -258,10 +258,10 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "exclude": (("teacher", "where"), ()),
     "unsafe_mass": (("max",), ("unsafe",)),
     "safety_order": ((), ("scores",)),
-    "unsafe_rate": (("max",), ("unsafe",)),
-    "kl_to": (("teacher", "max"), ("on",)),
-    "retain": (("metric", "min"), ("proxy",)),
-    "metric": (("fn", "sense", "threshold"), ("proxy",)),
+    "unsafe_rate": (("max",), ("unsafe", "margin")),
+    "kl_to": (("teacher", "max"), ("on", "support", "margin")),
+    "retain": (("metric", "min"), ("proxy", "support", "margin")),
+    "metric": (("fn", "sense", "threshold"), ("proxy", "support", "margin")),
 }
 _TOP = ("teachers", "constraints", "unsafe", "temperature", "dual", "checks")
 
@@ -349,6 +349,15 @@ class _Parser:
             common["name"] = self.string(d["name"], k("name"))
         if "tolerance" in d:
             common["tolerance"] = self.number(d["tolerance"], k("tolerance"), lo=0.0)
+        student: dict[str, Any] = {}  # student constraints only: the audit's declared support, the training margin
+        if "margin" in d:
+            student["margin"] = self.number(d["margin"], k("margin"), lo=0.0)
+        if "support" in d:
+            sup = d["support"]
+            if sup != "binary" and not (isinstance(sup, list) and len(sup) == 2):
+                raise self.error(k("support"), f"expected 'binary' or [lo, hi], got {sup!r}")
+            student["support"] = sup if sup == "binary" else [self.number(x, f"{k('support')}[{i}]")
+                                                               for i, x in enumerate(sup)]
         try:
             if kind == "cap":
                 return C.cap(self.teacher(d["teacher"], k("teacher"), known), self.number(d["max"], k("max")), **common)
@@ -367,7 +376,7 @@ class _Parser:
             if kind in ("unsafe_mass", "unsafe_rate"):
                 u = self.unsafe(d["unsafe"], k("unsafe")) if "unsafe" in d else None
                 make = C.unsafe_mass if kind == "unsafe_mass" else C.unsafe_rate
-                return make(self.number(d["max"], k("max")), unsafe=u, **common)
+                return make(self.number(d["max"], k("max")), unsafe=u, **common, **student)
             if kind == "safety_order":
                 scores = None
                 if "scores" in d:
@@ -377,12 +386,12 @@ class _Parser:
             if kind == "kl_to":
                 on = self.predicate(d["on"], k("on")) if "on" in d else None
                 return C.kl_to(self.teacher(d["teacher"], k("teacher"), known), self.number(d["max"], k("max")),
-                               on=on, **common)
+                               on=on, **common, **student)
             if kind == "retain":
                 m = d["metric"]
                 metric: Any = m if m in C._RETAIN_BUILTINS else self.fn(m, k("metric"))
                 proxy = self.fn(d["proxy"], k("proxy")) if "proxy" in d else None
-                r = C.retain(metric, self.number(d["min"], k("min")), proxy=proxy, **common)
+                r = C.retain(metric, self.number(d["min"], k("min")), proxy=proxy, **common, **student)
                 return _renamed(r, metric_name=m, proxy_name=d.get("proxy"))
             # metric
             sense = d["sense"]
@@ -390,7 +399,7 @@ class _Parser:
                 raise self.error(k("sense"), f"expected '<=' or '>=', got {sense!r}")
             proxy = self.fn(d["proxy"], k("proxy")) if "proxy" in d else None
             mt = C.metric(self.fn(d["fn"], k("fn")), sense, self.number(d["threshold"], k("threshold")), proxy=proxy,
-                          **common)
+                          **common, **student)
             return _renamed(mt, fn_name=d["fn"], proxy_name=d.get("proxy"))
         except SpecError:
             raise

@@ -110,6 +110,22 @@ def test_python_built_spec_round_trips():
     assert Spec.from_dict(spec.to_dict()).to_dict() == spec.to_dict()
 
 
+def test_student_support_and_margin_load_and_round_trip(tmp_path):
+    text = YAML.replace("kind: unsafe_rate, max: 0.02", "kind: unsafe_rate, max: 0.02, margin: 0.005")
+    text = text.replace("fn: margin,", "fn: margin, support: [-1, 1], margin: 0.1,")
+    spec = load_spec(_write(tmp_path, "s.yaml", text), functions=FUNCS)
+    rate, user = spec.constraints[4], spec.constraints[5]
+    assert rate.margin == 0.005 and rate.train_threshold == pytest.approx(0.015)
+    assert user.value_support == (-1.0, 1.0) and user.margin == 0.1
+    assert Spec.from_dict(spec.to_dict(), functions=FUNCS).to_dict() == spec.to_dict()
+    built = Spec(teachers=[TeacherSpec("a"), TeacherSpec("b")], constraints=[C.retain("accuracy", 0.7, support="binary", margin=0.05)])
+    assert Spec.from_dict(built.to_dict()).to_dict() == built.to_dict()
+    with pytest.raises(SpecError, match=r"constraints\[4\]\.margin.*>= 0"):
+        load_spec(_write(tmp_path, "m.yaml", text.replace("margin: 0.005", "margin: -1")), functions=FUNCS)
+    with pytest.raises(SpecError, match=r"constraints\[5\]\.support.*'binary' or \[lo, hi\]"):
+        load_spec(_write(tmp_path, "u.yaml", text.replace("support: [-1, 1]", "support: wide")), functions=FUNCS)
+
+
 @pytest.mark.parametrize("fmt", ["yaml", "toml"])
 def test_unknown_teacher_error_points_at_key_and_line(tmp_path, fmt):
     text = (YAML if fmt == "yaml" else TOML).replace('teacher: clean', 'teacher: dirty').replace(
