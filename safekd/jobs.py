@@ -462,9 +462,10 @@ def run_training(job: Job, out_dir: str | Path | None = None, *, device: str | t
 
 
 def _load_data_file(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(2, "No such file", str(path))
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    from safekd.checkpoint import load_file
+
+    data = load_file(path, what="audit data", redo="write it with torch.save({'inputs': ..., 'labels': ...}, path)",
+                     map_location="cpu")
     if not isinstance(data, Mapping) or "inputs" not in data:
         raise ValueError(f"{path}: audit data must be a dict of tensors with 'inputs' (and usually 'labels')")
     return dict(data)
@@ -475,9 +476,10 @@ def audit_checkpoint(job: Job, checkpoint: str | Path, data: str | Path | None =
                      progress: bool = False) -> "AuditReport":
     """Audit the student saved in ``checkpoint`` on ``data`` (a ``.pt`` dict of tensors, a split name of the job's
     data, or None for the job's audit split)."""
+    from safekd.checkpoint import read_checkpoint
+
     ckpt = Path(checkpoint)
-    if not ckpt.is_file():
-        raise FileNotFoundError(2, "No such file", str(ckpt))
+    read_checkpoint(ckpt, map_location="cpu")  # a bad checkpoint is reported before any teacher is built
     dev = _device(device)
     if data is not None and Path(data).suffix == ".pt":
         audit_data = _load_data_file(Path(data))
