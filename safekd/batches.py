@@ -13,11 +13,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "DataSource", "IGNORE_INDEX", "iter_batches", "num_examples", "is_in_memory"]
+__all__ = ["Batch", "DataSource", "IGNORE_INDEX", "iter_batches", "num_examples", "is_in_memory", "default_mask"]
 
 Batch = Mapping[str, Any]
 DataSource = Mapping[str, Any] | Iterable[Mapping[str, Any]]
 IGNORE_INDEX = -100  # label value that marks a position as not counted (Hugging Face convention)
+
+
+def default_mask(batch: Batch, token_shape: torch.Size | tuple[int, ...], device: torch.device) -> Tensor:
+    """The positions that count when ``batch`` has no ``mask``: ``labels != -100`` where labels of the token shape
+    exist, else every position."""
+    labels = batch.get("labels")
+    if isinstance(labels, Tensor) and tuple(labels.shape) == tuple(token_shape):
+        return labels.to(device) != IGNORE_INDEX
+    return torch.ones(tuple(token_shape), dtype=torch.bool, device=device)
 
 
 def is_in_memory(source: DataSource) -> bool:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from safekd.batches import default_mask
 from safekd.measurement import MeasurementSums
 from safekd.unsafe import UnsafeSet
 
@@ -290,7 +291,7 @@ class MeasureContext:
 
     @property
     def mask(self) -> Tensor:
-        """``batch["mask"]`` (bool, of the token shape; all-true when absent), validated once.
+        """``batch["mask"]`` (bool, of the token shape; when absent ``labels != -100``, else all-true), validated once.
 
         Raises:
             ValueError: the mask is not a bool tensor of the token shape.
@@ -298,7 +299,7 @@ class MeasureContext:
         if self._mask is None:
             m = self.batch.get("mask")
             if m is None:
-                m = torch.ones(self.token_shape, dtype=torch.bool, device=self.device)
+                m = default_mask(self.batch, self.token_shape, self.device)
             else:
                 m = torch.as_tensor(m, device=self.device)
                 if m.dtype != torch.bool or m.shape != self.token_shape:

@@ -29,7 +29,7 @@ from safekd.auditing.measure import (bound_for_units, check_support, per_example
 from safekd.auditing.provenance import provenance, read_traces, weight_record
 from safekd.auditing.report import (FAIL, NOT_BOUNDED, NOT_CERTIFIED, PASS, AuditReport, ConstraintResult,
                                     SliceResult, TeacherWeightSummary, format_confidence)
-from safekd.batches import iter_batches
+from safekd.batches import default_mask, iter_batches
 from safekd.signals import all_finite
 from safekd.spec import Spec
 
@@ -370,7 +370,7 @@ def audit(student: nn.Module, data: Mapping[str, Any] | Iterable[Mapping[str, An
                     ulab = ex_labels[k] if tok_groups is None else np.broadcast_to(ex_labels[k][:, None], ukeys.shape)
                     labels[k].append((np.asarray(ukeys).reshape(-1), np.asarray(ulab).reshape(-1)))
             mask = batch.get("mask")
-            m = torch.ones(tshape, dtype=torch.bool, device=logits.device) if mask is None else mask
+            m = default_mask(batch, tshape, logits.device) if mask is None else mask
             if "labels" in batch:
                 ok = m & (batch["labels"] >= 0)
                 correct += float(((logits.argmax(-1) == batch["labels"]) & ok).sum())

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from safekd.auditing.bounds import Bound, betting, bootstrap, clopper_pearson
+from safekd.batches import default_mask
 from safekd.constraints import StudentConstraint, Support
 from safekd.unsafe import UnsafeSet
 
@@ -93,7 +94,7 @@ def per_group_sums(constraint: StudentConstraint, student_logits: Tensor, batch:
     measured on the whole batch with its mask restricted to each group in turn (``vmap`` over the G masks)."""
     groups, inv = torch.unique(group_ids, return_inverse=True)
     base = batch.get("mask")
-    base = torch.ones(group_ids.shape, dtype=torch.bool, device=group_ids.device) if base is None else base
+    base = default_mask(batch, group_ids.shape, group_ids.device) if base is None else base
     masks = (inv.unsqueeze(0) == torch.arange(groups.numel(), device=inv.device).view(-1, *[1] * inv.dim())) & base
 
     def one(m: Tensor) -> tuple[Tensor, Tensor]:
