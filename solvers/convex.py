@@ -157,8 +157,8 @@ def _build(n: int, K: int, m: int, metric: str, extra: Extra, shapes: Mapping[st
         objective = cp.Minimize(-cp.sum(cp.entr(w)) - cp.sum(cp.multiply(params["v"], w)))
     problem = cp.Problem(objective, cons + rows + out)
     if not problem.is_dcp(dpp=True):
-        raise ValueError("the extra constraints are not DPP-compliant (parameters must enter affinely, e.g. a "
-                         "parameter times an expression without parameters); see cvxpy's DPP rules")
+        raise ValueError("the extra constraints are not convex (DCP) with parameters entering affinely (DPP): e.g. a "
+                         "parameter may multiply an affine expression without parameters; see cvxpy's DPP rules")
     block = _Block(problem, params, user, relax, w, rows, out, t)
     _CACHE[key] = block
     if len(_CACHE) > _CACHE_SIZE:
@@ -247,7 +247,7 @@ def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np
             _set_values(one, data, user, t_extra, pad)
             if _solve_block(one, solver, opts) in _SOLVED:
                 t = np.maximum(one.t.value[:idx.size], 0)
-                t = np.where(t > 1e-9, t + 1e-9 * (1 + t), 0.0)  # interior-point t* is ~1e-10 accurate: pad
+                t = np.where(t > 1e-9, t + 1e-7 * (1 + t), 0.0)  # padded: a set with an interior (finite λ)
                 t_extra[idx] = t[:, None] * np.array([p is not None for p in block.relax])
                 _set_values(block, data, user, t_extra, pad)
                 status = _solve_block(block, solver, opts)
@@ -304,7 +304,7 @@ def _polish(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
     [Δw; y] = −[∇f(w) − ∇f(v); E-residuals]`` on the free coordinates, y = (ν, μ_R, λ_J) updated whole.
     Returns ``(w, μ, λ)``; the caller keeps whichever of the two points verifies better."""
     n, K = w.shape
-    at_lo, at_hi = w - lo <= 1e-7, hi - w <= 1e-7
+    at_lo, at_hi = w - lo <= 1e-10, hi - w <= 1e-10  # interior-point accuracy; log terms keep w > 0 apart
     free = ~(at_lo | at_hi)
     w = torch.where(at_lo, lo, torch.where(at_hi, hi, w))
     R = mu > 1e-6
@@ -321,9 +321,9 @@ def _polish(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
         rhs = torch.cat([-df * free, -res], dim=-1)[..., None]
         sol = (torch.linalg.pinv(_kkt_matrix(Q + Hg, E, free), hermitian=True) @ rhs)[..., 0]
         step = sol[:, :K] * free
-        if metric == "kl":  # stay positive: at most 90% of the way to 0
-            ratio = torch.where(step < 0, -0.9 * w / step.clamp_max(-1e-300), torch.ones_like(w)).amin(-1, keepdim=True)
-            step = step * ratio.clamp_max(1)
+        # at most 90% of the way to a bound (log terms, e.g. entropy, need w > 0)
+        room = torch.where(step < 0, (w - lo) / -step.clamp_max(-1e-300), (hi - w) / step.clamp_min(1e-300))
+        step = step * (0.9 * torch.where(free & (step != 0), room, math.inf).amin(-1, keepdim=True)).clamp_max(1)
         w = w + step
         y = sol[:, K:]
         m = A.shape[1]
@@ -434,6 +434,7 @@ def project_convex(
     batch = shape[:-1]
     N = math.prod(batch)
     shapes = _param_shapes(params, batch)
+    _build(CHUNKS[0], K, m, metric, extra, shapes, phase1=False)  # validates extra (shapes, DPP) once, cached
     opts = dict(_OPTS.get(solver, {}), **(solver_opts or {}))
     dt, dev = torch.float64, v.device
     e = fset.expand(batch).to(dtype=dt)
