@@ -233,6 +233,9 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "kl_to": (("teacher", "max"), ("on",)),
     "retain": (("metric", "min"), ("proxy",)),
     "metric": (("fn", "sense", "threshold"), ("proxy",)),
+    "min_entropy": (("min",), ()),
+    "kl_ball": (("reference", "max"), ()),
+    "stability": (("max",), ("scale",)),
 }
 _TOP = ("teachers", "constraints", "unsafe", "temperature", "dual", "checks")
 
@@ -355,6 +358,15 @@ class _Parser:
                 proxy = self.fn(d["proxy"], k("proxy")) if "proxy" in d else None
                 r = C.retain(metric, self.number(d["min"], k("min")), proxy=proxy, **common)
                 return _renamed(r, metric_name=m, proxy_name=d.get("proxy"))
+            if kind == "min_entropy":  # convex teacher-weight constraints (solvers.convex)
+                return C.min_entropy(self.number(d["min"], k("min")), **common)
+            if kind == "kl_ball":
+                ref = self.keys(d["reference"], k("reference"), known, known)
+                return C.kl_ball({t: self.number(ref[t], f"{k('reference')}.{t}") for t in known},
+                                 self.number(d["max"], k("max")), **common)
+            if kind == "stability":
+                return C.stability(self.number(d["max"], k("max")), self.string(d.get("scale", "task"), k("scale")),
+                                   **common)
             # metric
             sense = d["sense"]
             if sense not in ("<=", ">="):

@@ -384,6 +384,7 @@ def project_convex(
     params: Mapping[str, Tensor] | None = None,
     *,
     values: Values | None = None,
+    smooth: bool = True,
     metric: str = "euclidean",
     return_info: bool = False,
     on_all_empty: str = "raise",
@@ -404,6 +405,8 @@ def project_convex(
             (``lhs − rhs`` of ``lhs <= rhs``, ``rhs − lhs`` of ``lhs >= rhs``) acting row by row. Used to
             certify rows, verify stationarity and differentiate; without it rows are certified through cvxpy and
             the result is not differentiable.
+        smooth: whether ``values`` is differentiable at the solutions (entropy, KL: yes; an ℓ1 ball: no, kinks).
+            Only smooth ``values`` polish, verify stationarity and differentiate; otherwise they certify and measure.
         metric: ``"euclidean"`` or ``"kl"``.
         on_all_empty: ``"raise"`` (an :class:`~solvers.InfeasibleError` when every row had to be relaxed) or
             ``"relax"``.
@@ -426,9 +429,9 @@ def project_convex(
     if solver not in cp.installed_solvers():
         raise ValueError(f"solver {solver!r} is not installed; installed: {cp.installed_solvers()}")
     differentiate = v.requires_grad and torch.is_grad_enabled()
-    if differentiate and values is None:
-        raise ValueError("v requires grad: pass values= (the torch twin of extra) for the implicit gradient, or "
-                         "detach v")
+    if differentiate and (values is None or not smooth):
+        raise ValueError("v requires grad: the implicit gradient needs smooth values= (the torch twin of extra); "
+                         "pass them, or detach v")
     params = dict(params or {})
     shape, K, m = v.shape, fset.K, fset.num_rows
     batch = shape[:-1]
@@ -494,20 +497,22 @@ def project_convex(
                            "NUMERICAL", bad, solver, raw)
     # 3. polish the conic rows by Newton on their active set (with values); verify every row
     ineq = torch.as_tensor(ineq_np, device=dev) if todo.numel() else torch.ones(c, dtype=torch.bool, device=dev)
-    kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, values, rows_p, metric)
-    if values is not None and todo.numel() and bool(conic.any()):
+    curved = values if smooth else None  # ∇g, ∇²g only where g is smooth
+    kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, curved, rows_p, metric)
+    if curved is not None and todo.numel() and bool(conic.any()):
         idx = conic.nonzero()[:, 0]
         sub = lambda *xs: [x[idx] for x in xs]  # noqa: E731
         p_i = {k: p[idx] for k, p in rows_p.items()}
-        w2, mu2, lam2 = _polish(*sub(vf, w, lo, hi, A, b, mu, lam, relax_extra), ineq, values, p_i, metric)
+        w2, mu2, lam2 = _polish(*sub(vf, w, lo, hi, A, b, mu, lam, relax_extra), ineq, curved, p_i, metric)
         g2 = _evaluate(extra, values, w2, p_i)
-        kkt2, gg2, H2 = _verify(*sub(vf), w2, *sub(lo, hi, A, b), mu2, lam2, g2, relax_extra[idx], ineq, values,
+        kkt2, gg2, H2 = _verify(*sub(vf), w2, *sub(lo, hi, A, b), mu2, lam2, g2, relax_extra[idx], ineq, curved,
                                 p_i, metric)
         better = kkt2 < kkt[idx]
         take = idx[better]
         w, mu, lam, g, kkt, grad_g, Hg = (x.index_put((take,), y[better]) for x, y in zip(
             (w, mu, lam, g, kkt, grad_g, Hg), (w2, mu2, lam2, g2, kkt2, gg2, H2)))
-    bad = conic & (kkt > _KKT_TOL) & (status == int(Status.OPTIMAL))
+    # a relaxed row's set is nearly a point (t* padded by 1e-7): the interior-point answer is 10x less accurate
+    bad = conic & (kkt > _KKT_TOL * torch.where((relax_extra > 0).any(-1), 10.0, 1.0)) & (status == int(Status.OPTIMAL))
     if bool(bad.any()):
         logger.warning("project_convex: %d conic row(s) failed KKT verification (tol %.0e)", int(bad.sum()), _KKT_TOL)
         status = torch.where(bad, int(Status.NUMERICAL), status)
