@@ -298,13 +298,13 @@ def _kkt_matrix(H: Tensor, E: Tensor, free: Tensor) -> Tensor:
 
 def _polish(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, mu: Tensor, lam: Tensor,
             t: Tensor, ineq: Tensor, values: Values, params: Mapping[str, Tensor], metric: str,
-            steps: int = 4) -> tuple[Tensor, Tensor, Tensor]:
-    """Newton's method on the KKT equations of the active set read off the interior-point solution (bounds at
-    ``w``, rows and user inequalities with multipliers > 1e-6, user equalities): ``[Q + Σλ∇²g, Eᵀ; E, 0]
+            steps: int = 6) -> tuple[Tensor, Tensor, Tensor]:
+    """Newton's method on the KKT equations of the active set read off the interior-point solution (bounds within
+    1e-9 of ``w``, rows and user inequalities with multipliers > 1e-6, user equalities): ``[Q + Σλ∇²g, Eᵀ; E, 0]
     [Δw; y] = −[∇f(w) − ∇f(v); E-residuals]`` on the free coordinates, y = (ν, μ_R, λ_J) updated whole.
     Returns ``(w, μ, λ)``; the caller keeps whichever of the two points verifies better."""
     n, K = w.shape
-    at_lo, at_hi = w - lo <= 1e-10, hi - w <= 1e-10  # interior-point accuracy; log terms keep w > 0 apart
+    at_lo, at_hi = w - lo <= 1e-9, hi - w <= 1e-9  # interior-point accuracy (an error ≤ 1e-9 in w)
     free = ~(at_lo | at_hi)
     w = torch.where(at_lo, lo, torch.where(at_hi, hi, w))
     R = mu > 1e-6
@@ -320,11 +320,12 @@ def _polish(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
         df = w - vf if metric == "euclidean" else w.clamp_min(1e-300).log() - vf.log()
         rhs = torch.cat([-df * free, -res], dim=-1)[..., None]
         sol = (torch.linalg.pinv(_kkt_matrix(Q + Hg, E, free), hermitian=True) @ rhs)[..., 0]
-        step = sol[:, :K] * free
-        # at most 90% of the way to a bound (log terms, e.g. entropy, need w > 0)
-        room = torch.where(step < 0, (w - lo) / -step.clamp_max(-1e-300), (hi - w) / step.clamp_min(1e-300))
-        step = step * (0.9 * torch.where(free & (step != 0), room, math.inf).amin(-1, keepdim=True)).clamp_max(1)
-        w = w + step
+        # clipped to the box; coordinates that reach a bound stay there (where a log term's optimum underflows,
+        # e.g. w_k = e^(−1000), Newton keeps pushing towards 0)
+        w = torch.minimum(torch.maximum(w + sol[:, :K] * free, lo), hi)
+        at_lo, at_hi = at_lo | (free & (w - lo <= 1e-9)), at_hi | (free & (hi - w <= 1e-9))
+        free = ~(at_lo | at_hi)
+        w = torch.where(at_lo, lo, torch.where(at_hi, hi, w))
         y = sol[:, K:]
         m = A.shape[1]
         mu, lam = y[:, 1:1 + m] * R, y[:, 1 + m:] * J
@@ -346,6 +347,10 @@ def _verify(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
         kkt = torch.maximum(kkt, torch.maximum((g - t).amax(-1), gap.amax(-1)))
     grad_g, Hg = _curvature(values, w, params, lam)
     if values is not None:
+        # coordinates within 1e-12 of a bound count as fixed there: where a log term's exact optimum underflows
+        # (w_k = e^(−1000) at a tiny λ), ∇g at the clamped w would be wrong by λ·(1000 − 708)
+        near = (w - lo <= 1e-12) | (hi - w <= 1e-12)
+        lo, hi = torch.where(near, w, lo), torch.where(near, w, hi)
         shift = (mu[..., None] * A).sum(-2) + (lam[..., None] * grad_g).sum(-2)
         if metric == "euclidean":
             st = (_euclid_box_simplex(vf - shift, lo, hi) - w).abs().amax(-1)
