@@ -9,8 +9,9 @@ constraints of shape ``(n,)`` (one value per row, e.g. ``cp.sum(cp.entr(w), axis
   holds there are done (the point is the projection onto a superset and lies in the subset).
 * The other rows go to ONE block-structured conic problem per chunk of rows, compiled once per
   ``(rows in the chunk, K, m, metric, extra, parameter shapes)`` with ``Parameter``s (DPP) and re-solved by
-  assigning values. Chunks hold 4, 16, 64 or 256 rows (padded with copies of a row): measured on a 2-core x86-64
+  assigning values. Chunks hold 4, 8, …, 256 rows (padded with copies of a row): measured on a 2-core x86-64
   CPU, one thread, cvxpy's compilation and Clarabel's solve grow faster than linearly beyond ~256 rows of K = 8.
+  A chunk Clarabel reports inaccurate is split in four and re-solved.
 * Empty rows follow the polyhedral path's rules (box first, then the soft rows by the least uniform ``t``);
   where the user constraints still cannot hold, their inequalities are relaxed by the least uniform ``t``
   (``g ≤ t``, a phase-1 conic problem), equalities are kept. Both are flagged ``RELAXED``.
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 Extra = Callable[[cp.Variable, dict[str, cp.Parameter]], list]
 Values = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
 
-CHUNKS = (4, 16, 64, 256)  #: rows per conic problem (the last chunk of a call is padded up to one of these)
+CHUNKS = (4, 8, 16, 32, 64, 128, 256)  #: rows per conic problem (a chunk is padded up to one of these)
 _OPTS = {"CLARABEL": {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "tol_ktratio": 1e-8}}
 _SOLVED = {cp.OPTIMAL, cp.OPTIMAL_INACCURATE}
 _KKT_TOL = 1e-7  # conic rows: verified KKT residual (interior-point accuracy at the tolerances above)
@@ -186,16 +187,6 @@ def _evaluate(extra: Extra, values: Values | None, w: Tensor, params: Mapping[st
     return torch.as_tensor(np.stack(cols, axis=-1) if cols else np.zeros((n, 0)), dtype=w.dtype, device=w.device)
 
 
-def _chunks(n: int) -> list[tuple[int, int, int]]:
-    """``(start, stop, rows of the compiled problem)`` covering ``n`` rows."""
-    out, start = [], 0
-    while start < n:
-        size = min(n - start, CHUNKS[-1])
-        out.append((start, start + size, next(c for c in CHUNKS if c >= size)))
-        start += size
-    return out
-
-
 def _set_values(block: _Block, data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], relax: np.ndarray,
                 idx: np.ndarray) -> None:
     for k, p in block.params.items():
@@ -223,16 +214,18 @@ def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np
            extra: Extra, shapes: Mapping[str, tuple[int, ...]], c: int, solver: str, opts: dict
            ) -> tuple[np.ndarray, ...]:
     """Solve the rows of ``data`` chunk by chunk; empty chunks are relaxed (polyhedral rows by LP, then the user
-    inequalities by phase 1) and re-solved. Returns ``(w, μ, λ, t_rows, t_extra, solved, iterations, raw,
+    inequalities by phase 1) and re-solved; inaccurate chunks are split in four and re-solved. Returns ``(w, μ, λ, t_rows, t_extra, solved, iterations, raw,
     inequality mask [c])``."""
     N, K = data["v"].shape
     m = data["b"].shape[1] if "b" in data else 0
     W, MU, LAM = np.zeros((N, K)), np.zeros((N, m)), np.zeros((N, c))
     t_rows, t_extra = np.zeros(N), np.zeros((N, c))
     solved, iters, raw = np.zeros(N, dtype=bool), np.zeros(N, dtype=np.int64), {}
-    for start, stop, size in _chunks(N):
-        idx = np.arange(start, stop)
-        pad = np.concatenate([idx, np.full(size - idx.size, start)])
+    queue = [np.arange(s, min(s + CHUNKS[-1], N)) for s in range(0, N, CHUNKS[-1])]
+    while queue:
+        idx = queue.pop(0)
+        size = next(c for c in CHUNKS if c >= idx.size)
+        pad = np.concatenate([idx, np.full(size - idx.size, idx[0])])  # copies of a row fill the chunk
         block = _build(size, K, m, metric, extra, shapes, phase1=False)
         _set_values(block, data, user, t_extra, pad)
         status = _solve_block(block, solver, opts)
@@ -251,6 +244,9 @@ def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np
                 t_extra[idx] = t[:, None] * np.array([p is not None for p in block.relax])
                 _set_values(block, data, user, t_extra, pad)
                 status = _solve_block(block, solver, opts)
+        if status == cp.OPTIMAL_INACCURATE and idx.size > CHUNKS[0]:  # smaller blocks solve more accurately
+            queue.extend(np.array_split(idx, 4))
+            continue
         raw[status] = raw.get(status, 0) + idx.size
         if status in _SOLVED and block.w.value is not None:
             W[idx] = block.w.value[:idx.size]

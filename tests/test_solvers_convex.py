@@ -161,7 +161,7 @@ def test_compiled_once_per_chunk_and_chunks_agree():
     SC._CACHE.clear()
     w, info = project_convex(v, fs, entropy_floor, {"h": h}, values=entropy_floor_t, return_info=True)
     n_conic = int(info.conic.sum())
-    assert n_conic > 16  # two chunks (16 + 4)
+    assert n_conic > 16  # one 32-row problem (padded)
     compiled = len(SC._CACHE)
     w2 = project_convex(v + 0.01, fs, entropy_floor, {"h": h * 0.9}, values=entropy_floor_t)  # new values only
     assert len(SC._CACHE) == compiled
