@@ -1,8 +1,8 @@
 """Convex projection benchmark: the batched path (solvers.convex) vs a per-row cvxpy loop, and a token step.
 
 1. Rows that need the conic solve (an entropy floor of 0.9·log K above nearly every row's polyhedral
-   projection, a cap and one per-row halfspace): ``project_convex`` (one compiled block problem per chunk of ≤ 256 rows, Newton polish)
-   vs the same problem compiled once for ONE row (DPP) and re-solved row by row, same solver and tolerances.
+   projection, a cap and one per-row halfspace): ``project_convex`` (one compiled block problem per chunk of
+   ≤ 256 rows, Newton polish) vs the same problem compiled once for ONE row (DPP) and re-solved row by row, same solver and tolerances.
    Compilation is timed apart (once per problem structure); the ratio compares warm solves, alternated, medians.
 2. Clarabel's ``warm_start=True`` vs the default on the batched path (same rows, perturbed values).
 3. A token-level distillation step (bench_step.py's setting) with ``min_entropy`` vs without, alternating steps.
@@ -54,8 +54,8 @@ def per_row_loop(v: torch.Tensor, a: torch.Tensor, h: torch.Tensor) -> tuple[np.
     N, K = v.shape
     w = cp.Variable(K)
     pv, pa, ph = cp.Parameter(K), cp.Parameter(K), cp.Parameter()
-    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(w) - pv @ w),
-                      [cp.sum(w) == 1, w >= 0, w <= np.r_[0.6, np.ones(K - 1)], pa @ w <= 0.9, cp.sum(cp.entr(w)) >= ph])
+    cons = [cp.sum(w) == 1, w >= 0, w <= np.r_[0.6, np.ones(K - 1)], pa @ w <= 0.9, cp.sum(cp.entr(w)) >= ph]
+    prob = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(w) - pv @ w), cons)
     opts = SC._OPTS["CLARABEL"]
     out = np.zeros((N, K))
     t0 = time.perf_counter()

@@ -945,7 +945,8 @@ def stability(max: float, scale: str = "task", *, name: str | None = None, toler
     return Stability(name=name or f"stability({scale})", sense="<=", threshold=max, tolerance=tolerance, scale=scale)
 
 
-def convex(fn: Callable[..., list], *, name: str, values: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = None,
+def convex(fn: Callable[..., list], *, name: str,
+           values: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = None,
            params: Mapping[str, Tensor] | None = None, tolerance: float = 0.0) -> Convex:
     """Any convex constraint written in cvxpy, row-wise over tokens; see :class:`Convex`."""
     return Convex(name=name, sense="<=", threshold=0.0, tolerance=tolerance, fn=fn, values=values,

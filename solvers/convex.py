@@ -26,7 +26,7 @@ import functools
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import cvxpy as cp
@@ -223,8 +223,8 @@ def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np
            extra: Extra, shapes: Mapping[str, tuple[int, ...]], c: int, solver: str, opts: dict
            ) -> tuple[np.ndarray, ...]:
     """Solve the rows of ``data`` chunk by chunk; empty chunks are relaxed (polyhedral rows by LP, then the user
-    inequalities by phase 1) and re-solved; inaccurate chunks are split in four and re-solved. Returns ``(w, μ, λ, t_rows, t_extra, solved, iterations, raw,
-    inequality mask [c])``."""
+    inequalities by phase 1) and re-solved; inaccurate chunks are split in four and re-solved. Returns ``(w, μ, λ,
+    t_rows, t_extra, solved, iterations, raw, inequality mask [c])``."""
     N, K = data["v"].shape
     m = data["b"].shape[1] if "b" in data else 0
     W, MU, LAM = np.zeros((N, K)), np.zeros((N, m)), np.zeros((N, c))

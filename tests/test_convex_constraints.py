@@ -14,22 +14,12 @@ from safekd.weighting import ConfidenceSoftmax
 NAMES = ("safe", "mid", "risky")
 
 
-class Student(torch.nn.Module):
-    def __init__(self, V=12, d=8):
-        super().__init__()
-        self.emb = torch.nn.Embedding(V, d)
-        self.out = torch.nn.Linear(d, V)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.emb(x)))
-
-
 def _setup(constraints, V=12, B=2, T=6, seed=0, checks=None):
     g = torch.Generator().manual_seed(seed)
     spec = Spec(teachers=[TeacherSpec(n) for n in NAMES], constraints=constraints, dual=DualSpec(lr=0.1),
                 checks=checks or ChecksSpec(reference_every=1, alarm_window=0))
     torch.manual_seed(seed)
-    student = Student(V)
+    student = torch.nn.Sequential(torch.nn.Embedding(V, 8), torch.nn.Tanh(), torch.nn.Linear(8, V))
     batch = {"inputs": torch.randint(0, V, (B, T), generator=g),
              "teacher_logits": 4 * torch.randn(B, T, 3, V, generator=g)}
     d = SafeDistiller(student, None, torch.optim.SGD(student.parameters(), lr=0.1), spec,
