@@ -2,8 +2,8 @@
 
 1. Rows that need the conic solve (an entropy floor of 0.9·log K above nearly every row's polyhedral
    projection, a cap and one per-row halfspace): ``project_convex`` (one compiled block problem per chunk of
-   ≤ 256 rows, Newton polish) vs the same problem compiled once for ONE row (DPP) and re-solved row by row, same solver and tolerances.
-   Compilation is timed apart (once per problem structure); the ratio compares warm solves, alternated, medians.
+   ≤ 256 rows, Newton polish) vs the same problem compiled once for ONE row (DPP) and re-solved row by row
+   (Clarabel at the tight tolerances that ``project_convex`` uses without a polish). Compilation is timed apart (once per problem structure); the ratio compares warm solves, alternated, medians.
 2. Clarabel's ``warm_start=True`` vs the default on the batched path (same rows, perturbed values).
 3. A token-level distillation step (bench_step.py's setting) with ``min_entropy`` vs without, alternating steps.
 

@@ -158,3 +158,21 @@ constraints:
     p.write_text(yaml_text.replace("risky: 0.2}", "risky: 0.4}"))
     with pytest.raises(SpecError, match="sum to 1"):
         load_spec(p)
+
+
+def test_audit_reports_the_convex_constraints():
+    from safekd.auditing import audit
+
+    d, batch = _setup([C.min_entropy(0.8), C.kl_ball({"safe": 0.5, "mid": 0.3, "risky": 0.2}, 0.05)],
+                      checks=ChecksSpec(reference_every=0, alarm_window=0))
+    d.step(batch)
+    report = audit(d.student, batch, d.spec, distiller=d)
+    rows = {r.name: r for r in report.constraints}
+    assert rows["min_entropy"].passed and rows["min_entropy"].estimate >= 0.8 - 1e-6
+    assert rows["kl_ball"].passed and rows["kl_ball"].estimate <= 0.05 + 1e-6
+    assert rows["min_entropy"].n == batch["inputs"].numel()
+    loose, batch = _setup([C.min_entropy(0.01)], checks=ChecksSpec(reference_every=0, alarm_window=0))
+    row = audit(loose.student, batch, loose.spec, distiller=loose).constraints[0]
+    w = loose.targets(batch).weights.double()
+    worst = float((-(w * w.clamp_min(1e-300).log()).sum(-1)).min())
+    assert worst > 0.05 and row.estimate == pytest.approx(worst, abs=1e-5)  # the measured worst token, not 0.01
