@@ -685,7 +685,7 @@ def metric(fn: MetricFn, sense: Sense, threshold: float, *, proxy: MetricFn | No
 # ---------------------------------------------------------------------------------------------------------------
 # convex teacher-weight constraints (projected by solvers.convex; not polyhedral)
 # ---------------------------------------------------------------------------------------------------------------
-STABILITY_SCALES = ("task", "step")
+STABILITY_SCALES = ("task", "context", "step")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -791,8 +791,9 @@ class KLBall(ConvexWeightConstraint):
 @dataclass(frozen=True, kw_only=True)
 class Stability(ConvexWeightConstraint):
     """Temporal stability: ‖w_t − m_{t−1}(τ)‖₁ ≤ max on every token of key τ, where m_{t−1}(τ) is the mean weight
-    of τ's tokens at the previous step that had them (``scale="task"``: τ = the token's task id; ``"step"``: one
-    key for all tokens). The per-key mean then moves by at most ``max`` between steps (convexity of the norm).
+    of τ's tokens at the previous step that had them (``scale="task"``: τ = the token's task id; ``"context"``:
+    the integer domain id in ``context [..., 1]``, as ``Routing(key="context")`` reads it; ``"step"``: one key for
+    all tokens). The per-key mean then moves by at most ``max`` between steps (convexity of the norm).
     Keys without a previous mean are unconstrained. The distiller keeps m in its state and checkpoint."""
 
     scale: str = "task"
@@ -809,12 +810,24 @@ class Stability(ConvexWeightConstraint):
                              f"got {self.threshold}")
 
     def keys(self, batch: Batch, shape: torch.Size, device: torch.device) -> Tensor:
-        """The key of every token ``[*shape]`` (task ids broadcast per sequence; 0 without task ids or at
-        ``scale="step"``)."""
-        ids = batch.get("task_ids") if self.scale == "task" else None
-        if ids is None:
+        """The key of every token ``[*shape]`` (ids given per sequence are broadcast over its tokens).
+
+        Raises:
+            ValueError: the batch lacks ``task_ids`` / ``context``, or ``context`` is not ``[..., 1]`` integer ids.
+        """
+        if self.scale == "step":
             return torch.zeros(shape, dtype=torch.long, device=device)
-        ids = torch.as_tensor(ids, device=device).long()
+        field_ = "task_ids" if self.scale == "task" else "context"
+        if batch.get(field_) is None:
+            raise ValueError(f"constraint {self.name!r} (scale={self.scale!r}) needs batch[{field_!r}]; use "
+                             "scale='step' for one key per step")
+        ids = torch.as_tensor(batch[field_], device=device)
+        if self.scale == "context":
+            if ids.shape[-1] != 1 or not bool((ids == ids.round()).all()):
+                raise ValueError(f"constraint {self.name!r} (scale='context') needs batch['context'] of shape [..., 1]"
+                                 f" holding integer domain ids, got {tuple(ids.shape)}")
+            ids = ids[..., 0]
+        ids = ids.long()
         while ids.dim() < len(shape):
             ids = ids.unsqueeze(-1)
         return ids.expand(shape)
@@ -940,8 +953,8 @@ def kl_ball(reference: Mapping[str, float], max: float, *, name: str | None = No
 
 
 def stability(max: float, scale: str = "task", *, name: str | None = None, tolerance: float = 0.0) -> Stability:
-    """Temporal stability: ‖w_t − w_{t−1}‖₁ ≤ max between consecutive steps, per task (``scale="task"``) or for the
-    whole step (``"step"``); see :class:`Stability`."""
+    """Temporal stability: ‖w_t − w_{t−1}‖₁ ≤ max between consecutive steps, per task (``scale="task"``), per
+    context domain id (``"context"``) or for the whole step (``"step"``); see :class:`Stability`."""
     return Stability(name=name or f"stability({scale})", sense="<=", threshold=max, tolerance=tolerance, scale=scale)
 
 

@@ -152,7 +152,7 @@ constraints:
     toml = tmp_path / "s.toml"
     toml.write_text('teachers = ["safe", "mid", "risky"]\n[[constraints]]\nkind = "min_entropy"\nmin = 0.5\n')
     assert isinstance(load_spec(toml).constraints[0], C.MinEntropy)
-    p.write_text(yaml_text.replace("scale: step", "scale: context"))
+    p.write_text(yaml_text.replace("scale: step", "scale: global"))
     with pytest.raises(SpecError, match=r"constraints\[2\].*scale"):
         load_spec(p)
     p.write_text(yaml_text.replace("risky: 0.2}", "risky: 0.4}"))
@@ -176,3 +176,15 @@ def test_audit_reports_the_convex_constraints():
     w = loose.targets(batch).weights.double()
     worst = float((-(w * w.clamp_min(1e-300).log()).sum(-1)).min())
     assert worst > 0.05 and row.estimate == pytest.approx(worst, abs=1e-5)  # the measured worst token, not 0.01
+
+
+def test_stability_keys_by_task_context_or_step():
+    shape = torch.Size([2, 3])
+    batch = {"task_ids": torch.tensor([4, 7]), "context": torch.tensor([[1.0], [2.0]])}
+    assert C.stability(0.1, "task").keys(batch, shape, torch.device("cpu")).tolist() == [[4] * 3, [7] * 3]
+    assert C.stability(0.1, "context").keys(batch, shape, torch.device("cpu")).tolist() == [[1] * 3, [2] * 3]
+    assert C.stability(0.1, "step").keys({}, shape, torch.device("cpu")).tolist() == [[0] * 3] * 2
+    with pytest.raises(ValueError, match=r"needs batch\['task_ids'\]"):
+        C.stability(0.1, "task").keys({}, shape, torch.device("cpu"))
+    with pytest.raises(ValueError, match="integer domain ids"):
+        C.stability(0.1, "context").keys({"context": torch.rand(2, 4)}, shape, torch.device("cpu"))
