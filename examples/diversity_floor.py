@@ -1,7 +1,7 @@
 """A diversity floor keeps a poisoned teacher from taking over: min_entropy on the teacher weights.
 
 One of the digits teachers is poisoned: it predicts the next class (y + 1 mod 10) with near certainty. A
-confidence-weighted ensemble then hands it the largest weight on every example, and the student learns its
+entropy-weighted ensemble (the most certain teacher weighs most) then hands it the largest weight on every example, and the student learns its
 mistakes. ``min_entropy(h)`` (H(w) ≥ h on every example, projected by
 cvxpy after the polyhedral constraints) caps how much any one teacher can take.
 
@@ -15,7 +15,7 @@ from safekd import constraints as C
 from safekd.data.digits import digits_splits, digits_student, digits_teacher_fns
 from safekd.distiller import SafeDistiller
 from safekd.spec import ChecksSpec, Spec, TeacherSpec
-from safekd.weighting import ConfidenceSoftmax
+from safekd.weighting import EntropySoftmax
 
 
 def run(floor: float | None, epochs: int = 3) -> dict:
@@ -30,7 +30,7 @@ def run(floor: float | None, epochs: int = 3) -> dict:
                 checks=ChecksSpec(reference_every=0, alarm_window=0))
     student = digits_student(seed=0)
     d = SafeDistiller(student, teachers, torch.optim.Adam(student.parameters(), lr=3e-3), spec,
-                      weighting=ConfidenceSoftmax(beta=20.0, num_teachers=K))
+                      weighting=EntropySoftmax(beta=60.0, num_teachers=K))
     train, weights = splits["distill"], []
     for _ in range(epochs):
         for idx in torch.randperm(len(train["labels"])).split(64):
@@ -39,15 +39,17 @@ def run(floor: float | None, epochs: int = 3) -> dict:
     held = splits["heldout"]
     with torch.no_grad():
         acc = float((student(held["inputs"]).argmax(-1) == held["labels"]).float().mean())
-    return {"poisoned_weight": sum(weights[-10:]) / 10, "heldout_accuracy": acc}
+    w = d.targets({"inputs": held["inputs"]}).weights[:, list(teachers).index("biased")]
+    return {"poisoned_weight": sum(weights[-10:]) / 10, "majority": float((w > 0.5).float().mean()),
+            "heldout_accuracy": acc}
 
 
 def main() -> None:
     for floor in (None, 0.9):
         r = run(floor)
         label = "no floor" if floor is None else f"min_entropy({floor:.1f}·log K)"
-        print(f"{label:>24}: poisoned teacher's mean weight {r['poisoned_weight']:.3f}, "
-              f"held-out accuracy {r['heldout_accuracy']:.3f}")
+        print(f"{label:>24}: poisoned teacher's mean weight {r['poisoned_weight']:.3f}, majority (> 0.5) on "
+              f"{100 * r['majority']:.0f}% of held-out examples, student's held-out accuracy {r['heldout_accuracy']:.3f}")
 
 
 if __name__ == "__main__":
