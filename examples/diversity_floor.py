@@ -1,11 +1,15 @@
 """A diversity floor keeps a poisoned teacher from taking over: min_entropy on the teacher weights.
 
-One of the digits teachers is poisoned: it predicts the next class (y + 1 mod 10) with near certainty. A
-entropy-weighted ensemble (the most certain teacher weighs most) then hands it the largest weight on every example, and the student learns its
-mistakes. ``min_entropy(h)`` (H(w) ≥ h on every example, projected by
-cvxpy after the polyhedral constraints) caps how much any one teacher can take.
+One of the digits teachers is poisoned: it predicts the next class (y + 1 mod 10) with near certainty. An
+entropy-weighted ensemble (the most certain teacher weighs most) hands it the largest weight, and the student
+learns its mistakes. ``min_entropy(h)`` (H(w) ≥ h on every example, projected by cvxpy after the polyhedral
+constraints) bounds the weight any one teacher can take: at h = 0.9·log K, about one half.
 
-    python examples/diversity_floor.py      # two short runs on the digits data, one CPU thread
+    python examples/diversity_floor.py      # two short runs on the digits data, ~30 s on one CPU thread
+
+Measured on a shared 2-core x86-64 CPU, one thread: without the floor the poisoned teacher holds the majority of
+the weight on 39% of the held-out examples and the student's held-out accuracy is 0.284; with the floor, on 0%
+and 0.624.
 """
 import math
 
