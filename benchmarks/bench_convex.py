@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": 1,
-           "torch": torch.__version__, "cvxpy": cp.__version__, "rows": [], "warm_start": None, "step": None}
+           "torch": torch.__version__, "cvxpy": cp.__version__, "load_average_1m": [os.getloadavg()[0]],
+           "rows": [], "warm_start": None, "step": None}
     print(f"{'K':>3} {'rows':>5} {'conic':>5} {'batched s':>9} {'loop s':>8} {'ratio':>6} {'max|diff|':>9} "
           f"{'first call s':>12}")
     for K in args.K:
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"token step ({s['tokens']} tokens, K={s['K']}): without {s['step_s']['without']:.3f} s, min_entropy "
           f"{s['step_s']['min_entropy']:.3f} s, ratio {s['ratio_min_entropy_vs_without']:.2f}x "
           f"({s['conic_tokens_last_step']} conic tokens)")
+    out["load_average_1m"].append(os.getloadavg()[0])  # at the start and at the end (a shared machine)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
 
