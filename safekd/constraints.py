@@ -860,11 +860,14 @@ class Convex(ConvexWeightConstraint):
     """A user constraint ``fn(w, p) -> [cvxpy constraints]`` (``w`` the ``(n, K)`` variable, row-wise: each
     constraint of shape ``(n,)``; ``p`` the ``params`` as ``cp.Parameter``s ``(n, *s)``), with an optional torch
     twin ``values(w, p) -> g [n, c]`` (signed residuals, ≤ 0 holds; needed for the polish, the stationarity
-    check and the measurement, else measured through cvxpy). Measured as max_j g_j ≤ 0. Python only."""
+    check and the measurement, else measured through cvxpy). Measured as max_j g_j ≤ 0. In spec files ``fn`` and
+    ``values`` are registered names and ``params`` lists of numbers (shared by every token)."""
 
     fn: Callable[..., list]
     values: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = None
     params: Mapping[str, Tensor] = field(default_factory=dict)
+    fn_name: str | None = None
+    values_name: str | None = None
     kind: ClassVar[str] = "convex"
 
     def __post_init__(self) -> None:
@@ -874,6 +877,17 @@ class Convex(ConvexWeightConstraint):
                             f"constraints, got {type(self.fn).__name__}")
         if self.values is not None and not callable(self.values):
             raise TypeError(f"constraint {self.name!r}: `values` must be callable, got {type(self.values).__name__}")
+        params = {}
+        for k, v in dict(self.params).items():
+            t = torch.as_tensor(v, dtype=torch.float64)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"constraint {self.name!r}: params[{k!r}] contains NaN or inf")
+            params[str(k)] = t
+        object.__setattr__(self, "params", params)
+        if self.fn_name is None:
+            object.__setattr__(self, "fn_name", _fn_name(self.fn))
+        if self.values is not None and self.values_name is None:
+            object.__setattr__(self, "values_name", _fn_name(self.values))
 
     def cvxpy(self, w: Any, p: Mapping[str, Any]) -> list:
         return list(self.fn(w, p))
@@ -881,17 +895,21 @@ class Convex(ConvexWeightConstraint):
     def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
         if self.values is not None:
             return self.values(w, p).amax(-1)
-        from solvers.convex import _evaluate
+        from solvers.convex import constraint_residuals
 
-        return _evaluate(self.fn, None, w, p).amax(-1)
+        return constraint_residuals(self.fn, w, p).amax(-1)
 
     def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor,
                      state: Mapping[Any, Tensor] | None) -> dict[str, Tensor]:
-        return {k: torch.as_tensor(v, dtype=torch.float64, device=ctx.device).expand(n, *torch.as_tensor(v).shape)
-                for k, v in self.params.items()}
+        return {k: v.to(ctx.device).expand(n, *v.shape) for k, v in self.params.items()}
 
-    def to_dict(self) -> dict[str, Any]:
-        raise ValueError(f"constraint {self.name!r}: convex(fn) holds a Python callable and has no spec-file form")
+    def _args(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"fn": self.fn_name}
+        if self.values is not None:
+            out["values"] = self.values_name
+        if self.params:
+            out["params"] = {k: v.tolist() for k, v in self.params.items()}
+        return out
 
 
 class ConvexBundle:

@@ -236,6 +236,7 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "min_entropy": (("min",), ()),
     "kl_ball": (("reference", "max"), ()),
     "stability": (("max",), ("scale",)),
+    "convex": (("fn",), ("values", "params")),
 }
 _TOP = ("teachers", "constraints", "unsafe", "temperature", "dual", "checks")
 
@@ -367,6 +368,12 @@ class _Parser:
             if kind == "stability":
                 return C.stability(self.number(d["max"], k("max")), self.string(d.get("scale", "task"), k("scale")),
                                    **common)
+            if kind == "convex":
+                ps = self.keys(d.get("params", {}), k("params"), tuple(d.get("params", {})))
+                cv = C.convex(self.fn(d["fn"], k("fn")), values=self.fn(d["values"], k("values")) if "values" in d
+                              else None, params={n: torch.tensor(v, dtype=torch.float64) for n, v in ps.items()},
+                              **common)
+                return _renamed(cv, fn_name=d["fn"], values_name=d.get("values"))
             # metric
             sense = d["sense"]
             if sense not in ("<=", ">="):

@@ -42,7 +42,7 @@ from solvers.reference import _solve
 from solvers.results import ProjectionResult, Status
 from solvers.sets import FeasibleSet
 
-__all__ = ["project_convex", "ConvexProjectionResult", "CHUNKS"]
+__all__ = ["project_convex", "constraint_residuals", "ConvexProjectionResult", "CHUNKS"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,12 +178,18 @@ def _build(n: int, K: int, m: int, metric: str, extra: Extra, shapes: Mapping[st
 
 def _evaluate(extra: Extra, values: Values | None, w: Tensor, params: Mapping[str, Tensor]) -> Tensor:
     """Signed residuals ``g [n, c]`` of the user constraints at ``w [n, K]`` (torch ``values`` or cvxpy)."""
-    if values is not None:
-        g = values(w, params)
-        if not isinstance(g, Tensor) or g.dim() != 2 or g.shape[0] != w.shape[0]:
-            raise ValueError(f"values(w, params) must return a tensor [n={w.shape[0]}, c], got "
-                             f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}")
-        return g.to(w.dtype)
+    if values is None:
+        return constraint_residuals(extra, w, params)
+    g = values(w, params)
+    if not isinstance(g, Tensor) or g.dim() != 2 or g.shape[0] != w.shape[0]:
+        raise ValueError(f"values(w, params) must return a tensor [n={w.shape[0]}, c], got "
+                         f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}")
+    return g.to(w.dtype)
+
+
+def constraint_residuals(extra: Extra, w: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+    """The constraints of ``extra`` evaluated by cvxpy at ``w [n, K]`` (``params`` ``{name: [n, *s]}``): signed
+    residuals ``[n, c]`` (``lhs − rhs`` of ``lhs <= rhs``, ``|lhs − rhs|`` of an equality; ≤ 0 holds)."""
     n, K = w.shape
     var = cp.Variable((n, K))
     var.value = w.detach().cpu().numpy()

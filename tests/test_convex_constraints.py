@@ -94,6 +94,15 @@ def test_stability_bounds_the_step_to_step_change_where_unconstrained_weights_ju
         changes.append(rec.projection["convex"]["stability(task)"]["step_change"])
     assert max(jumps) > 5 * delta  # the unconstrained task weights jump
     assert max(changes) <= delta + 1e-6 and max(changes) > 0.5 * delta
+    # every token equals its own cvxpy projection onto the ℓ1 ball around its task's previous mean
+    prev = {k: m.clone() for k, m in d.convex_state["stability(task)"].items()}
+    t = d.targets(batches[0])  # no step: the state is unchanged
+    keys = torch.tensor([0, 1]).repeat_interleave(6)  # task ids per sequence, 6 tokens each
+    wr = _per_row(t.composed.reshape(-1, 3), solvers.FeasibleSet.simplex(3),
+                  lambda i: (lambda x: [cp.norm1(x - prev[int(keys[i])].numpy()) <= delta]))
+    w = t.weights.reshape(-1, 3).double()
+    assert torch.allclose(w, wr, atol=1e-6, rtol=0), (w - wr).abs().max()
+    assert bool(((w - torch.stack([prev[int(k)] for k in keys])).abs().sum(-1) <= delta + 1e-7).all())
     # the previous means are part of the state and the checkpoint
     path = tmp_path / "ck.pt"
     d.save_checkpoint(str(path))
@@ -129,8 +138,12 @@ def test_generic_convex_constraint():
     w = d.targets(batch).weights
     assert bool((2 * w[..., 2] - w[..., 0] <= 1e-7).all())
     assert rec.projection["convex"]["ratio"]["satisfied"]
-    with pytest.raises(ValueError, match="no spec-file form"):
-        d.spec.to_dict()
+    # spec files and checkpoints name the callables, as for metric(fn)
+    assert d.spec.to_dict()["constraints"] == [{"kind": "convex", "name": "ratio", "fn": "pairwise",
+                                                "values": "pairwise_t"}]
+    back = Spec.from_dict(d.spec.to_dict(), functions={"pairwise": pairwise, "pairwise_t": pairwise_t})
+    assert back.constraints[0].fn is pairwise and back.constraints[0].values is pairwise_t
+    assert d.state_dict()["spec"] == d.spec.to_dict()
 
 
 def test_named_convex_constraints_load_from_spec_files(tmp_path):
