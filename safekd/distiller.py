@@ -545,17 +545,27 @@ class SafeDistiller:
         return full
 
     def _update_stability(self, t: Targets) -> dict[str, float]:
-        """Keep each stability key's mean weight of this step (the next step's m_{t−1}); returns the measured
-        ℓ1 change of the means per constraint (max over keys seen at both steps; 0 if none)."""
+        """Keep each stability key's mean weight of this step over all ranks (the next step's m_{t−1}: sums and
+        counts per key, SUM-reduced); returns the measured ℓ1 change of the means per constraint (max over keys
+        seen at both steps; 0 if none)."""
+        from safekd.distributed import all_reduce_sums, get_rank
+
         out = {}
         w = t.weights[t.mask].double()
         for c in self.convex_constraints:
             if not isinstance(c, C.Stability):
                 continue
             keys = c.keys(t.context.batch, t.mask.shape, t.mask.device)[t.mask]
+            if bool((keys < 0).any()):
+                raise ValueError(f"constraint {c.name!r}: keys (task ids / domain ids) must be >= 0")
+            sizes = w.new_zeros(get_world_size())  # the largest key over ranks, by a sum of one slot per rank
+            sizes[get_rank()] = float(keys.max()) + 1 if keys.numel() else 0.0
+            size = int(all_reduce_sums(sizes).max())
+            stats = w.new_zeros(size, self.K + 1).index_add_(0, keys, torch.cat([w, torch.ones_like(w[:, :1])], -1))
+            stats = all_reduce_sums(stats).cpu()
             change, state = 0.0, self.convex_state[c.name]
-            for key in keys.unique().tolist():
-                m = w[keys == key].mean(0).cpu()
+            for key in (stats[:, -1] > 0).nonzero()[:, 0].tolist():
+                m = stats[key, :-1] / stats[key, -1]
                 if key in state:
                     change = max(change, float((m - state[key]).abs().sum()))
                 state[key] = m

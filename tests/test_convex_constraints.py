@@ -201,3 +201,24 @@ def test_stability_keys_by_task_context_or_step():
         C.stability(0.1, "task").keys({}, shape, torch.device("cpu"))
     with pytest.raises(ValueError, match="integer domain ids"):
         C.stability(0.1, "context").keys({"context": torch.rand(2, 4)}, shape, torch.device("cpu"))
+
+
+def _stability_rank(rank, world_size, out_dir, batch):
+    d, _ = _setup([C.stability(0.1, scale="task")], checks=ChecksSpec(reference_every=0, alarm_window=0))
+    d.step({k: v[rank:rank + 1] for k, v in batch.items()})  # rank r holds task r only
+    torch.save(d.convex_state, out_dir / f"state{rank}.pt")
+
+
+def test_stability_means_are_global_under_ddp(tmp_path):
+    from test_distributed import launch
+
+    _, batch = _setup([C.stability(0.1, scale="task")])
+    batch["task_ids"] = torch.tensor([0, 1])
+    launch(2, _stability_rank, tmp_path, batch)
+    states = [torch.load(tmp_path / f"state{r}.pt") for r in range(2)]
+    single, _ = _setup([C.stability(0.1, scale="task")], checks=ChecksSpec(reference_every=0, alarm_window=0))
+    single.step(batch)
+    for s in states:  # every rank keeps both tasks' means, equal to the single-process run on the whole batch
+        assert sorted(s["stability(task)"]) == [0, 1]
+        for k, m in single.convex_state["stability(task)"].items():
+            assert torch.allclose(s["stability(task)"][k], m, atol=1e-6)
