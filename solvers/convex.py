@@ -474,8 +474,9 @@ def project_convex(
 
     # 1. polyhedral fast path (Euclidean, or KL on box∩simplex); certify rows where the user constraints hold
     if metric == "euclidean" or m == 0:
-        w, info = project_polyhedral(vf, e.expand((N,)) if batch else e, metric=metric, return_info=True,
+        w, info = project_polyhedral(vf.reshape(shape), fset.to(dtype=dt), metric=metric, return_info=True,
                                      on_all_empty=on_all_empty)
+        w = w.reshape(N, K)
         mu, status, relax_rows = info.multipliers.reshape(N, m), info.status.reshape(N), info.relaxation.reshape(N)
         g = _evaluate(extra, values, w, rows_p)
         todo = (g > _tolerance(dt)).any(-1).nonzero()[:, 0]

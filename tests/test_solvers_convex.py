@@ -185,3 +185,18 @@ def test_bad_input_names_the_culprit():
         project_convex(v.requires_grad_(), fs, entropy_floor, {"h": h})
     with pytest.raises(TypeError, match="extra must be callable"):
         project_convex(v.detach(), fs, [], {"h": h})
+
+
+def test_batch_dims_and_dtype_are_kept():
+    torch.manual_seed(2)
+    fs = FeasibleSet.simplex(3).cap(0, 0.7)
+    v = torch.randn(2, 5, 3)  # float32, two batch dims
+    h = torch.tensor(0.8).expand(2, 5)
+    w, info = project_convex(v, fs, entropy_floor, {"h": h}, values=entropy_floor_t, return_info=True)
+    assert w.shape == v.shape and w.dtype == torch.float32 and info.status.shape == (2, 5)
+    assert info.extra_residual.shape == (2, 5, 1)
+    flat = project_convex(v.reshape(10, 3).double(), fs, entropy_floor, {"h": h.reshape(10).double()},
+                          values=entropy_floor_t)
+    assert torch.allclose(w.reshape(10, 3).double(), flat, atol=1e-6)
+    w0, info0 = project_convex(torch.zeros(0, 3), fs, entropy_floor, {"h": torch.zeros(0)}, return_info=True)
+    assert w0.shape == (0, 3) and info0.success
