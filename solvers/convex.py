@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -220,8 +221,12 @@ def _set_values(block: _Block, data: dict[str, np.ndarray], user: Mapping[str, n
 
 
 def _solve_block(block: _Block, solver: str, opts: dict) -> str:
+    """Solve and return cvxpy's status; cvxpy's "inaccurate" warning is not repeated (such chunks are split and
+    re-solved, and every row is verified)."""
     try:
-        _solve(block.problem, solver, opts)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Solution may be inaccurate", category=UserWarning)
+            _solve(block.problem, solver, opts)
     except SolverError as exc:
         logger.warning("project_convex: %s", exc)
         return "solver_error"
