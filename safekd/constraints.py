@@ -707,9 +707,9 @@ class ConvexWeightConstraint(TeacherWeightConstraint):
     def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor,
-                     state: Mapping[Any, Tensor] | None) -> dict[str, Tensor]:
-        """Parameter values ``{name: [n, ...]}`` for the ``n`` tokens ``sel`` of the batch."""
+    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[Any, Tensor] | None,
+                     device: torch.device) -> dict[str, Tensor]:
+        """Parameter values ``{name: [n, ...]}`` (float64 on ``device``) for the ``n`` tokens ``sel`` of the batch."""
         raise NotImplementedError
 
 
@@ -736,9 +736,9 @@ class MinEntropy(ConvexWeightConstraint):
     def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
         return _entropy(w)
 
-    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor,
-                     state: Mapping[Any, Tensor] | None) -> dict[str, Tensor]:
-        return {"h": torch.full((n,), self.threshold, dtype=torch.float64, device=ctx.device)}
+    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[Any, Tensor] | None,
+                     device: torch.device) -> dict[str, Tensor]:
+        return {"h": torch.full((n,), self.threshold, dtype=torch.float64, device=device)}
 
     def _args(self) -> dict[str, Any]:
         return {"min": self.threshold}
@@ -746,8 +746,8 @@ class MinEntropy(ConvexWeightConstraint):
 
 @dataclass(frozen=True, kw_only=True)
 class KLBall(ConvexWeightConstraint):
-    """Trust region: KL(w ‖ w_ref) = Σ_k w_k log(w_k / ref_k) ≤ max on every token (``reference``: teacher → weight,
-    summing to 1, every weight > 0)."""
+    """Trust region: KL(w ‖ w_ref) = Σ_k w_k log(w_k / ref_k) ≤ max on every token (``reference``: teacher →
+    weight, summing to 1, every weight > 0)."""
 
     reference: Mapping[str, float]
     kind: ClassVar[str] = "kl_ball"
@@ -758,7 +758,8 @@ class KLBall(ConvexWeightConstraint):
         if not ref or any(not (v > 0 and math.isfinite(v)) for v in ref.values()):
             raise ValueError(f"constraint {self.name!r}: `reference` weights must be finite and > 0, got {ref}")
         if abs(sum(ref.values()) - 1) > 1e-6:
-            raise ValueError(f"constraint {self.name!r}: `reference` weights must sum to 1, got {sum(ref.values()):.6g}")
+            raise ValueError(f"constraint {self.name!r}: `reference` weights must sum to 1, got "
+                             f"{sum(ref.values()):.6g}")
         if self.threshold < 0:
             raise ValueError(f"constraint {self.name!r}: `max` must be >= 0 (a KL divergence), got {self.threshold}")
         object.__setattr__(self, "reference", ref)
@@ -774,15 +775,15 @@ class KLBall(ConvexWeightConstraint):
     def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
         return (w * (w.clamp_min(torch.finfo(w.dtype).tiny).log() - p["log_ref"])).sum(-1)
 
-    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor,
-                     state: Mapping[Any, Tensor] | None) -> dict[str, Tensor]:
+    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[Any, Tensor] | None,
+                     device: torch.device) -> dict[str, Tensor]:
         names = sorted(ctx.teacher_index, key=ctx.teacher_index.__getitem__)
         missing = [t for t in names if t not in self.reference]
         if missing:
             raise ValueError(f"constraint {self.name!r}: `reference` lacks teachers {missing}")
-        ref = torch.tensor([self.reference[t] for t in names], dtype=torch.float64, device=ctx.device)
+        ref = torch.tensor([self.reference[t] for t in names], dtype=torch.float64, device=device)
         return {"log_ref": ref.log().expand(n, K), "r": torch.full((n,), self.threshold, dtype=torch.float64,
-                                                                   device=ctx.device)}
+                                                                   device=device)}
 
     def _args(self) -> dict[str, Any]:
         return {"reference": dict(self.reference), "max": self.threshold}
@@ -790,8 +791,8 @@ class KLBall(ConvexWeightConstraint):
 
 @dataclass(frozen=True, kw_only=True)
 class Stability(ConvexWeightConstraint):
-    """Temporal stability: ‖w_t − m_{t−1}(τ)‖₁ ≤ max on every token of key τ, where m_{t−1}(τ) is the mean weight
-    of τ's tokens at the previous step that had them (``scale="task"``: τ = the token's task id; ``"context"``:
+    """Temporal stability: ‖w_t − m_{t−1}(τ)‖₁ ≤ max on every token of key τ, where m_{t−1}(τ) is the mean
+    weight of τ's tokens at the previous step that had them (``scale="task"``: τ = the token's task id; ``"context"``:
     the integer domain id in ``context [..., 1]``, as ``Routing(key="context")`` reads it; ``"step"``: one key for
     all tokens). The per-key mean then moves by at most ``max`` between steps (convexity of the norm).
     Keys without a previous mean are unconstrained. The distiller keeps m in its state and checkpoint."""
@@ -840,11 +841,11 @@ class Stability(ConvexWeightConstraint):
     def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
         return (w - p["previous"]).abs().sum(-1)
 
-    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor,
-                     state: Mapping[Any, Tensor] | None) -> dict[str, Tensor]:
-        keys = self.keys(ctx.batch, ctx.token_shape, ctx.device)[sel].reshape(n)
-        prev = torch.full((n, K), 1.0 / K, dtype=torch.float64, device=ctx.device)
-        delta = torch.full((n,), 2.0, dtype=torch.float64, device=ctx.device)  # no previous mean: no constraint
+    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[Any, Tensor] | None,
+                     device: torch.device) -> dict[str, Tensor]:
+        keys = self.keys(ctx.batch, ctx.token_shape, ctx.device)[sel].reshape(n).to(device)
+        prev = torch.full((n, K), 1.0 / K, dtype=torch.float64, device=device)
+        delta = torch.full((n,), 2.0, dtype=torch.float64, device=device)  # no previous mean: no constraint
         for key, m in (state or {}).items():
             hit = keys == int(key)
             prev[hit] = m.to(prev)
@@ -899,9 +900,9 @@ class Convex(ConvexWeightConstraint):
 
         return constraint_residuals(self.fn, w, p).amax(-1)
 
-    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor,
-                     state: Mapping[Any, Tensor] | None) -> dict[str, Tensor]:
-        return {k: v.to(ctx.device).expand(n, *v.shape) for k, v in self.params.items()}
+    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[Any, Tensor] | None,
+                     device: torch.device) -> dict[str, Tensor]:
+        return {k: v.to(device).expand(n, *v.shape) for k, v in self.params.items()}
 
     def _args(self) -> dict[str, Any]:
         out: dict[str, Any] = {"fn": self.fn_name}
@@ -949,10 +950,10 @@ class ConvexBundle:
     def smooth(self) -> bool:
         return all(c.smooth for c in self.constraints)
 
-    def params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor,
-               state: Mapping[str, Mapping[Any, Tensor]]) -> dict[str, Tensor]:
+    def params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[str, Mapping[Any, Tensor]],
+               device: torch.device) -> dict[str, Tensor]:
         return {f"c{j}.{k}": v for j, c in enumerate(self.constraints)
-                for k, v in c.token_params(ctx, n, K, sel, state.get(c.name)).items()}
+                for k, v in c.token_params(ctx, n, K, sel, state.get(c.name), device).items()}
 
     def residuals(self, w: Tensor, p: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per constraint name: the signed residual per token ``[n]`` (its measured value against its threshold)."""
@@ -971,8 +972,8 @@ def kl_ball(reference: Mapping[str, float], max: float, *, name: str | None = No
 
 
 def stability(max: float, scale: str = "task", *, name: str | None = None, tolerance: float = 0.0) -> Stability:
-    """Temporal stability: ‖w_t − w_{t−1}‖₁ ≤ max between consecutive steps, per task (``scale="task"``), per
-    context domain id (``"context"``) or for the whole step (``"step"``); see :class:`Stability`."""
+    """Temporal stability: ‖w_t − w_{t−1}‖₁ ≤ max between consecutive steps, per task (``scale="task"``),
+    per context domain id (``"context"``) or for the whole step (``"step"``); see :class:`Stability`."""
     return Stability(name=name or f"stability({scale})", sense="<=", threshold=max, tolerance=tolerance, scale=scale)
 
 

@@ -510,15 +510,16 @@ class SafeDistiller:
         from solvers.convex import project_convex
 
         K, all_tokens = self.K, bool(mask.all())
-        w = (weights.reshape(-1, K) if all_tokens else weights[mask]).double()
+        dev = torch.device("cpu") if composed.device.type == "mps" else composed.device  # float64 (MPS lacks it)
+        w = (weights.reshape(-1, K) if all_tokens else weights[mask]).to(dev, torch.float64)
         n = w.shape[0]
-        params = self._convex.params(ctx, n, K, mask, self.convex_state)
+        params = self._convex.params(ctx, n, K, mask, self.convex_state, dev)
         res = self._convex.residuals(w, params)
         todo = (torch.stack(list(res.values()), -1) > 1e-9).any(-1).nonzero()[:, 0]
         stats["conic_tokens"] = 0
         if todo.numel():
             fs = fset if fset is not None else solvers.FeasibleSet.simplex(K, dtype=torch.float64, device=w.device)
-            v = (composed.reshape(-1, K) if all_tokens else composed[mask]).double()
+            v = (composed.reshape(-1, K) if all_tokens else composed[mask]).to(dev, torch.float64)
             w_sub, info = project_convex(v[todo], fs.to(dtype=torch.float64).expand((n,))[todo], self._convex.extra,
                                          {k: p[todo] for k, p in params.items()}, return_info=True,
                                          values=self._convex.values if self._convex.has_values else None,
@@ -538,9 +539,9 @@ class SafeDistiller:
                 "sense": c.sense, "threshold": c.threshold, "residual": worst,
                 "value": (c.threshold + worst if c.sense == "<=" else c.threshold - worst) if n else c.threshold,
                 "satisfied": worst <= c.tolerance + 1e-7, "active_tokens": int((res[c.name] > -1e-7).sum())}
-        full = {name: composed.new_full(mask.shape, -math.inf, dtype=torch.float64).masked_scatter(mask, r)
+        full = {name: torch.full(mask.shape, -math.inf, dtype=torch.float64, device=dev).masked_scatter(mask.to(dev), r)
                 for name, r in res.items()}
-        w = w.to(composed.dtype)
+        w = w.to(composed.device, composed.dtype)
         full[""] = w.reshape(composed.shape) if all_tokens else weights.index_put((mask,), w)
         return full
 
@@ -551,11 +552,11 @@ class SafeDistiller:
         from safekd.distributed import all_reduce_sums, get_rank
 
         out = {}
-        w = t.weights[t.mask].double()
+        w = t.weights[t.mask].to("cpu" if t.weights.device.type == "mps" else t.weights.device, torch.float64)
         for c in self.convex_constraints:
             if not isinstance(c, C.Stability):
                 continue
-            keys = c.keys(t.context.batch, t.mask.shape, t.mask.device)[t.mask]
+            keys = c.keys(t.context.batch, t.mask.shape, t.mask.device)[t.mask].to(w.device)
             if bool((keys < 0).any()):
                 raise ValueError(f"constraint {c.name!r}: keys (task ids / domain ids) must be >= 0")
             sizes = w.new_zeros(get_world_size())  # the largest key over ranks, by a sum of one slot per rank
@@ -746,8 +747,8 @@ class SafeDistiller:
         idx = torch.randperm(n, generator=gen).to(v_all.device)
         idx = idx[~t.relaxed[mask][idx]]
         if t.convex_residuals:  # tokens where a convex constraint binds are verified by the convex path (KKT)
-            binding = torch.stack([r[mask] for r in t.convex_residuals.values()], -1).amax(-1) > -1e-7
-            idx = idx[~binding[idx]]
+            res = torch.stack([r[mask.to(r.device)] for r in t.convex_residuals.values()], -1)
+            idx = idx[~(res.amax(-1) > -1e-7).to(idx.device)[idx]]
         idx = idx[:rows]
         if idx.numel() == 0:
             return {"rows": 0, "max_abs_diff": 0.0}

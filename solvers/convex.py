@@ -285,7 +285,8 @@ def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np
 
 def _curvature(values: Values | None, w: Tensor, params: Mapping[str, Tensor], lam: Tensor
                ) -> tuple[Tensor, Tensor]:
-    """``(∇g [n, c, K], Σ_j λ_j ∇²g_j [n, K, K])`` by autograd (``g`` acts row by row); zeros without ``values``."""
+    """``(∇g [n, c, K], Σ_j λ_j ∇²g_j [n, K, K])`` by autograd (``g`` acts row by row); zeros without
+    ``values``."""
     n, K = w.shape
     c = lam.shape[-1]
     if values is None or c == 0 or n == 0:
@@ -367,7 +368,8 @@ def _verify(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
             ) -> tuple[Tensor, Tensor, Tensor]:
     """KKT residual per row: max of primal violation (Σw = 1, bounds, rows, ``g ≤ t``), complementarity
     ``|min(μ, slack)|``, ``|min(λ, t − g)|`` and, with ``values``, the relative stationarity error
-    ``‖P(v − Aᵀμ − Σλ∇g) − w‖∞`` (P: the box∩simplex projection of the metric). Returns ``(kkt, ∇g, Σλ∇²g)``."""
+    ``‖P(v − Aᵀμ − Σλ∇g) − w‖∞`` (P: the box∩simplex projection of the metric).
+    Returns ``(kkt, ∇g, Σλ∇²g)``."""
     kkt = torch.maximum((w.sum(-1) - 1).abs(), torch.maximum(lo - w, w - hi).amax(-1))
     if A.shape[1]:
         slack = b - (A * w[:, None, :]).sum(-1)
@@ -394,8 +396,8 @@ def _verify(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
 
 class _ConvexFn(torch.autograd.Function):
     """Identity forward on the solved ``w``; backward solves the KKT system of the active constraints on the
-    free coordinates F: ``[Q + Σλ∇²g, Eᵀ; E, 0] [x; y] = [ḡ_F; 0]`` with ``E`` = (1, active rows, active ∇g) and
-    returns ``B x`` (``Q = I, B = I`` for Euclidean; ``Q = diag(1/w), B = diag(1/v)`` for KL)."""
+    free coordinates F: ``[Q + Σλ∇²g, Eᵀ; E, 0] [x; y] = [ḡ_F; 0]`` with ``E`` = (1, active rows, active ∇g)
+    and returns ``B x`` (``Q = I, B = I`` for Euclidean; ``Q = diag(1/w), B = diag(1/v)`` for KL)."""
 
     @staticmethod
     def forward(ctx, v: Tensor, w: Tensor, H: Tensor, E: Tensor, free: Tensor, B: Tensor) -> Tensor:  # noqa: D401
@@ -473,16 +475,17 @@ def project_convex(
     N = math.prod(batch)
     shapes = _param_shapes(params, batch)
     _build(CHUNKS[0], K, m, metric, extra, shapes, phase1=False)  # validates extra (shapes, DPP) once, cached
-    dt, dev = torch.float64, v.device
-    e = fset.expand(batch).to(dtype=dt)
+    # float64 throughout (the solver's precision); on the CPU where the device lacks it (MPS)
+    dt, dev = torch.float64, (torch.device("cpu") if v.device.type == "mps" else v.device)
+    e = fset.expand(batch).to(device=dev, dtype=dt)
     lo, hi = e.lower.reshape(N, K), e.upper.reshape(N, K)
     A, b = e.A.reshape(N, m, K), e.b.reshape(N, m)
-    rows_p = {k: p.expand(*batch, *s).reshape(N, *s).to(dt) for (k, p), s in zip(params.items(), shapes.values())}
-    vf = v.detach().reshape(N, K).to(dt)
+    rows_p = {k: p.expand(*batch, *s).reshape(N, *s).to(dev, dt) for (k, p), s in zip(params.items(), shapes.values())}
+    vf = v.detach().reshape(N, K).to(dev, dt)
 
     # 1. polyhedral fast path (Euclidean, or KL on box∩simplex); certify rows where the user constraints hold
     if metric == "euclidean" or m == 0:
-        w, info = project_polyhedral(vf.reshape(shape), fset.to(dtype=dt), metric=metric, return_info=True,
+        w, info = project_polyhedral(vf.reshape(shape), fset.to(device=dev, dtype=dt), metric=metric, return_info=True,
                                      on_all_empty=on_all_empty)
         w, kkt_fast = w.reshape(N, K), info.kkt_residual.reshape(N)
         mu, status, relax_rows = info.multipliers.reshape(N, m), info.status.reshape(N), info.relaxation.reshape(N)
@@ -576,20 +579,22 @@ def project_convex(
         Bm = torch.ones_like(vf) if metric == "euclidean" else 1 / vf
         E = torch.cat([torch.ones_like(w)[:, None, :], A * (mu > _ACTIVE)[..., None].to(dt),
                        grad_g * (lam.abs() > _ACTIVE)[..., None].to(dt)], dim=1)
-        out = _ConvexFn.apply(v.reshape(N, K).to(dt), w, Q + Hg, E, free, Bm)
-    out = out.to(v.dtype).reshape(shape)
+        out = _ConvexFn.apply(v.reshape(N, K).to(dev, dt), w, Q + Hg, E, free, Bm)
+    out = out.to(v.device, v.dtype).reshape(shape)
     if not return_info:
         return out
     counts = {s.name: int((status == int(s)).sum()) for s in Status if bool((status == int(s)).any())}
     success = bool((status <= int(Status.RELAXED)).all())
     message = (f"convex projection {'succeeded' if success else 'has unverified rows'}; rows by status: "
                f"{counts or {'OPTIMAL': 0}}; {int(conic.sum())} of {N} row(s) needed the conic solve")
-    rs = lambda x, *tail: x.to(v.dtype).reshape(*batch, *tail)  # noqa: E731
+    def rs(x: Tensor, *tail: int) -> Tensor:  # back to v's device (and dtype for values), batch shape
+        return x.to(v.device, v.dtype if x.is_floating_point() else x.dtype).reshape(*batch, *tail)
+
     info = ConvexProjectionResult(
-        success=success, status=status.reshape(batch), message=message, kkt_residual=rs(kkt),
-        active=(mu > _ACTIVE).reshape(*batch, m), active_lower=active_lower.reshape(shape),
-        active_upper=active_upper.reshape(shape), iterations=iters.reshape(batch), relaxation=rs(relax_rows),
+        success=success, status=rs(status), message=message, kkt_residual=rs(kkt),
+        active=rs(mu > _ACTIVE, m), active_lower=rs(active_lower, K), active_upper=rs(active_upper, K),
+        iterations=rs(iters), relaxation=rs(relax_rows),
         multipliers=rs(mu, m), extra_residual=rs(g, c), extra_multipliers=rs(lam, c),
-        extra_relaxation=rs(relax_extra.amax(-1) if c else vf.new_zeros(N)), conic=conic.reshape(batch),
+        extra_relaxation=rs(relax_extra.amax(-1) if c else vf.new_zeros(N)), conic=rs(conic),
         raw_status=raw)
     return out, info

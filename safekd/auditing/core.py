@@ -140,7 +140,8 @@ def _weight_residuals(c: C.TeacherWeightConstraint, t: Targets, spec: Spec, batc
     """Per-token signed residual (≤ 0 = satisfied) of a teacher-weight constraint on the audit tokens."""
     mask = t.mask
     if isinstance(c, C.ConvexWeightConstraint):  # convex constraints: measured by the distiller on every token
-        return t.convex_residuals[c.name][mask].to(t.weights.dtype)
+        r = t.convex_residuals[c.name]
+        return r[mask.to(r.device)].to(t.weights.dtype)
     if isinstance(c, C.UnsafeMass):  # on the pooled target, after any correction: what the student is trained on
         u = c.unsafe if c.unsafe is not None else spec.unsafe
         assert u is not None
