@@ -95,6 +95,7 @@ def main() -> None:
     args = p.parse_args()
     if args.convex:
         import importlib.util
+        from pathlib import Path
 
         spec = importlib.util.spec_from_file_location("bench_convex", Path(__file__).with_name("bench_convex.py"))
         module = importlib.util.module_from_spec(spec)
