@@ -860,9 +860,10 @@ class Stability(ConvexWeightConstraint):
 class Convex(ConvexWeightConstraint):
     """A user constraint ``fn(w, p) -> [cvxpy constraints]`` (``w`` the ``(n, K)`` variable, row-wise: each
     constraint of shape ``(n,)``; ``p`` the ``params`` as ``cp.Parameter``s ``(n, *s)``), with an optional torch
-    twin ``values(w, p) -> g [n, c]`` (signed residuals, ≤ 0 holds; needed for the polish, the stationarity
-    check and the measurement, else measured through cvxpy). Measured as max_j g_j ≤ 0. In spec files ``fn`` and
-    ``values`` are registered names and ``params`` lists of numbers (shared by every token)."""
+    twin ``values(w, p) -> g [n, c]`` (signed residuals, ≤ 0 holds, one column per constraint of ``fn`` in order;
+    needed for the polish, the stationarity check and the gradient, else measured through cvxpy). Measured as
+    max_j g_j ≤ 0. In spec files ``fn`` and ``values`` are registered names and ``params`` lists of numbers
+    (shared by every token)."""
 
     fn: Callable[..., list]
     values: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = None

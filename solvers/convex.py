@@ -439,7 +439,8 @@ def project_convex(
         params: ``{name: Tensor [..., *s]}`` values of the parameters, row by row (batch dims of ``v`` first,
             broadcast allowed).
         values: torch twin of ``extra``: ``values(w [n, K], params) -> g [n, c]``, the signed residuals
-            (``lhs − rhs`` of ``lhs <= rhs``, ``rhs − lhs`` of ``lhs >= rhs``) acting row by row. Used to
+            (``lhs − rhs`` of ``lhs <= rhs``, ``rhs − lhs`` of ``lhs >= rhs``), one column per constraint of
+            ``extra`` in order, acting row by row. Used to
             certify rows, verify stationarity and differentiate; without it rows are certified through cvxpy and
             the result is not differentiable.
         smooth: whether ``values`` is differentiable at the solutions (entropy, KL: yes; an ℓ1 ball: no, kinks).
@@ -474,7 +475,7 @@ def project_convex(
     batch = shape[:-1]
     N = math.prod(batch)
     shapes = _param_shapes(params, batch)
-    _build(CHUNKS[0], K, m, metric, extra, shapes, phase1=False)  # validates extra (shapes, DPP) once, cached
+    declared = len(_build(CHUNKS[0], K, m, metric, extra, shapes, phase1=False).extra)  # validates extra once
     # float64 throughout (the solver's precision); on the CPU where the device lacks it (MPS)
     dt, dev = torch.float64, (torch.device("cpu") if v.device.type == "mps" else v.device)
     e = fset.expand(batch).to(device=dev, dtype=dt)
@@ -497,6 +498,9 @@ def project_convex(
         g = _evaluate(extra, values, w, rows_p)
         todo, kkt_fast = torch.arange(N, device=dev), vf.new_zeros(N)
     c = g.shape[-1]
+    if c != declared:
+        raise ValueError(f"values(w, params) returns {c} column(s) but extra declares {declared} constraint(s); "
+                         "give one column per constraint, in order")
     lam, relax_extra = vf.new_zeros(N, c), vf.new_zeros(N, c)
     iters = torch.zeros(N, dtype=torch.long, device=dev)
     conic = torch.zeros(N, dtype=torch.bool, device=dev)

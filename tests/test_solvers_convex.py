@@ -184,6 +184,8 @@ def test_bad_input_names_the_culprit():
         project_convex(v, fs, entropy_floor, {"h": torch.ones(3, dtype=F64)})
     with pytest.raises(ValueError, match="values="):
         project_convex(v.requires_grad_(), fs, entropy_floor, {"h": h})
+    with pytest.raises(ValueError, match="one column per constraint"):
+        project_convex(v.detach(), fs, entropy_floor, {"h": h}, values=lambda w, p: entropy_floor_t(w, p).repeat(1, 2))
     with pytest.raises(TypeError, match="extra must be callable"):
         project_convex(v.detach(), fs, [], {"h": h})
 
