@@ -862,12 +862,13 @@ class Convex(ConvexWeightConstraint):
     constraint of shape ``(n,)``; ``p`` the ``params`` as ``cp.Parameter``s ``(n, *s)``), with an optional torch
     twin ``values(w, p) -> g [n, c]`` (signed residuals, ≤ 0 holds, one column per constraint of ``fn`` in order;
     needed for the polish, the stationarity check and the gradient, else measured through cvxpy). Measured as
-    max_j g_j ≤ 0. In spec files ``fn`` and ``values`` are registered names and ``params`` lists of numbers
-    (shared by every token)."""
+    max_j g_j ≤ 0; ``smooth=False`` for constraints with kinks (an ℓ1 norm): ``values`` then only measure. In spec
+    files ``fn`` and ``values`` are registered names and ``params`` lists of numbers (shared by every token)."""
 
     fn: Callable[..., list]
     values: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = None
     params: Mapping[str, Tensor] = field(default_factory=dict)
+    smooth: bool = True  # type: ignore[misc]  # an instance setting here (a class constant on the named ones)
     fn_name: str | None = None
     values_name: str | None = None
     kind: ClassVar[str] = "convex"
@@ -911,6 +912,8 @@ class Convex(ConvexWeightConstraint):
             out["values"] = self.values_name
         if self.params:
             out["params"] = {k: v.tolist() for k, v in self.params.items()}
+        if not self.smooth:
+            out["smooth"] = False
         return out
 
 
@@ -980,10 +983,10 @@ def stability(max: float, scale: str = "task", *, name: str | None = None, toler
 
 def convex(fn: Callable[..., list], *, name: str,
            values: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = None,
-           params: Mapping[str, Tensor] | None = None, tolerance: float = 0.0) -> Convex:
+           params: Mapping[str, Tensor] | None = None, smooth: bool = True, tolerance: float = 0.0) -> Convex:
     """Any convex constraint written in cvxpy, row-wise over tokens; see :class:`Convex`."""
     return Convex(name=name, sense="<=", threshold=0.0, tolerance=tolerance, fn=fn, values=values,
-                  params=dict(params or {}))
+                  params=dict(params or {}), smooth=bool(smooth))
 
 
 __all__ += ["ConvexWeightConstraint", "MinEntropy", "KLBall", "Stability", "Convex", "ConvexBundle",

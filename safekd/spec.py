@@ -236,7 +236,7 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "min_entropy": (("min",), ()),
     "kl_ball": (("reference", "max"), ()),
     "stability": (("max",), ("scale",)),
-    "convex": (("fn",), ("values", "params")),
+    "convex": (("fn",), ("values", "params", "smooth")),
 }
 _TOP = ("teachers", "constraints", "unsafe", "temperature", "dual", "checks")
 
@@ -369,10 +369,12 @@ class _Parser:
                 return C.stability(self.number(d["max"], k("max")), self.string(d.get("scale", "task"), k("scale")),
                                    **common)
             if kind == "convex":
+                if not isinstance(d.get("smooth", True), bool):
+                    raise self.error(k("smooth"), f"expected true or false, got {d['smooth']!r}")
                 ps = self.keys(d.get("params", {}), k("params"), tuple(d.get("params", {})))
                 cv = C.convex(self.fn(d["fn"], k("fn")), values=self.fn(d["values"], k("values")) if "values" in d
                               else None, params={n: torch.tensor(v, dtype=torch.float64) for n, v in ps.items()},
-                              **common)
+                              smooth=d.get("smooth", True), **common)
                 return _renamed(cv, fn_name=d["fn"], values_name=d.get("values"))
             # metric
             sense = d["sense"]

@@ -8,7 +8,7 @@ import torch
 import solvers
 from safekd import constraints as C
 from safekd.distiller import SafeDistiller
-from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
+from safekd.spec import ChecksSpec, DualSpec, Spec, SpecError, TeacherSpec
 from safekd.weighting import ConfidenceSoftmax
 
 NAMES = ("safe", "mid", "risky")
@@ -144,6 +144,12 @@ def test_generic_convex_constraint():
     back = Spec.from_dict(d.spec.to_dict(), functions={"pairwise": pairwise, "pairwise_t": pairwise_t})
     assert back.constraints[0].fn is pairwise and back.constraints[0].values is pairwise_t
     assert d.state_dict()["spec"] == d.spec.to_dict()
+    kinked = {"kind": "convex", "name": "l1", "fn": "pairwise", "params": {"c": [0.2, 0.3, 0.5]}, "smooth": False}
+    spec = Spec.from_dict({"teachers": list(NAMES), "constraints": [kinked]}, functions={"pairwise": pairwise})
+    assert spec.to_dict()["constraints"] == [kinked] and not spec.constraints[0].smooth
+    with pytest.raises(SpecError, match=r"constraints\[0\]\.smooth"):
+        Spec.from_dict({"teachers": list(NAMES), "constraints": [{**kinked, "smooth": "no"}]},
+                       functions={"pairwise": pairwise})
 
 
 def test_named_convex_constraints_load_from_spec_files(tmp_path):
@@ -154,7 +160,7 @@ constraints:
   - {kind: kl_ball, reference: {safe: 0.5, mid: 0.3, risky: 0.2}, max: 0.2}
   - {kind: stability, max: 0.1, scale: step}
 """
-    from safekd.spec import SpecError, load_spec
+    from safekd.spec import load_spec
 
     p = tmp_path / "s.yaml"
     p.write_text(yaml_text)
