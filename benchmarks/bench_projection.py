@@ -91,7 +91,16 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--device", default="cpu", help="torch device for project and softmax (cvxpy runs on the CPU)")
     p.add_argument("--out", default="benchmarks/results/bench_projection.json")
+    p.add_argument("--convex", action="store_true", help="run benchmarks/bench_convex.py (convex path vs per-row cvxpy)")
     args = p.parse_args()
+    if args.convex:
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location("bench_convex", Path(__file__).with_name("bench_convex.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module.main([])
     torch.set_num_threads(1)
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)

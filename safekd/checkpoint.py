@@ -31,11 +31,11 @@ __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "load_file",
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: dual state as alarms + relaxations (format 1 held alarm_history/alarm_active)
+FORMAT_VERSION = 2  # 2: dual state as alarms + relaxations (1: alarm_history/alarm_active); stability state
 _KEYS = ("format_version", "distiller", "rng")
 #: What every distiller state of this format holds (checked before anything is loaded).
 DISTILLER_STATE_KEYS = ("step", "student", "optimizer", "multipliers", "dual_optimizer", "weighting", "meter",
-                        "alarms", "relaxations", "events", "spec")
+                        "alarms", "relaxations", "convex_state", "events", "spec")
 
 
 class CheckpointError(ValueError):

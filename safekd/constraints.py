@@ -763,3 +763,314 @@ def metric(fn: MetricFn, sense: Sense, threshold: float, *, proxy: MetricFn | No
     """
     return Metric(name=name or f"metric({_fn_name(fn)})", sense=sense, threshold=threshold, tolerance=tolerance, fn=fn,
                   proxy=proxy, support=support, margin=margin)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convex teacher-weight constraints (projected by solvers.convex; not polyhedral)
+# ---------------------------------------------------------------------------------------------------------------
+STABILITY_SCALES = ("task", "context", "step")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvexWeightConstraint(TeacherWeightConstraint):
+    """A convex constraint on every token's teacher weights w ∈ Δ_K, declared in cvxpy (row-wise over tokens) and
+    projected by :func:`solvers.convex.project_convex` after the polyhedral constraints. Subclasses give
+    ``cvxpy(w, p)`` (``w`` the ``(n, K)`` variable, ``p`` their parameters), the torch twin ``value(w, p) -> [n]``
+    (the measured quantity, compared with ``threshold`` by ``sense``) and ``token_params`` (values per token)."""
+
+    convex: ClassVar[bool] = True
+    smooth: ClassVar[bool] = True  #: value is differentiable at the solutions (polish, stationarity check, gradient)
+
+    def apply_static(self, fset: Any, index: Mapping[str, int], safety: Tensor | None) -> Any:
+        return fset  # not polyhedral: enforced by the convex projection
+
+    def cvxpy(self, w: Any, p: Mapping[str, Any]) -> list:
+        raise NotImplementedError
+
+    def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[Any, Tensor] | None,
+                     device: torch.device) -> dict[str, Tensor]:
+        """Parameter values ``{name: [n, ...]}`` (float64 on ``device``) for the ``n`` tokens ``sel`` of the batch."""
+        raise NotImplementedError
+
+
+def _entropy(w: Tensor) -> Tensor:
+    return -(w * w.clamp_min(torch.finfo(w.dtype).tiny).log()).sum(-1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MinEntropy(ConvexWeightConstraint):
+    """Diversity floor: H(w) = −Σ_k w_k log w_k ≥ min (nats) on every token; log K is the largest entropy."""
+
+    kind: ClassVar[str] = "min_entropy"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.threshold < 0:
+            raise ValueError(f"constraint {self.name!r}: `min` must be >= 0 (an entropy in nats), got {self.threshold}")
+
+    def cvxpy(self, w: Any, p: Mapping[str, Any]) -> list:
+        import cvxpy as cp
+
+        return [cp.sum(cp.entr(w), axis=1) >= p["h"]]
+
+    def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        return _entropy(w)
+
+    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[Any, Tensor] | None,
+                     device: torch.device) -> dict[str, Tensor]:
+        return {"h": torch.full((n,), self.threshold, dtype=torch.float64, device=device)}
+
+    def _args(self) -> dict[str, Any]:
+        return {"min": self.threshold}
+
+
+@dataclass(frozen=True, kw_only=True)
+class KLBall(ConvexWeightConstraint):
+    """Trust region: KL(w ‖ w_ref) = Σ_k w_k log(w_k / ref_k) ≤ max on every token (``reference``: teacher →
+    weight, summing to 1, every weight > 0)."""
+
+    reference: Mapping[str, float]
+    kind: ClassVar[str] = "kl_ball"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ref = {str(k): float(v) for k, v in dict(self.reference).items()}
+        if not ref or any(not (v > 0 and math.isfinite(v)) for v in ref.values()):
+            raise ValueError(f"constraint {self.name!r}: `reference` weights must be finite and > 0, got {ref}")
+        if abs(sum(ref.values()) - 1) > 1e-6:
+            raise ValueError(f"constraint {self.name!r}: `reference` weights must sum to 1, got "
+                             f"{sum(ref.values()):.6g}")
+        if self.threshold < 0:
+            raise ValueError(f"constraint {self.name!r}: `max` must be >= 0 (a KL divergence), got {self.threshold}")
+        object.__setattr__(self, "reference", ref)
+
+    def teachers_used(self) -> tuple[str, ...]:
+        return tuple(self.reference)
+
+    def cvxpy(self, w: Any, p: Mapping[str, Any]) -> list:
+        import cvxpy as cp
+
+        return [-cp.sum(cp.entr(w), axis=1) - cp.sum(cp.multiply(p["log_ref"], w), axis=1) <= p["r"]]
+
+    def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        return (w * (w.clamp_min(torch.finfo(w.dtype).tiny).log() - p["log_ref"])).sum(-1)
+
+    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[Any, Tensor] | None,
+                     device: torch.device) -> dict[str, Tensor]:
+        names = sorted(ctx.teacher_index, key=ctx.teacher_index.__getitem__)
+        missing = [t for t in names if t not in self.reference]
+        if missing:
+            raise ValueError(f"constraint {self.name!r}: `reference` lacks teachers {missing}")
+        ref = torch.tensor([self.reference[t] for t in names], dtype=torch.float64, device=device)
+        return {"log_ref": ref.log().expand(n, K), "r": torch.full((n,), self.threshold, dtype=torch.float64,
+                                                                   device=device)}
+
+    def _args(self) -> dict[str, Any]:
+        return {"reference": dict(self.reference), "max": self.threshold}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stability(ConvexWeightConstraint):
+    """Temporal stability: ‖w_t − m_{t−1}(τ)‖₁ ≤ max on every token of key τ, where m_{t−1}(τ) is the mean
+    weight of τ's tokens at the previous step that had them (``scale="task"``: τ = the token's task id; ``"context"``:
+    the integer domain id in ``context [..., 1]``, as ``Routing(key="context")`` reads it; ``"step"``: one key for
+    all tokens). The per-key mean then moves by at most ``max`` between steps (convexity of the norm).
+    Keys without a previous mean are unconstrained. The distiller keeps m in its state and checkpoint."""
+
+    scale: str = "task"
+    kind: ClassVar[str] = "stability"
+    smooth: ClassVar[bool] = False  # the ℓ1 norm has kinks where w_k = m_k
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scale not in STABILITY_SCALES:
+            raise ValueError(f"constraint {self.name!r}: `scale` must be one of {list(STABILITY_SCALES)}, "
+                             f"got {self.scale!r}")
+        if not 0 <= self.threshold <= 2:
+            raise ValueError(f"constraint {self.name!r}: `max` must be in [0, 2] (an ℓ1 distance on the simplex), "
+                             f"got {self.threshold}")
+
+    def keys(self, batch: Batch, shape: torch.Size, device: torch.device) -> Tensor:
+        """The key of every token ``[*shape]`` (ids given per sequence are broadcast over its tokens).
+
+        Raises:
+            ValueError: the batch lacks ``task_ids`` / ``context``, or ``context`` is not ``[..., 1]`` integer ids.
+        """
+        if self.scale == "step":
+            return torch.zeros(shape, dtype=torch.long, device=device)
+        field_ = "task_ids" if self.scale == "task" else "context"
+        if batch.get(field_) is None:
+            raise ValueError(f"constraint {self.name!r} (scale={self.scale!r}) needs batch[{field_!r}]; use "
+                             "scale='step' for one key per step")
+        ids = torch.as_tensor(batch[field_], device=device)
+        if self.scale == "context":
+            if ids.shape[-1] != 1 or not bool((ids == ids.round()).all()):
+                raise ValueError(f"constraint {self.name!r} (scale='context') needs batch['context'] of shape [..., 1]"
+                                 f" holding integer domain ids, got {tuple(ids.shape)}")
+            ids = ids[..., 0]
+        ids = ids.long()
+        while ids.dim() < len(shape):
+            ids = ids.unsqueeze(-1)
+        return ids.expand(shape)
+
+    def cvxpy(self, w: Any, p: Mapping[str, Any]) -> list:
+        import cvxpy as cp
+
+        return [cp.norm(w - p["previous"], 1, axis=1) <= p["delta"]]
+
+    def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        return (w - p["previous"]).abs().sum(-1)
+
+    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[Any, Tensor] | None,
+                     device: torch.device) -> dict[str, Tensor]:
+        keys = self.keys(ctx.batch, ctx.token_shape, ctx.device)[sel].reshape(n).to(device)
+        prev = torch.full((n, K), 1.0 / K, dtype=torch.float64, device=device)
+        delta = torch.full((n,), 2.0, dtype=torch.float64, device=device)  # no previous mean: no constraint
+        for key, m in (state or {}).items():
+            hit = keys == int(key)
+            prev[hit] = m.to(prev)
+            delta[hit] = self.threshold
+        return {"previous": prev, "delta": delta}
+
+    def _args(self) -> dict[str, Any]:
+        return {"max": self.threshold, "scale": self.scale}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Convex(ConvexWeightConstraint):
+    """A user constraint ``fn(w, p) -> [cvxpy constraints]`` (``w`` the ``(n, K)`` variable, row-wise: each
+    constraint of shape ``(n,)``; ``p`` the ``params`` as ``cp.Parameter``s ``(n, *s)``), with an optional torch
+    twin ``values(w, p) -> g [n, c]`` (signed residuals, ≤ 0 holds, one column per constraint of ``fn`` in order;
+    needed for the polish, the stationarity check and the gradient, else measured through cvxpy). Measured as
+    max_j g_j ≤ 0; ``smooth=False`` for constraints with kinks (an ℓ1 norm): ``values`` then only measure. In spec
+    files ``fn`` and ``values`` are registered names and ``params`` lists of numbers (shared by every token)."""
+
+    fn: Callable[..., list]
+    values: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = None
+    params: Mapping[str, Tensor] = field(default_factory=dict)
+    smooth: bool = True  # type: ignore[misc]  # an instance setting here (a class constant on the named ones)
+    fn_name: str | None = None
+    values_name: str | None = None
+    kind: ClassVar[str] = "convex"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not callable(self.fn):
+            raise TypeError(f"constraint {self.name!r}: `fn` must be callable (w, params) -> list of cvxpy "
+                            f"constraints, got {type(self.fn).__name__}")
+        if self.values is not None and not callable(self.values):
+            raise TypeError(f"constraint {self.name!r}: `values` must be callable, got {type(self.values).__name__}")
+        params = {}
+        for k, v in dict(self.params).items():
+            t = torch.as_tensor(v, dtype=torch.float64)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"constraint {self.name!r}: params[{k!r}] contains NaN or inf")
+            params[str(k)] = t
+        object.__setattr__(self, "params", params)
+        if self.fn_name is None:
+            object.__setattr__(self, "fn_name", _fn_name(self.fn))
+        if self.values is not None and self.values_name is None:
+            object.__setattr__(self, "values_name", _fn_name(self.values))
+
+    def cvxpy(self, w: Any, p: Mapping[str, Any]) -> list:
+        return list(self.fn(w, p))
+
+    def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        if self.values is not None:
+            return self.values(w, p).amax(-1)
+        from solvers.convex import constraint_residuals
+
+        return constraint_residuals(self.fn, w, p).amax(-1)
+
+    def token_params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[Any, Tensor] | None,
+                     device: torch.device) -> dict[str, Tensor]:
+        return {k: v.to(device).expand(n, *v.shape) for k, v in self.params.items()}
+
+    def _args(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"fn": self.fn_name}
+        if self.values is not None:
+            out["values"] = self.values_name
+        if self.params:
+            out["params"] = {k: v.tolist() for k, v in self.params.items()}
+        if not self.smooth:
+            out["smooth"] = False
+        return out
+
+
+class ConvexBundle:
+    """The convex constraints of a spec as ONE ``extra``/``values`` pair for :func:`solvers.convex.project_convex`
+    (parameters prefixed ``c{j}.``); built once per distiller so that the compiled problems are reused."""
+
+    def __init__(self, constraints: Sequence[ConvexWeightConstraint]) -> None:
+        self.constraints = tuple(constraints)
+
+    @staticmethod
+    def _sub(p: Mapping[str, Any], j: int) -> dict[str, Any]:
+        pre = f"c{j}."
+        return {k[len(pre):]: v for k, v in p.items() if k.startswith(pre)}
+
+    def extra(self, w: Any, p: Mapping[str, Any]) -> list:
+        return [con for j, c in enumerate(self.constraints) for con in c.cvxpy(w, self._sub(p, j))]
+
+    def values(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        """Signed residuals ``[n, c]`` (g ≤ 0 holds), one column per cvxpy constraint."""
+        cols = []
+        for j, c in enumerate(self.constraints):
+            sub = self._sub(p, j)
+            if isinstance(c, Convex):
+                if c.values is None:
+                    raise ValueError(f"constraint {c.name!r} has no torch `values`")
+                cols.append(c.values(w, sub))
+            else:
+                cols.append(c.residual(c.value(w, sub))[:, None])
+        return torch.cat(cols, dim=-1)
+
+    @property
+    def has_values(self) -> bool:
+        """Every constraint has a torch twin (else the bundle certifies through cvxpy)."""
+        return all(not isinstance(c, Convex) or c.values is not None for c in self.constraints)
+
+    @property
+    def smooth(self) -> bool:
+        return all(c.smooth for c in self.constraints)
+
+    def params(self, ctx: MeasureContext, n: int, K: int, sel: Tensor, state: Mapping[str, Mapping[Any, Tensor]],
+               device: torch.device) -> dict[str, Tensor]:
+        return {f"c{j}.{k}": v for j, c in enumerate(self.constraints)
+                for k, v in c.token_params(ctx, n, K, sel, state.get(c.name), device).items()}
+
+    def residuals(self, w: Tensor, p: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per constraint name: the signed residual per token ``[n]`` (its measured value against its threshold)."""
+        return {c.name: c.residual(c.value(w, self._sub(p, j))) for j, c in enumerate(self.constraints)}
+
+
+def min_entropy(min: float, *, name: str | None = None, tolerance: float = 0.0) -> MinEntropy:
+    """Diversity floor: every token's teacher weights have entropy H(w) ≥ min (nats; at most log K)."""
+    return MinEntropy(name=name or "min_entropy", sense=">=", threshold=min, tolerance=tolerance)
+
+
+def kl_ball(reference: Mapping[str, float], max: float, *, name: str | None = None,
+            tolerance: float = 0.0) -> KLBall:
+    """Trust region: KL(w ‖ reference) ≤ max on every token (``reference``: teacher → weight, summing to 1)."""
+    return KLBall(name=name or "kl_ball", sense="<=", threshold=max, tolerance=tolerance, reference=reference)
+
+
+def stability(max: float, scale: str = "task", *, name: str | None = None, tolerance: float = 0.0) -> Stability:
+    """Temporal stability: ‖w_t − w_{t−1}‖₁ ≤ max between consecutive steps, per task (``scale="task"``),
+    per context domain id (``"context"``) or for the whole step (``"step"``); see :class:`Stability`."""
+    return Stability(name=name or f"stability({scale})", sense="<=", threshold=max, tolerance=tolerance, scale=scale)
+
+
+def convex(fn: Callable[..., list], *, name: str,
+           values: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = None,
+           params: Mapping[str, Tensor] | None = None, smooth: bool = True, tolerance: float = 0.0) -> Convex:
+    """Any convex constraint written in cvxpy, row-wise over tokens; see :class:`Convex`."""
+    return Convex(name=name, sense="<=", threshold=0.0, tolerance=tolerance, fn=fn, values=values,
+                  params=dict(params or {}), smooth=bool(smooth))
+
+
+__all__ += ["ConvexWeightConstraint", "MinEntropy", "KLBall", "Stability", "Convex", "ConvexBundle",
+            "min_entropy", "kl_ball", "stability", "convex"]

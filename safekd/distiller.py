@@ -121,6 +121,7 @@ class Targets:
     projection: dict[str, Any]
     context: C.MeasureContext
     sparse: Any = None
+    convex_residuals: dict[str, Tensor] = field(default_factory=dict)  #: per convex constraint: signed residual [...]
 
 
 @dataclass(eq=False)
@@ -230,6 +231,10 @@ class SafeDistiller:
         self.token_constraints = tuple(c for c in spec.teacher_weight_constraints if c.per_token)
         self.unsafe_mass_constraints = tuple(c for c in self.token_constraints if isinstance(c, C.UnsafeMass))
         self.student_constraints = spec.student_constraints
+        self.convex_constraints = tuple(c for c in spec.teacher_weight_constraints if getattr(c, "convex", False))
+        self._convex = C.ConvexBundle(self.convex_constraints)  # one bundle: its compiled problems are reused
+        self.convex_state: dict[str, dict[int, Tensor]] = {  # stability: previous mean weights per key
+            c.name: {} for c in self.convex_constraints if isinstance(c, C.Stability)}
         self._static_sets: dict[tuple[torch.dtype, torch.device], solvers.FeasibleSet] = {}
         self.static_diagnosis = solvers.require_feasible(self._static_set(torch.float64, torch.device("cpu")))
         names = [c.name for c in self.student_constraints]
@@ -425,6 +430,8 @@ class SafeDistiller:
                             constraints=self._constraint_report(states), dual_updated=dual_updated,
                             weights=self._weight_report(t.per_scale, t.composed, t.weights, t.mask),
                             projection=dict(t.projection), reference_check=pending.reference_check)
+        for name, change in self._update_stability(t).items():  # measured step-to-step ℓ1 change of the means
+            record.projection["convex"][name]["step_change"] = change
         record.alarms = self._standing_alarms()
         if self.log is not None and is_rank_zero():
             self.log.write(record)
@@ -497,12 +504,15 @@ class SafeDistiller:
             mask = ctx.mask  # validated once, shared by the weights, the projection and every constraint
             per_scale, composed = self._weights(batch, teacher_logits, teacher_logp, student_logits, mask)
             weights, fset, relaxed, stats = self._project(composed, ctx, mask)
+            convex_res = self._project_convex(composed, weights, fset, ctx, mask, stats) if self.convex_constraints \
+                else {}
+            weights = convex_res.pop("", weights)
             target, corrected, stats["corrected_tokens"] = self._correct(self.pool(teacher_logp, weights), relaxed,
                                                                          batch)
         ctx.target_logp = target
         return Targets(teacher_logits=teacher_logits, teacher_logp=teacher_logp, mask=mask, per_scale=per_scale,
                        composed=composed, weights=weights, feasible_set=fset, relaxed=relaxed, corrected=corrected,
-                       target_logp=target, projection=stats, context=ctx)
+                       target_logp=target, projection=stats, context=ctx, convex_residuals=convex_res)
 
     def _weights(self, batch: Batch, teacher_logits: Tensor | None, teacher_logp: Tensor, student_logits: Tensor,
                  mask: Tensor, sampled_logprobs: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
@@ -576,6 +586,77 @@ class SafeDistiller:
         if all_tokens:
             return w.reshape(composed.shape), fs, relaxed.reshape(mask.shape), stats
         return composed.index_put((mask,), w), fs, none_relaxed.index_put((mask,), relaxed), stats
+
+    def _project_convex(self, composed: Tensor, weights: Tensor, fset: solvers.FeasibleSet | None,
+                        ctx: C.MeasureContext, mask: Tensor, stats: dict[str, Any]) -> dict[str, Tensor]:
+        """The convex teacher-weight constraints (:func:`solvers.convex.project_convex`): unmasked tokens whose
+        polyhedral projection violates one are projected from w̄_t onto W_t ∩ {convex constraints}. Returns the
+        signed residual per constraint name ``[...]`` (−inf on masked tokens) and, under ``""``, the weights."""
+        from solvers.convex import project_convex
+
+        K, all_tokens = self.K, bool(mask.all())
+        dev = torch.device("cpu") if composed.device.type == "mps" else composed.device  # float64 (MPS lacks it)
+        w = (weights.reshape(-1, K) if all_tokens else weights[mask]).to(dev, torch.float64)
+        n = w.shape[0]
+        params = self._convex.params(ctx, n, K, mask, self.convex_state, dev)
+        res = self._convex.residuals(w, params)
+        todo = (torch.stack(list(res.values()), -1) > 1e-9).any(-1).nonzero()[:, 0]
+        stats["conic_tokens"] = 0
+        if todo.numel():
+            fs = fset if fset is not None else solvers.FeasibleSet.simplex(K, dtype=torch.float64, device=w.device)
+            v = (composed.reshape(-1, K) if all_tokens else composed[mask]).to(dev, torch.float64)
+            w_sub, info = project_convex(v[todo], fs.to(dtype=torch.float64).expand((n,))[todo], self._convex.extra,
+                                         {k: p[todo] for k, p in params.items()}, return_info=True,
+                                         values=self._convex.values if self._convex.has_values else None,
+                                         smooth=self._convex.smooth, on_all_empty="relax")
+            w_sub = w_sub.clamp_min(0)
+            w[todo] = w_sub / w_sub.sum(-1, keepdim=True)
+            stats["conic_tokens"] = int(info.conic.sum())
+            bad = int((info.status == int(solvers.Status.NUMERICAL)).sum())
+            if bad:
+                logger.warning("step %d: %d token(s) failed the convex projection's verification: %s",
+                               self.step_count + 1, bad, info.message)
+            res = self._convex.residuals(w, params)
+        stats["convex"] = {}
+        for c in self.convex_constraints:  # the worst token: value = threshold ± its residual
+            worst = float(res[c.name].max()) if n else -math.inf
+            stats["convex"][c.name] = {
+                "sense": c.sense, "threshold": c.threshold, "residual": worst,
+                "value": (c.threshold + worst if c.sense == "<=" else c.threshold - worst) if n else c.threshold,
+                "satisfied": worst <= c.tolerance + 1e-7, "active_tokens": int((res[c.name] > -1e-7).sum())}
+        full = {name: torch.full(mask.shape, -math.inf, dtype=torch.float64, device=dev).masked_scatter(mask.to(dev), r)
+                for name, r in res.items()}
+        w = w.to(composed.device, composed.dtype)
+        full[""] = w.reshape(composed.shape) if all_tokens else weights.index_put((mask,), w)
+        return full
+
+    def _update_stability(self, t: Targets) -> dict[str, float]:
+        """Keep each stability key's mean weight of this step over all ranks (the next step's m_{t−1}: sums and
+        counts per key, SUM-reduced); returns the measured ℓ1 change of the means per constraint (max over keys
+        seen at both steps; 0 if none)."""
+        from safekd.distributed import all_reduce_sums, get_rank
+
+        out = {}
+        w = t.weights[t.mask].to("cpu" if t.weights.device.type == "mps" else t.weights.device, torch.float64)
+        for c in self.convex_constraints:
+            if not isinstance(c, C.Stability):
+                continue
+            keys = c.keys(t.context.batch, t.mask.shape, t.mask.device)[t.mask].to(w.device)
+            if bool((keys < 0).any()):
+                raise ValueError(f"constraint {c.name!r}: keys (task ids / domain ids) must be >= 0")
+            sizes = w.new_zeros(get_world_size())  # the largest key over ranks, by a sum of one slot per rank
+            sizes[get_rank()] = float(keys.max()) + 1 if keys.numel() else 0.0
+            size = int(all_reduce_sums(sizes).max())
+            stats = w.new_zeros(size, self.K + 1).index_add_(0, keys, torch.cat([w, torch.ones_like(w[:, :1])], -1))
+            stats = all_reduce_sums(stats).cpu()
+            change, state = 0.0, self.convex_state[c.name]
+            for key in (stats[:, -1] > 0).nonzero()[:, 0].tolist():
+                m = stats[key, :-1] / stats[key, -1]
+                if key in state:
+                    change = max(change, float((m - state[key]).abs().sum()))
+                state[key] = m
+            out[c.name] = change
+        return out
 
     def _correct(self, target: Tensor, relaxed: Tensor, batch: Batch) -> tuple[Tensor, Tensor, int]:
         """On relaxed tokens with q(U) > ε: q(v) ← q(v)·ε/q(U) on U and q(v)·(1−ε)/(1−q(U)) off U (uniform over the
@@ -760,7 +841,11 @@ class SafeDistiller:
             return {"rows": 0, "max_abs_diff": 0.0}
         gen = torch.Generator().manual_seed(self.step_count + 1)
         idx = torch.randperm(n, generator=gen).to(v_all.device)
-        idx = idx[~t.relaxed[mask][idx]][:rows]
+        idx = idx[~t.relaxed[mask][idx]]
+        if t.convex_residuals:  # tokens where a convex constraint binds are verified by the convex path (KKT)
+            res = torch.stack([r[mask.to(r.device)] for r in t.convex_residuals.values()], -1)
+            idx = idx[~(res.amax(-1) > -1e-7).to(idx.device)[idx]]
+        idx = idx[:rows]
         if idx.numel() == 0:
             return {"rows": 0, "max_abs_diff": 0.0}
         sub = t.feasible_set.to(dtype=torch.float64).expand((n,))[idx]
@@ -800,6 +885,7 @@ class SafeDistiller:
             "relaxations": self.relaxations.state_dict(),
             "recheck_reference": self._recheck_reference,
             "events": dict(self.events),
+            "convex_state": {n: {str(k): m.clone() for k, m in d.items()} for n, d in self.convex_state.items()},
             "spec": self.spec.to_dict(),
         }
 
@@ -832,6 +918,9 @@ class SafeDistiller:
         if sorted(state["alarms"]["history"]) != names:
             raise ValueError(f"checkpoint alarm constraints {sorted(state['alarms']['history'])} != {names}")
         self.relaxations.check_state(state["relaxations"])
+        unknown = sorted(set(state["convex_state"]) - set(self.convex_state))
+        if unknown:
+            raise ValueError(f"checkpoint has stability state for {unknown}, which this spec lacks")
         # validated: write
         unwrap(self.student).load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -847,6 +936,8 @@ class SafeDistiller:
         self.relaxations.load_state_dict(state["relaxations"])
         self._recheck_reference = bool(state.get("recheck_reference", False))
         self.events = dict(state["events"])
+        for n, d in state["convex_state"].items():
+            self.convex_state[n] = {int(k): m.to(torch.float64) for k, m in d.items()}
         self.step_count = int(state["step"])
 
     def save_checkpoint(self, path: str) -> None:

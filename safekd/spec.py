@@ -262,6 +262,10 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "kl_to": (("teacher", "max"), ("on", "support", "margin")),
     "retain": (("metric", "min"), ("proxy", "support", "margin")),
     "metric": (("fn", "sense", "threshold"), ("proxy", "support", "margin")),
+    "min_entropy": (("min",), ()),
+    "kl_ball": (("reference", "max"), ()),
+    "stability": (("max",), ("scale",)),
+    "convex": (("fn",), ("values", "params", "smooth")),
 }
 _TOP = ("teachers", "constraints", "unsafe", "temperature", "dual", "checks")
 
@@ -393,6 +397,23 @@ class _Parser:
                 proxy = self.fn(d["proxy"], k("proxy")) if "proxy" in d else None
                 r = C.retain(metric, self.number(d["min"], k("min")), proxy=proxy, **common, **student)
                 return _renamed(r, metric_name=m, proxy_name=d.get("proxy"))
+            if kind == "min_entropy":  # convex teacher-weight constraints (solvers.convex)
+                return C.min_entropy(self.number(d["min"], k("min")), **common)
+            if kind == "kl_ball":
+                ref = self.keys(d["reference"], k("reference"), known, known)
+                return C.kl_ball({t: self.number(ref[t], f"{k('reference')}.{t}") for t in known},
+                                 self.number(d["max"], k("max")), **common)
+            if kind == "stability":
+                return C.stability(self.number(d["max"], k("max")), self.string(d.get("scale", "task"), k("scale")),
+                                   **common)
+            if kind == "convex":
+                if not isinstance(d.get("smooth", True), bool):
+                    raise self.error(k("smooth"), f"expected true or false, got {d['smooth']!r}")
+                ps = self.keys(d.get("params", {}), k("params"), tuple(d.get("params", {})))
+                cv = C.convex(self.fn(d["fn"], k("fn")), values=self.fn(d["values"], k("values")) if "values" in d
+                              else None, params={n: torch.tensor(v, dtype=torch.float64) for n, v in ps.items()},
+                              smooth=d.get("smooth", True), **common)
+                return _renamed(cv, fn_name=d["fn"], values_name=d.get("values"))
             # metric
             sense = d["sense"]
             if sense not in ("<=", ">="):

@@ -184,6 +184,9 @@ def _columns(fset: Any, name: str) -> tuple[list[int], list[int], list[int]]:
 def _weight_residuals(c: C.TeacherWeightConstraint, t: Targets, spec: Spec, batch: Mapping[str, Any]) -> Tensor:
     """Per-token signed residual (≤ 0 = satisfied) of a teacher-weight constraint on the audit tokens."""
     mask = t.mask
+    if isinstance(c, C.ConvexWeightConstraint):  # convex constraints: measured by the distiller on every token
+        r = t.convex_residuals[c.name]
+        return r[mask.to(r.device)].to(t.weights.dtype)
     if isinstance(c, C.UnsafeMass):  # on the pooled target, after any correction: what the student is trained on
         u = c.unsafe if c.unsafe is not None else spec.unsafe
         assert u is not None
