@@ -154,7 +154,7 @@ class AuditReport:
         raise KeyError(f"no constraint named {name!r}; have {[c.name for c in self.constraints]}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (non-finite floats → ``None``), matching ``schema_v1.json``."""
+        """JSON-ready dict (non-finite floats → ``None``), matching ``schema_v2.json``."""
         d = {
             "schema_version": self.schema_version,
             "passed": self.passed,
