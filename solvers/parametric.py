@@ -44,35 +44,33 @@ class FixedShapeResult:
 
 
 def _newton_tau(v: Tensor, lo: Tensor, hi: Tensor, steps: int) -> Tensor:
-    """``τ`` with ``Σ clamp(v − τ, lo, hi) = 1`` after ``steps`` safeguarded Newton steps (see the module doc)."""
-    t_lo, f_lo = (v - hi).amin(-1), hi.sum(-1) - 1  # f(t_lo) = Σhi − 1 ≥ 0 ≥ Σlo − 1 = f(t_hi)
-    t_hi, f_hi = (v - lo).amax(-1), lo.sum(-1) - 1
-    tau = (v.sum(-1) - 1) / v.shape[-1]
+    """``τ [n, 1]`` with ``Σ clamp(v − τ, lo, hi) = 1`` after ``steps`` safeguarded Newton steps (module doc)."""
+    t_lo, f_lo = (v - hi).amin(-1, keepdim=True), hi.sum(-1, keepdim=True) - 1  # f(t_lo) ≥ 0 ≥ f(t_hi)
+    t_hi, f_hi = (v - lo).amax(-1, keepdim=True), lo.sum(-1, keepdim=True) - 1
+    tau = (v.sum(-1, keepdim=True) - 1) / v.shape[-1]
     for _ in range(steps):
-        u = v - tau[:, None]
-        f = u.clamp(lo, hi).sum(-1) - 1
+        u = v - tau
+        f = u.clamp(lo, hi).sum(-1, keepdim=True) - 1
         up = f > 0  # too much mass: τ increases; coordinates at hi free first, those at lo stay
         t_lo, f_lo = torch.where(up, tau, t_lo), torch.where(up, f, f_lo)
         t_hi, f_hi = torch.where(up, t_hi, tau), torch.where(up, f_hi, f)
-        free = torch.where(up[:, None], (u > lo) & (u <= hi), (u >= lo) & (u < hi))
-        n = free.sum(-1)
-        gap = torch.where(up[:, None], torch.where(u > hi, u - hi, math.inf), torch.where(u < lo, u - lo, -math.inf))
-        newton = torch.where(n > 0, tau + f / n.clamp_min(1), tau + torch.where(up, gap.amin(-1), gap.amax(-1)))
+        n = torch.where(up, (u > lo) & (u <= hi), (u >= lo) & (u < hi)).sum(-1, keepdim=True)
+        newton = tau + f / n.clamp_min(1)
         falsi = t_lo + f_lo * (t_hi - t_lo) / torch.where(f_lo > f_hi, f_lo - f_hi, 1.0)
-        inside = (newton >= t_lo) & (newton <= t_hi)
-        tau = torch.where(f == 0, tau, torch.where(inside, newton, falsi))
+        tau = torch.where((n > 0) & (newton >= t_lo) & (newton <= t_hi), newton, falsi)
     return tau
 
 
 def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, free: Tensor, low: Tensor,
                         upp: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
-    """``(τ, μ)`` solving ``Σw = 1`` (and ``a·w = b`` where ``active``) with ``w_F = v_F − τ − μa_F``, ``w_L = lo``,
-    ``w_U = hi``: a 2×2 system ``[[|F|, Σ_F a], [Σ_F a, Σ_F a²]] (τ, μ) = (p, q)`` (``μ = 0`` where inactive)."""
+    """``(τ, μ) [n, 1]`` solving ``Σw = 1`` (and ``a·w = b`` where ``active``) with ``w_F = v_F − τ − μa_F``,
+    ``w_L = lo``, ``w_U = hi``: ``[[|F|, Σ_F a], [Σ_F a, Σ_F a²]] (τ, μ) = (p, q)`` (``μ = 0`` where inactive)."""
     F = free.to(v.dtype)
     fixed = torch.where(low, lo, 0.0) + torch.where(upp, hi, 0.0)
-    n, sa, saa = F.sum(-1), (F * a).sum(-1), (F * a * a).sum(-1)
-    p = (F * v).sum(-1) + fixed.sum(-1) - 1
-    q = (F * a * v).sum(-1) + (a * fixed).sum(-1) - b
+    Fa = F * a
+    n, sa, saa = F.sum(-1, keepdim=True), Fa.sum(-1, keepdim=True), (Fa * a).sum(-1, keepdim=True)
+    p = (F * v + fixed).sum(-1, keepdim=True) - 1
+    q = (Fa * v + a * fixed).sum(-1, keepdim=True) - b
     det = n * saa - sa * sa
     solvable = active & (det > 1e-14 * n * saa)
     safe = torch.where(solvable, det, 1.0)
@@ -81,63 +79,82 @@ def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor,
     return tau, mu
 
 
+def _certify(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, mu: Tensor) -> tuple[Tensor, ...]:
+    """``w = clamp(v − τ − μa, lo, hi)`` (stationary by construction) and its KKT residual
+    ``max(|Σw − 1|, max(g, 0), |min(μ, −g)|)`` with ``g = a·w − b`` (``inf`` where ``μ < 0``); also ``g``."""
+    w = (v - tau - mu * a).clamp(lo, hi)
+    g = (a * w).sum(-1, keepdim=True) - b
+    kkt = torch.maximum(torch.maximum((w.sum(-1, keepdim=True) - 1).abs(), g.clamp_min(0)), torch.minimum(mu, -g).abs())
+    return w, torch.where(mu >= 0, kkt, math.inf), g
+
+
 def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor | None = None, b: Tensor | None = None, *,
-                          tol: float, newton_steps: int = 6, path_steps: int = 4,
-                          newton_polish: int = 3) -> FixedShapeResult:
+                          tol: float, newton_steps: int = 4, path_steps: int = 3,
+                          newton_polish: int = 5) -> FixedShapeResult:
     """Projection of ``v [n, K]`` onto ``{lo ≤ w ≤ hi, Σw = 1, a·w ≤ b}`` (``a [n, K]``, ``b [n]``; ``a = None``:
     box∩simplex only) by a fixed sequence of batched tensor ops: ``newton_steps`` for ``τ₀``, ``path_steps``
     along the path in ``μ``, then the exact finish on the last partition and ``newton_polish`` semismooth Newton
-    steps on ``(τ, μ)`` (partition of ``u``, 2×2 solve; the certified candidate with the least residual is kept,
-    the path's first). Computes in ``v.dtype``; compiles with
-    ``torch.compile(fullgraph=True)`` (no graph break, no host synchronisation). Every row carries its
-    certificate (``certified``: KKT residual ≤ ``tol``); uncertified rows must be solved by an exact fallback.
+    steps on ``(τ, μ)`` (partition of ``u``, 2×2 solve; the candidate with the least KKT residual is kept, the
+    path's on ties). Computes in ``v.dtype``; compiles with ``torch.compile(fullgraph=True)`` (no graph break,
+    no host synchronisation). Every row carries its certificate (``certified``: KKT residual ≤ ``tol``);
+    uncertified rows must be solved by an exact fallback.
     """
     n_rows, K = v.shape
-    tau = _newton_tau(v, lo, hi, newton_steps)
-    u = v - tau[:, None]
-    low, upp = u <= lo, u >= hi  # ties count as bound: the partition of the exact finish
-    free = ~(low | upp)
-    zero = v.new_zeros(n_rows)
     if a is None or b is None:
         a, b = v.new_zeros(n_rows, K), v.new_ones(n_rows)
-    tau, _ = _exact_on_partition(v, lo, hi, a, b, free, low, upp, torch.zeros_like(free[:, 0]))
-    u = v - tau[:, None]
-    g = (a * u.clamp(lo, hi)).sum(-1) - b
+    v, lo, hi, a = (t.contiguous() for t in (v, lo, hi, a))  # broadcast (stride-0) inputs are slow to read
+    b = b[:, None]
+    tau = _newton_tau(v, lo, hi, newton_steps)
+    u = v - tau
+    low, upp = u <= lo, u >= hi  # ties count as bound: the partition of the exact finish
+    free = ~(low | upp)
+    no_free = ~free.any(-1, keepdim=True)
+    tau = torch.where(no_free, tau, _exact_on_partition(v, lo, hi, a, b, free, low, upp, torch.zeros_like(no_free))[0])
+    # nothing free (w at a vertex; τ anywhere in an interval): move τ to the interval's end where the coordinate
+    # at its upper bound nearest to freeing sits exactly at it, and count that coordinate free (then |F| ≥ 1)
+    u = v - tau
+    gap = torch.where(upp, u - hi, math.inf)
+    first = gap.amin(-1, keepdim=True)
+    pick = no_free & (gap == first) & torch.isfinite(first)
+    pick = pick & (pick.long().cumsum(-1) == 1)
+    tau = tau + torch.where(no_free & torch.isfinite(first), first, 0.0)
+    upp, free = upp & ~pick, free | pick
+    u = v - tau
+    g = (a * u.clamp(lo, hi)).sum(-1, keepdim=True) - b
     done = g <= 0
-    mu, steps = zero, torch.zeros(n_rows, dtype=torch.long, device=v.device)
+    mu = torch.zeros_like(tau)
+    steps = torch.zeros_like(tau, dtype=torch.long)
     for _ in range(path_steps):
         F = free.to(v.dtype)
-        abar = (F * a).sum(-1) / F.sum(-1).clamp_min(1)
-        d = abar[:, None] - a  # du/dμ on this partition
-        slope = (F * a * d).sum(-1)  # dg/dμ = −Σ_F (a − ā)² ≤ 0
-        to_root = torch.where(slope < 0, g / -torch.where(slope < 0, slope, -1.0), math.inf)
+        Fa = F * a
+        abar = Fa.sum(-1, keepdim=True) / F.sum(-1, keepdim=True).clamp_min(1)
+        d = abar - a  # du/dμ on this partition
+        slope = (Fa * d).sum(-1, keepdim=True)  # dg/dμ = −Σ_F (a − ā)² ≤ 0
+        to_root = g / (-slope).clamp_min(torch.finfo(v.dtype).tiny)
         target = torch.where(d > 0, torch.where(low, lo, hi), torch.where(upp, hi, lo))
-        moves = (d != 0) & ~(low & (d < 0)) & ~(upp & (d > 0))
+        moves = (d != 0) & ~((low & (d < 0)) | (upp & (d > 0)))
         event = torch.where(moves, (target - u) / torch.where(moves, d, 1.0), math.inf).clamp_min(0)
-        first = event.amin(-1)
+        first = event.amin(-1, keepdim=True)
+        root = to_root <= first
         step = torch.where(done, 0.0, torch.minimum(to_root, first))
-        mu, tau, u = mu + step, tau - step * abar, u + step[:, None] * d
-        hit = (event <= first[:, None]) & ~(done | (to_root <= first))[:, None]
+        mu, tau, u = mu + step, tau - step * abar, u + step * d
+        hit = (event <= first) & ~(done | root)
         low, upp, free = torch.where(hit, free & (d < 0), low), torch.where(hit, free & (d > 0), upp), free ^ hit
         g = g + step * slope
         steps = steps + (~done).long()
-        done = done | (to_root <= first)
-    best = None
-    for k in range(newton_polish + 1):  # the exact finish on the last partition, then Newton steps (partition of u)
-        if k:
-            u = v - tau[:, None] - mu[:, None] * a
-            low, upp = u <= lo, u >= hi
-            free = ~(low | upp)
-        act = mu > 0
-        tau_x, mu_x = _exact_on_partition(v, lo, hi, a, b, free, low, upp, act)
-        tau, mu = torch.where(act, tau_x, tau), torch.where(act, mu_x, mu).clamp_min(0)
-        w = (v - tau[:, None] - mu[:, None] * a).clamp(lo, hi)
-        g = (a * w).sum(-1) - b
-        kkt = torch.maximum(torch.maximum((w.sum(-1) - 1).abs(), g.clamp_min(0)), torch.minimum(mu, -g).abs())
-        if best is None:
-            best = (w, mu, kkt)
-        else:
-            keep = best[2] <= kkt
-            best = tuple(torch.where(keep[:, None] if t.dim() == 2 else keep, t, s) for t, s in zip(best, (w, mu, kkt)))
-    w, mu, kkt = best
-    return FixedShapeResult(w, mu, kkt, kkt <= tol, steps)
+        done = done | root
+    act = mu > 0
+    tau_x, mu_x = _exact_on_partition(v, lo, hi, a, b, free, low, upp, act)
+    tau, mu = torch.where(act, tau_x, tau), torch.where(act, mu_x, mu)
+    w, kkt, g = _certify(v, lo, hi, a, b, tau, mu)
+    mu_best = mu
+    for _ in range(newton_polish):  # semismooth Newton on (τ, μ): partition of u, the row binds where μ > 0 or g > 0
+        u = v - tau - mu * a
+        low, upp = u <= lo, u >= hi
+        act = (mu > 0) | (g > 0)
+        tau, mu = _exact_on_partition(v, lo, hi, a, b, ~(low | upp), low, upp, act)
+        mu = mu.clamp_min(0)
+        w_k, kkt_k, g = _certify(v, lo, hi, a, b, tau, mu)
+        better = kkt_k < kkt
+        w, kkt, mu_best = torch.where(better, w_k, w), torch.where(better, kkt_k, kkt), torch.where(better, mu, mu_best)
+    return FixedShapeResult(w, mu_best[:, 0], kkt[:, 0], kkt[:, 0] <= tol, steps[:, 0])

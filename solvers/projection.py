@@ -572,6 +572,12 @@ def project(
         fast = project_box_halfspace(vf, lo, hi, A[:, 0], b[:, 0], tol=tol)
         w, info_mu, it = fast.w, fast.mu[:, None], fast.path_steps
         rest = (~fast.certified).nonzero()[:, 0]  # the host synchronisation of this path (CPU: free)
+        if rest.numel():  # the same kernel with steps enough for every partition change, on those rows only
+            long = project_box_halfspace(vf[rest], lo[rest], hi[rest], A[rest, 0], b[rest, 0], tol=tol,
+                                         newton_steps=8, path_steps=2 * K + 2, newton_polish=2)
+            w, info_mu = w.index_put((rest,), long.w), info_mu.index_put((rest,), long.mu[:, None])
+            it = it.index_put((rest,), it[rest] + long.path_steps)
+            rest = rest[~long.certified]
         if rest.numel():
             w_r, lo_r, hi_r, b_r, relax_r, status_r, it_r, mu_r, stat_r = _solve_general(
                 vf[rest], lo[rest], hi[rest], A[rest], b[rest], fset, batch, metric, tol, max_iter, False)

@@ -52,7 +52,7 @@ def test_most_rows_outside_are_certified(K):
     """The fixed number of steps certifies almost every row of the benchmark's all-outside family."""
     v, fs = _all_outside(np.random.default_rng(K), K, 2048)
     res = _fast(v, fs)
-    assert float(res.certified.double().mean()) >= 0.9
+    assert float(res.certified.double().mean()) >= 0.99
     assert bool((res.path_steps >= 1).all())  # every row violates its halfspace at μ = 0: the path was taken
     w, info = project(v, fs, return_info=True)
     assert torch.allclose(w[res.certified], res.w[res.certified], atol=1e-12, rtol=0)
