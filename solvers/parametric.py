@@ -1,24 +1,25 @@
 """Fixed-shape, sync-free projection onto box∩simplex ∩ {a·w ≤ b} (one row), with a KKT certificate per row.
 
 ``P(v) = argmin ½‖w − v‖²`` over ``{lo ≤ w ≤ hi, Σw = 1, a·w ≤ b}`` is ``w = clamp(v − τ − μa, lo, hi)`` with
-``μ ≥ 0`` the row's multiplier and ``τ`` that of ``Σw = 1``. Two stages, each a fixed number of batched
+``μ ≥ 0`` the row's multiplier and ``τ`` that of ``Σw = 1``. Three stages, each a fixed number of batched
 elementwise steps (no sort, no data-dependent control flow, no host synchronisation):
 
 1. ``τ₀`` at ``μ = 0`` (the box∩simplex projection): Newton on the nonincreasing piecewise-linear
-   ``f(τ) = Σ clamp(v − τ, lo, hi) − 1`` with the one-sided slope ``−|F|`` (``F`` = coordinates free on the side
-   the step goes), a breakpoint step where nothing is free, and a false-position step inside the bracket
-   ``[min(v − hi), max(v − lo)]`` where Newton leaves it.
+   ``f(τ) = Σ clamp(v − τ, lo, hi) − 1`` with the slope ``−|F|`` (``F = {lo ≤ v − τ ≤ hi}``), and a
+   false-position step inside the bracket ``[min(v − hi), max(v − lo)]`` where Newton leaves it or nothing is
+   free; then ``τ₀`` exactly on the partition it found (where nothing is free, ``w`` is a vertex: ``τ`` moves to
+   the end of its interval where one coordinate sits at its bound, and that coordinate counts as free).
 2. the parametric path ``μ ↦ (τ(μ), w(μ))`` from 0 (rows violating the row at ``w₀``): on a fixed partition
    (free ``F``, lower ``L``, upper ``U``) ``dτ/dμ = −ā_F`` and ``du/dμ = −(a − ā_F)`` for ``u = v − τ − μa``, so
    ``g(μ) = a·w − b`` falls with slope ``−Σ_F (a − ā_F)²``; each step goes to the root of ``g`` or to the first
-   coordinate that changes side, whichever comes first (exact, monotone in ``μ``), for a fixed number of steps;
-   then semismooth Newton steps on ``(τ, μ)`` jump over the remaining partition changes.
+   coordinate that changes side, whichever comes first (exact, monotone in ``μ``; a few steps);
+3. the last partition fixes ``(τ, μ)`` by a 2×2 linear solve (exact on the root's piece), followed by semismooth
+   Newton steps on ``(τ, μ)`` (the partition of ``u``, the same 2×2 system; an exact point is a fixed point).
 
-The last partition fixes ``(τ, μ)`` by a 2×2 linear solve (exact on the root's piece), and the point is
-certified by the full KKT conditions: ``w = clamp(v − τ − μa)`` (stationarity, by construction), ``|Σw − 1|``,
-``max(g, 0)`` and ``|min(μ, −g)|`` at most ``tol``, ``μ ≥ 0``. Rows not certified in the fixed number of steps
-(many partition changes, an empty set, degenerate ties) are left to the caller's exact fallback
-(:func:`solvers.project` runs its active set on them).
+Each candidate is certified by the full KKT conditions: ``w = clamp(v − τ − μa)`` (stationarity, by
+construction), ``|Σw − 1|``, ``max(g, 0)`` and ``|min(μ, −g)|`` at most ``tol``, ``μ ≥ 0``. Rows not certified
+in the fixed number of steps (many partition changes, an empty set, degenerate ties) are left to the caller's
+exact fallback (:func:`solvers.project` reruns this kernel with more path steps on them, then its active set).
 """
 from __future__ import annotations
 
@@ -50,11 +51,12 @@ def _newton_tau(v: Tensor, lo: Tensor, hi: Tensor, steps: int) -> Tensor:
     tau = (v.sum(-1, keepdim=True) - 1) / v.shape[-1]
     for _ in range(steps):
         u = v - tau
-        f = u.clamp(lo, hi).sum(-1, keepdim=True) - 1
-        up = f > 0  # too much mass: τ increases; coordinates at hi free first, those at lo stay
+        w = u.clamp(lo, hi)
+        f = w.sum(-1, keepdim=True) - 1
+        up = f > 0  # too much mass: τ increases
         t_lo, f_lo = torch.where(up, tau, t_lo), torch.where(up, f, f_lo)
         t_hi, f_hi = torch.where(up, t_hi, tau), torch.where(up, f_hi, f)
-        n = torch.where(up, (u > lo) & (u <= hi), (u >= lo) & (u < hi)).sum(-1, keepdim=True)
+        n = (w == u).sum(-1, keepdim=True)  # free coordinates (ties included: a shorter step, never a wrong one)
         newton = tau + f / n.clamp_min(1)
         falsi = t_lo + f_lo * (t_hi - t_lo) / torch.where(f_lo > f_hi, f_lo - f_hi, 1.0)
         tau = torch.where((n > 0) & (newton >= t_lo) & (newton <= t_hi), newton, falsi)
@@ -79,18 +81,31 @@ def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor,
     return tau, mu
 
 
-def _certify(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, mu: Tensor) -> tuple[Tensor, ...]:
-    """``w = clamp(v − τ − μa, lo, hi)`` (stationary by construction) and its KKT residual
-    ``max(|Σw − 1|, max(g, 0), |min(μ, −g)|)`` with ``g = a·w − b`` (``inf`` where ``μ < 0``); also ``g``."""
-    w = (v - tau - mu * a).clamp(lo, hi)
+def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor,
+                    mu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """At ``(τ, μ) [n, 1]``: ``w = clamp(v − τ − μa, lo, hi)`` (stationary by construction), its KKT residual
+    ``max(|Σw − 1|, max(g, 0), |min(μ, −g)|)`` (``g = a·w − b``), and the next semismooth Newton iterate: on the
+    free coordinates (``w = u``) ``Σw − 1 = r`` and ``g`` move by ``−[[|F|, Σ_F a], [Σ_F a, Σ_F a²]] (Δτ, Δμ)``;
+    the row binds where ``μ > 0`` or ``g > 0`` (else ``μ → 0``), ``μ`` stays where the 2×2 system is singular.
+    Returns ``(w, kkt, τ', μ')``."""
+    u = torch.addcmul(v - tau, a, mu, value=-1.0)
+    w = u.clamp(lo, hi)
+    F = (w == u).to(v.dtype)
+    Fa = F * a
+    n, sa, saa = F.sum(-1, keepdim=True), Fa.sum(-1, keepdim=True), (Fa * a).sum(-1, keepdim=True)
+    r = w.sum(-1, keepdim=True) - 1
     g = (a * w).sum(-1, keepdim=True) - b
-    kkt = torch.maximum(torch.maximum((w.sum(-1, keepdim=True) - 1).abs(), g.clamp_min(0)), torch.minimum(mu, -g).abs())
-    return w, torch.where(mu >= 0, kkt, math.inf), g
+    kkt = torch.maximum(torch.maximum(r.abs(), g.clamp_min(0)), torch.minimum(mu, -g).abs())
+    det = n * saa - sa * sa
+    solvable = ((mu > 0) | (g > 0)) & (det > 1e-14 * n * saa)
+    dmu = torch.where(solvable, (n * g - sa * r) / torch.where(solvable, det, 1.0), torch.where(g > 0, 0.0, -mu))
+    dtau = (r - sa * dmu) / n.clamp_min(1)
+    return w, kkt, tau + dtau, (mu + dmu).clamp_min(0)
 
 
 def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor | None = None, b: Tensor | None = None, *,
-                          tol: float, newton_steps: int = 4, path_steps: int = 3,
-                          newton_polish: int = 5) -> FixedShapeResult:
+                          tol: float, newton_steps: int = 3, path_steps: int = 2,
+                          newton_polish: int = 6) -> FixedShapeResult:
     """Projection of ``v [n, K]`` onto ``{lo ≤ w ≤ hi, Σw = 1, a·w ≤ b}`` (``a [n, K]``, ``b [n]``; ``a = None``:
     box∩simplex only) by a fixed sequence of batched tensor ops: ``newton_steps`` for ``τ₀``, ``path_steps``
     along the path in ``μ``, then the exact finish on the last partition and ``newton_polish`` semismooth Newton
@@ -146,15 +161,10 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor | None = 
     act = mu > 0
     tau_x, mu_x = _exact_on_partition(v, lo, hi, a, b, free, low, upp, act)
     tau, mu = torch.where(act, tau_x, tau), torch.where(act, mu_x, mu)
-    w, kkt, g = _certify(v, lo, hi, a, b, tau, mu)
-    mu_best = mu
-    for _ in range(newton_polish):  # semismooth Newton on (τ, μ): partition of u, the row binds where μ > 0 or g > 0
-        u = v - tau - mu * a
-        low, upp = u <= lo, u >= hi
-        act = (mu > 0) | (g > 0)
-        tau, mu = _exact_on_partition(v, lo, hi, a, b, ~(low | upp), low, upp, act)
-        mu = mu.clamp_min(0)
-        w_k, kkt_k, g = _certify(v, lo, hi, a, b, tau, mu)
+    w, kkt, tau, mu_next = _newton_iterate(v, lo, hi, a, b, tau, mu)  # the path's point and its certificate
+    for _ in range(newton_polish):  # an exact point is a fixed point: the last iterate is kept where it is better
+        mu_k, (w_k, kkt_k, tau, mu_next) = mu_next, _newton_iterate(v, lo, hi, a, b, tau, mu_next)
+    if newton_polish:
         better = kkt_k < kkt
-        w, kkt, mu_best = torch.where(better, w_k, w), torch.where(better, kkt_k, kkt), torch.where(better, mu, mu_best)
-    return FixedShapeResult(w, mu_best[:, 0], kkt[:, 0], kkt[:, 0] <= tol, steps[:, 0])
+        w, kkt, mu = torch.where(better, w_k, w), torch.where(better, kkt_k, kkt), torch.where(better, mu_k, mu)
+    return FixedShapeResult(w, mu[:, 0], kkt[:, 0], kkt[:, 0] <= tol, steps[:, 0])
