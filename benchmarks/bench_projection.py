@@ -119,17 +119,19 @@ def _daqp_loop(v: torch.Tensor, fs: FeasibleSet):
 
 def _interleaved(fns: dict, repeat: int, device: torch.device) -> dict:
     """Median seconds per call of each function, the calls interleaved (one of each per repetition, after a warm-up
-    round) so that machine load affects all alike; on CUDA the device is synchronised around each call."""
+    round) so that machine load affects all alike. CPU: process time (the time this process ran: other processes
+    on a shared machine do not count); CUDA: wall clock, the device synchronised around each call."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict = {k: [] for k in fns}
     for r in range(repeat + 1):
         for k, fn in fns.items():
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync()
             if r:
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(clock() - t0)
     return {k: statistics.median(t) for k, t in times.items()}
 
 
@@ -182,9 +184,10 @@ def main() -> None:
                     _, info = project(v, fs, return_info=True)
                     n = min(args.ref_sample, N)
                     fs_s = fs[:n] if fs.batch_shape else fs
-                    t0 = time.perf_counter()
+                    clock = time.perf_counter if device.type == "cuda" else time.process_time
+                    t0 = clock()
                     w_ref = reference.project(v[:n].double(), fs_s.to(dtype=torch.float64))
-                    t_ref = (time.perf_counter() - t0) / n
+                    t_ref = (clock() - t0) / n
                     diff = float((project(v[:n], fs_s).double() - w_ref).abs().max())
                     status = {s.name: int((info.status == int(s)).sum()) for s in Status if bool((info.status == int(s)).any())}
                     row = dict(family=family, K=K, N=N, m=fs.num_rows, dtype=name, all_outside=args.all_outside,

@@ -104,7 +104,7 @@ def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau
 
 
 def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor | None = None, b: Tensor | None = None, *,
-                          tol: float, newton_steps: int = 3, path_steps: int = 2,
+                          tol: float, newton_steps: int = 3, path_steps: int = 3,
                           newton_polish: int = 6) -> FixedShapeResult:
     """Projection of ``v [n, K]`` onto ``{lo ≤ w ≤ hi, Σw = 1, a·w ≤ b}`` (``a [n, K]``, ``b [n]``; ``a = None``:
     box∩simplex only) by a fixed sequence of batched tensor ops: ``newton_steps`` for ``τ₀``, ``path_steps``
