@@ -35,7 +35,7 @@ __all__ = ["FixedShapeResult", "project_box_halfspace"]
 @dataclass(frozen=True)
 class FixedShapeResult:
     """``w [n, K]``, the row multiplier ``mu [n]`` (0 without a row), the KKT residual ``kkt_residual [n]``,
-    ``certified [n]`` (``kkt_residual ≤ tol``) and ``path_steps [n]`` (partition changes taken in stage 2)."""
+    ``certified [n]`` (``kkt_residual ≤ tol``) and ``path_steps [n]`` (steps taken along the path in ``μ``)."""
 
     w: Tensor
     mu: Tensor
