@@ -466,10 +466,22 @@ class _EuclidFn(torch.autograd.Function):
             coef = (a * gF).sum(-1, keepdim=True) / torch.where(aa > 1e-12 * Aact[:, 0].square().sum(-1, keepdim=True),
                                                                  aa, math.inf)
             return gF - coef * a, None, None, None
-        M = torch.cat([F[:, None, :], Aact * F[:, None, :]], dim=-2)  # [N, 1+m, K]
-        G = M @ M.transpose(-1, -2)
-        y = torch.linalg.pinv(G, hermitian=True) @ (M @ gF[..., None])
-        return gF - (M.transpose(-1, -2) @ y)[..., 0], None, None, None
+        # rows on F made ⊥ 1_F; Gram solve by Cholesky (zero rows: identity); rows whose pivots reveal dependent
+        # active normals (ties) take the pseudo-inverse (a host synchronisation, in the backward only)
+        M = Aact * F[:, None, :]
+        M = F[:, None, :] * (M - M.sum(-1, keepdim=True) / n[:, None])
+        G = M @ M.mT
+        diag = G.diagonal(dim1=-2, dim2=-1)
+        zero = diag <= 1e-24 * diag.amax(-1, keepdim=True).clamp_min(1e-300)
+        L, info = torch.linalg.cholesky_ex(G + torch.diag_embed(zero.to(G.dtype)))
+        pivots = L.diagonal(dim1=-2, dim2=-1).square()
+        ok = (info == 0) & (zero | (pivots >= 1e-8 * diag)).all(-1)
+        rhs = M @ gF[..., None]
+        y = torch.cholesky_solve(rhs, L)
+        bad = (~ok).nonzero()[:, 0]
+        if bad.numel():
+            y = y.index_put((bad,), torch.linalg.pinv(G[bad], hermitian=True) @ rhs[bad])
+        return gF - (M.mT @ y)[..., 0], None, None, None
 
 
 class _KLFn(torch.autograd.Function):
