@@ -8,7 +8,8 @@ Kernels (all batched over rows ``[N, K]``, no Python loop over rows):
   a breakpoint search (sort the 2K breakpoints, cumulative piecewise-linear sum, linear solve on the segment).
   Euclidean: ``α = v, β = 1`` (``c = −τ``); KL: ``α = 0, β = v`` (``c = e^{−ν}``).
 * one row ``a·w ≤ b`` without a chain (Euclidean): the fixed-shape path of :mod:`solvers.parametric` on every
-  row (no sort, no host synchronisation, a KKT certificate per row); only uncertified rows take the path below.
+  row (no sort, no host synchronisation, a KKT certificate per row); uncertified rows get it again with ``2K + 2``
+  path steps, and only those still uncertified take the general path below.
 * rows ``A w ≤ b``: the box∩simplex projection first (most rows are feasible there and are done); the rows
   still violated are screened for emptiness (next item). Sets with an ordinal chain (``FeasibleSet.chain``, from
   ``order_by``) then take closed forms on the superset ``C = {Σw = 1, w ≥ 0, w decreasing along the chain}``: the
