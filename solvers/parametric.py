@@ -68,7 +68,7 @@ def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor,
     """``(τ, μ) [n, 1]`` solving ``Σw = 1`` (and ``a·w = b`` where ``active``) with ``w_F = v_F − τ − μa_F``,
     ``w_L = lo``, ``w_U = hi``: ``[[|F|, Σ_F a], [Σ_F a, Σ_F a²]] (τ, μ) = (p, q)`` (``μ = 0`` where inactive)."""
     F = free.to(v.dtype)
-    fixed = torch.where(low, lo, 0.0) + torch.where(upp, hi, 0.0)
+    fixed = low.to(v.dtype) * lo + upp.to(v.dtype) * hi
     Fa = F * a
     n, sa, saa = F.sum(-1, keepdim=True), Fa.sum(-1, keepdim=True), (Fa * a).sum(-1, keepdim=True)
     p = (F * v + fixed).sum(-1, keepdim=True) - 1
@@ -146,15 +146,23 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor | None = 
         d = abar - a  # du/dμ on this partition
         slope = (Fa * d).sum(-1, keepdim=True)  # dg/dμ = −Σ_F (a − ā)² ≤ 0
         to_root = g / (-slope).clamp_min(torch.finfo(v.dtype).tiny)
-        target = torch.where(d > 0, torch.where(low, lo, hi), torch.where(upp, hi, lo))
-        moves = (d != 0) & ~((low & (d < 0)) | (upp & (d > 0)))
-        event = torch.where(moves, (target - u) / torch.where(moves, d, 1.0), math.inf).clamp_min(0)
-        first = event.amin(-1, keepdim=True)
+        # when each coordinate changes side: a free one at the bound ahead ((lo − u)/d, (hi − u)/d: the larger), a
+        # bound one where it frees (the smaller, if ≥ 0); d = 0 gives ±inf or nan: no event (no torch.where on
+        # [n, K]: it is slow on CPU)
+        inv = d.reciprocal()
+        t_lo, t_hi = (lo - u) * inv, (hi - u) * inv
+        t_min = torch.minimum(t_lo, t_hi)
+        event = torch.addcmul(t_min, F, torch.maximum(t_lo, t_hi) - t_min)  # + 0: −0.0 (at a bound) becomes +0.0
+        rate = event.reciprocal().nan_to_num(nan=0.0, posinf=math.inf)  # > 0: an event ahead (0 now: inf)
+        top = rate.amax(-1, keepdim=True)
+        first = top.clamp_min(0).reciprocal()
         root = to_root <= first
         step = torch.where(done, 0.0, torch.minimum(to_root, first))
-        mu, tau, u = mu + step, tau - step * abar, u + step * d
-        hit = (event <= first) & ~(done | root)
-        low, upp, free = torch.where(hit, free & (d < 0), low), torch.where(hit, free & (d > 0), upp), free ^ hit
+        mu, tau, u = mu + step, tau - step * abar, torch.addcmul(u, step, d)
+        hit = (rate >= top) & (top > 0) & ~(done | root)
+        low = (low & ~hit) | (hit & free & (d < 0))
+        upp = (upp & ~hit) | (hit & free & (d > 0))
+        free = free ^ hit
         g = g + step * slope
         steps = steps + (~done).long()
         done = done | root
@@ -166,5 +174,6 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor | None = 
         mu_k, (w_k, kkt_k, tau, mu_next) = mu_next, _newton_iterate(v, lo, hi, a, b, tau, mu_next)
     if newton_polish:
         better = kkt_k < kkt
-        w, kkt, mu = torch.where(better, w_k, w), torch.where(better, kkt_k, kkt), torch.where(better, mu_k, mu)
+        w = torch.addcmul(w, better.to(v.dtype), w_k - w)
+        kkt, mu = torch.where(better, kkt_k, kkt), torch.where(better, mu_k, mu)
     return FixedShapeResult(w, mu[:, 0], kkt[:, 0], kkt[:, 0] <= tol, steps[:, 0])
