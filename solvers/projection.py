@@ -552,10 +552,8 @@ def project(
     uncertified rows reach the general path (one host synchronisation: their count). ``max_iter`` bounds
     the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference (``MAX_ITER``).
     """
-    if v.dtype in (torch.float16, torch.bfloat16):  # solved in float32 (half precision cannot meet the tolerance)
-        if not isinstance(fset, FeasibleSet):
-            raise TypeError(f"fset must be a solvers.FeasibleSet, got {type(fset).__name__}")
-        out = project(v.float(), fset.to(dtype=torch.float32), metric, return_info, max_iter, on_all_empty)
+    if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16):  # half precision cannot meet the
+        out = project(v.float(), fset, metric, return_info, max_iter, on_all_empty)  # tolerance: solved in float32
         if not return_info:
             return out.to(v.dtype)
         return out[0].to(v.dtype), out[1]
