@@ -580,15 +580,18 @@ def project(
     if N == 0:
         w = v.detach().clone()
     elif metric == "euclidean" and m == 1 and fset.chain is None:  # fixed shape, then the general path on the rest
-        fast = project_box_halfspace(vf, lo, hi, A[:, 0], b[:, 0], tol=tol)
+        # in float64 (as the active set): float32 round-off moves ill-conditioned rows by far more than the tolerance
+        data = tuple(t.double() for t in (vf, lo, hi, A[:, 0], b[:, 0]))
+        fast = project_box_halfspace(*data, tol=_tolerance(torch.float64))
         w, info_mu, it = fast.w, fast.mu[:, None], fast.path_steps
         rest = (~fast.certified).nonzero()[:, 0]  # the host synchronisation of this path (CPU: free)
         if rest.numel():  # the same kernel with steps enough for every partition change, on those rows only
-            long = project_box_halfspace(vf[rest], lo[rest], hi[rest], A[rest, 0], b[rest, 0], tol=tol,
-                                         newton_steps=8, path_steps=2 * K + 2, newton_polish=2)
+            long = project_box_halfspace(*(t[rest] for t in data), tol=_tolerance(torch.float64), newton_steps=8,
+                                         path_steps=2 * K + 2, newton_polish=2)
             w, info_mu = w.index_put((rest,), long.w), info_mu.index_put((rest,), long.mu[:, None])
             it = it.index_put((rest,), it[rest] + long.path_steps)
             rest = rest[~long.certified]
+        w, info_mu = w.to(v.dtype).clamp(lo, hi), info_mu.to(v.dtype)
         if rest.numel():
             w_r, lo_r, hi_r, b_r, relax_r, status_r, it_r, mu_r, stat_r = _solve_general(
                 vf[rest], lo[rest], hi[rest], A[rest], b[rest], fset, batch, metric, tol, max_iter, False)
