@@ -34,7 +34,7 @@ __all__ = ["FixedShapeResult", "project_box_halfspace"]
 
 @dataclass(frozen=True)
 class FixedShapeResult:
-    """``w [n, K]``, the row multiplier ``mu [n]`` (0 without a row), the KKT residual ``kkt_residual [n]``,
+    """``w [n, K]``, the row multiplier ``mu [n]``, the KKT residual ``kkt_residual [n]``,
     ``certified [n]`` (``kkt_residual ≤ tol``) and ``path_steps [n]`` (steps taken along the path in ``μ``)."""
 
     w: Tensor
@@ -103,20 +103,16 @@ def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau
     return w, kkt, tau + dtau, (mu + dmu).clamp_min(0)
 
 
-def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor | None = None, b: Tensor | None = None, *,
-                          tol: float, newton_steps: int = 3, path_steps: int = 3,
-                          newton_polish: int = 6) -> FixedShapeResult:
-    """Projection of ``v [n, K]`` onto ``{lo ≤ w ≤ hi, Σw = 1, a·w ≤ b}`` (``a [n, K]``, ``b [n]``; ``a = None``:
-    box∩simplex only) by a fixed sequence of batched tensor ops: ``newton_steps`` for ``τ₀``, ``path_steps``
+def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, *, tol: float,
+                          newton_steps: int = 3, path_steps: int = 3, newton_polish: int = 6) -> FixedShapeResult:
+    """Projection of ``v [n, K]`` onto ``{lo ≤ w ≤ hi, Σw = 1, a·w ≤ b}`` (``lo, hi, a [n, K]``, ``b [n]``) by a
+    fixed sequence of batched tensor ops: ``newton_steps`` for ``τ₀``, ``path_steps``
     along the path in ``μ``, then the exact finish on the last partition and ``newton_polish`` semismooth Newton
     steps on ``(τ, μ)`` (partition of ``u``, 2×2 solve; the candidate with the least KKT residual is kept, the
     path's on ties). Computes in ``v.dtype``; compiles with ``torch.compile(fullgraph=True)`` (no graph break,
     no host synchronisation). Every row carries its certificate (``certified``: KKT residual ≤ ``tol``);
     uncertified rows must be solved by an exact fallback.
     """
-    n_rows, K = v.shape
-    if a is None or b is None:
-        a, b = v.new_zeros(n_rows, K), v.new_ones(n_rows)
     v, lo, hi, a = (t.contiguous() for t in (v, lo, hi, a))  # broadcast (stride-0) inputs are slow to read
     b = b[:, None]
     tau = _newton_tau(v, lo, hi, newton_steps)
