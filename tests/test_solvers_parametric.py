@@ -55,7 +55,7 @@ def test_most_rows_outside_are_certified(K):
     assert float(res.certified.double().mean()) >= 0.99
     assert bool((res.path_steps >= 1).all())  # every row violates its halfspace at μ = 0: the path was taken
     w, info = project(v, fs, return_info=True)
-    assert torch.allclose(w[res.certified], res.w[res.certified], atol=1e-12, rtol=0)
+    assert torch.allclose(w[res.certified], res.w[res.certified], atol=1e-9, rtol=0)  # two certified points
 
 
 def test_uncertified_rows_are_solved_exactly_by_the_fallbacks():
