@@ -8,8 +8,8 @@ Kernels (all batched over rows ``[N, K]``, no Python loop over rows):
   a breakpoint search (sort the 2K breakpoints, cumulative piecewise-linear sum, linear solve on the segment).
   Euclidean: ``α = v, β = 1`` (``c = −τ``); KL: ``α = 0, β = v`` (``c = e^{−ν}``).
 * one row ``a·w ≤ b`` without a chain (Euclidean): the fixed-shape path of :mod:`solvers.parametric` on every
-  row (no sort, no host synchronisation, a KKT certificate per row); uncertified rows get it again with ``2K + 2``
-  path steps, and only those still uncertified take the general path below.
+  row (no sort, no host synchronisation, a KKT certificate per row); uncertified rows get it again with more
+  steps, and only those still uncertified take the general path below.
 * rows ``A w ≤ b``: the box∩simplex projection first (most rows are feasible there and are done); the rows
   still violated are screened for emptiness (next item). Sets with an ordinal chain (``FeasibleSet.chain``, from
   ``order_by``) then take closed forms on the superset ``C = {Σw = 1, w ≥ 0, w decreasing along the chain}``: the
@@ -56,7 +56,8 @@ _METRICS = ("euclidean", "kl")
 # fixed-shape steps of solvers.parametric (τ₀ Newton, path in μ, semismooth Newton) by K: the fewest that certify
 # all but ≤ 0.2% of the all-outside benchmark rows (v on the simplex; measured, N = 4096; off-simplex points leave
 # 1–8% to the fallbacks); the path alone finishes small K, the Newton steps cross the many partition changes of large K
-_FIXED_STEPS = ((4, (3, 3, 0)), (8, (3, 4, 2)), (math.inf, (3, 3, 6)))
+_FIXED_STEPS = ((4, (3, 3, 0)), (8, (3, 5, 2)), (math.inf, (3, 3, 6)))
+_FIXED_STEPS_RETRY = (6, 6, 8)  # on the rows left: certifies all but ~3% of the off-simplex ones, at any K
 # chain ∩ one active row: up to this K by enumerating the 2^K − 1 block structures (solvers.ordered), above it by
 # the Newton search on λ (measured, one thread, chain + cap + one row: enumeration 2.6× / 1.5× faster than Newton at
 # K = 4 for N = 1024 / 4096, even at K = 5, 1.1–1.7× slower at K = 6; Newton 1.2× faster than the warm-started
@@ -591,9 +592,10 @@ def project(
                                      newton_polish=steps[2])
         w, info_mu, it = fast.w, fast.mu[:, None], fast.path_steps
         rest = (~fast.certified).nonzero()[:, 0]  # the host synchronisation of this path (CPU: free)
-        if rest.numel():  # the same kernel with steps enough for every partition change, on those rows only
-            long = project_box_halfspace(*(t[rest] for t in data), tol=_tolerance(torch.float64), newton_steps=8,
-                                         path_steps=2 * K + 2, newton_polish=2)
+        if rest.numel():  # the same kernel with more steps, on those rows only
+            long = project_box_halfspace(*(t[rest] for t in data), tol=_tolerance(torch.float64),
+                                         newton_steps=_FIXED_STEPS_RETRY[0], path_steps=_FIXED_STEPS_RETRY[1],
+                                         newton_polish=_FIXED_STEPS_RETRY[2])
             w, info_mu = w.index_put((rest,), long.w), info_mu.index_put((rest,), long.mu[:, None])
             it = it.index_put((rest,), it[rest] + long.path_steps)
             rest = rest[~long.certified]

@@ -60,7 +60,7 @@ def test_most_rows_outside_are_certified(K):
 
 def test_uncertified_rows_are_solved_exactly_by_the_fallbacks():
     """Off-simplex points (logits) leave some rows uncertified by the default steps: project() reruns the kernel
-    with 2K + 2 path steps on them, then the active set on what is left; every row ends exact and OPTIMAL."""
+    with more steps on them, then the active set on what is left; every row ends exact and OPTIMAL."""
     v, fs = _all_outside(np.random.default_rng(4), 8, 1024, logits=True)
     res = _fast(v, fs)
     rest = (~res.certified).nonzero()[:, 0]
