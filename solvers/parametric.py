@@ -19,7 +19,7 @@ elementwise steps (no sort, no data-dependent control flow, no host synchronisat
 Each candidate is certified by the full KKT conditions: ``w = clamp(v − τ − μa)`` (stationarity, by
 construction), ``|Σw − 1|``, ``max(g, 0)`` and ``|min(μ, −g)|`` at most ``tol``, ``μ ≥ 0``. Rows not certified
 in the fixed number of steps (many partition changes, an empty set, degenerate ties) are left to the caller's
-exact fallback (:func:`solvers.project` reruns this kernel with more path steps on them, then its active set).
+exact fallback (:func:`solvers.project` reruns this kernel with more steps on them, then its active set).
 """
 from __future__ import annotations
 
@@ -106,12 +106,11 @@ def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau
 def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, *, tol: float,
                           newton_steps: int = 3, path_steps: int = 3, newton_polish: int = 6) -> FixedShapeResult:
     """Projection of ``v [n, K]`` onto ``{lo ≤ w ≤ hi, Σw = 1, a·w ≤ b}`` (``lo, hi, a [n, K]``, ``b [n]``) by a
-    fixed sequence of batched tensor ops: ``newton_steps`` for ``τ₀``, ``path_steps``
-    along the path in ``μ``, then the exact finish on the last partition and ``newton_polish`` semismooth Newton
-    steps on ``(τ, μ)`` (partition of ``u``, 2×2 solve; the candidate with the least KKT residual is kept, the
-    path's on ties). Computes in ``v.dtype``; compiles with ``torch.compile(fullgraph=True)`` (no graph break,
-    no host synchronisation). Every row carries its certificate (``certified``: KKT residual ≤ ``tol``);
-    uncertified rows must be solved by an exact fallback.
+    fixed sequence of batched tensor ops: ``newton_steps`` for ``τ₀``, ``path_steps`` along the path in ``μ``, the
+    exact finish on the last partition, then ``newton_polish`` semismooth Newton steps on ``(τ, μ)`` (the last
+    iterate replaces the path's point where its KKT residual is smaller). Computes in ``v.dtype``; compiles with
+    ``torch.compile(fullgraph=True)`` (no graph break, no host synchronisation). Every row carries its certificate
+    (``certified``: KKT residual ≤ ``tol``); uncertified rows must be solved by an exact fallback.
     """
     v, lo, hi, a = (t.contiguous() for t in (v, lo, hi, a))  # broadcast (stride-0) inputs are slow to read
     b = b[:, None]
