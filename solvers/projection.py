@@ -7,6 +7,9 @@ Kernels (all batched over rows ``[N, K]``, no Python loop over rows):
 * box∩simplex: ``w = clamp(α + β c, lower, upper)`` with the scalar ``c`` solving ``Σ w = 1``, found exactly by
   a breakpoint search (sort the 2K breakpoints, cumulative piecewise-linear sum, linear solve on the segment).
   Euclidean: ``α = v, β = 1`` (``c = −τ``); KL: ``α = 0, β = v`` (``c = e^{−ν}``).
+* one row ``a·w ≤ b`` without a chain (Euclidean): the fixed-shape path of :mod:`solvers.parametric` on every
+  row (no sort, no host synchronisation, a KKT certificate per row); uncertified rows get it again with more
+  steps, and only those still uncertified take the general path below.
 * rows ``A w ≤ b``: the box∩simplex projection first (most rows are feasible there and are done); the rows
   still violated are screened for emptiness (next item). Sets with an ordinal chain (``FeasibleSet.chain``, from
   ``order_by``) then take closed forms on the superset ``C = {Σw = 1, w ≥ 0, w decreasing along the chain}``: the
@@ -41,6 +44,7 @@ from solvers.active_set import solve_active_set
 from solvers.errors import InfeasibleError
 from solvers.isotonic import block_means, isotonic_decreasing
 from solvers.ordered import project_ordered_halfspace
+from solvers.parametric import project_box_halfspace
 from solvers.results import ProjectionResult, Status
 from solvers.sets import FeasibleSet
 
@@ -49,6 +53,11 @@ __all__ = ["project"]
 logger = logging.getLogger(__name__)
 
 _METRICS = ("euclidean", "kl")
+# fixed-shape steps of solvers.parametric (τ₀ Newton, path in μ, semismooth Newton) by K: the fewest that certify
+# all but ≤ 0.2% of the all-outside benchmark rows (v on the simplex; measured, N = 4096; off-simplex points leave
+# 1–8% to the fallbacks); the path alone finishes small K, the Newton steps cross the many partition changes of large K
+_FIXED_STEPS = ((4, (3, 3, 0)), (8, (3, 5, 2)), (math.inf, (3, 3, 6)))
+_FIXED_STEPS_RETRY = (6, 6, 8)  # on the rows left: certifies all but ~3% of the off-simplex ones, at any K
 # chain ∩ one active row: up to this K by enumerating the 2^K − 1 block structures (solvers.ordered), above it by
 # the Newton search on λ (measured, one thread, chain + cap + one row: enumeration 2.6× / 1.5× faster than Newton at
 # K = 4 for N = 1024 / 4096, even at K = 5, 1.1–1.7× slower at K = 6; Newton 1.2× faster than the warm-started
@@ -452,13 +461,33 @@ class _EuclidFn(torch.autograd.Function):
         free, Aact = ctx.saved_tensors
         F = free.to(g.dtype)
         gF = g * F
+        n = F.sum(-1, keepdim=True).clamp_min(1)
+        gF = F * (gF - gF.sum(-1, keepdim=True) / n)  # ⊥ 1_F
         if Aact.shape[-2] == 0:
-            n = F.sum(-1, keepdim=True).clamp_min(1)
-            return F * (gF - gF.sum(-1, keepdim=True) / n), None, None, None
-        M = torch.cat([F[:, None, :], Aact * F[:, None, :]], dim=-2)  # [N, 1+m, K]
-        G = M @ M.transpose(-1, -2)
-        y = torch.linalg.pinv(G, hermitian=True) @ (M @ gF[..., None])
-        return gF - (M.transpose(-1, -2) @ y)[..., 0], None, None, None
+            return gF, None, None, None
+        if Aact.shape[-2] == 1:  # one row: also ⊥ a' = (a − ā_F)_F, in closed form (no Gram solve)
+            a = Aact[:, 0] * F
+            a = F * (a - a.sum(-1, keepdim=True) / n)
+            aa = a.square().sum(-1, keepdim=True)
+            coef = (a * gF).sum(-1, keepdim=True) / torch.where(aa > 1e-12 * Aact[:, 0].square().sum(-1, keepdim=True),
+                                                                 aa, math.inf)
+            return gF - coef * a, None, None, None
+        # rows on F made ⊥ 1_F; Gram solve by Cholesky (zero rows: identity); rows whose pivots reveal dependent
+        # active normals (ties) take the pseudo-inverse (a host synchronisation, in the backward only)
+        M = Aact * F[:, None, :]
+        M = F[:, None, :] * (M - M.sum(-1, keepdim=True) / n[:, None])
+        G = M @ M.mT
+        diag = G.diagonal(dim1=-2, dim2=-1)
+        zero = diag <= 1e-24 * diag.amax(-1, keepdim=True).clamp_min(1e-300)
+        L, info = torch.linalg.cholesky_ex(G + torch.diag_embed(zero.to(G.dtype)))
+        pivots = L.diagonal(dim1=-2, dim2=-1).square()
+        ok = (info == 0) & (zero | (pivots >= 1e-8 * diag)).all(-1)
+        rhs = M @ gF[..., None]
+        y = torch.cholesky_solve(rhs, L)
+        bad = (~ok).nonzero()[:, 0]
+        if bad.numel():
+            y = y.index_put((bad,), torch.linalg.pinv(G[bad], hermitian=True) @ rhs[bad])
+        return gF - (M.mT @ y)[..., 0], None, None, None
 
 
 class _KLFn(torch.autograd.Function):
@@ -523,9 +552,16 @@ def project(
     (box∩simplex sets only). Empty rows are solved on the least-relaxed set (bounds first, then the soft rows
     by the least uniform amount; ``FeasibleSet.hard_rows`` are kept) and flagged ``RELAXED``; a set empty in
     every row raises :class:`~solvers.InfeasibleError` unless ``on_all_empty="relax"`` (callers that handle
-    relaxed rows themselves). Differentiable in ``v``. ``max_iter`` bounds
+    relaxed rows themselves). Differentiable in ``v``. float16/bfloat16 are solved in float32 and cast back.
+    Box∩simplex with one row (no chain) takes the fixed-shape path of :mod:`solvers.parametric` first; only its
+    uncertified rows reach the general path (one host synchronisation: their count). ``max_iter`` bounds
     the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference (``MAX_ITER``).
     """
+    if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16):  # half precision cannot meet the
+        out = project(v.float(), fset, metric, return_info, max_iter, on_all_empty)  # tolerance: solved in float32
+        if not return_info:
+            return out.to(v.dtype)
+        return out[0].to(v.dtype), out[1]
     fset = _validate(v, fset, metric)
     if on_all_empty not in ("raise", "relax"):
         raise ValueError(f"on_all_empty must be 'raise' or 'relax', got {on_all_empty!r}")
@@ -548,52 +584,34 @@ def project(
     info_mu = vf.new_zeros(N, m)
     if N == 0:
         w = v.detach().clone()
-    else:
-        lo, hi, relax = _relax_box(lo, hi)
-        _raise_if_all_empty(relax, tol, fset, batch, check_empty)
-        if metric == "kl":
-            w = _kl_box_simplex(vf, lo, hi)
-        elif m == 0:
-            w = _euclid_box_simplex(vf, lo, hi)
-        else:
-            soft = torch.tensor([not h for h in fset.hard_rows], dtype=torch.bool, device=v.device)
-            w, u = _euclid_box_simplex_u(vf, lo, hi)
-            sel = _violated(w, A, b, tol)  # most rows are feasible here: only the rest need work
-            chain = _chain_of(fset, batch, A, sel) if fset.chain is not None and sel.numel() else None
-            if sel.numel():  # rows are empty only if violated at w: relax those by the least uniform t
-                chain_row = None
-                if chain is not None:
-                    chain_row = torch.zeros_like(soft)
-                    chain_row[fset.chain_start:fset.chain_start + K - 1] = True
-                hard_chain = chain if chain is not None and not bool((soft & chain_row).any()) else None
-                t_row, exact = _least_relaxation(A[sel], b[sel], lo[sel], hi[sel], soft, chain_row, hard_chain, tol)
-                pos = t_row > 0
-                if bool((pos & ~exact).any()):
-                    s2 = sel[(pos & ~exact).nonzero()[:, 0]]
-                    t_lp, b_lp = _relax_rows_lp(lo[s2], hi[s2], A[s2], b[s2], soft)
-                    b = b.index_put((s2,), b_lp)
-                    relax = relax.index_put((s2,), torch.maximum(relax[s2], t_lp))
-                if bool((pos & exact).any()):  # one soft row, t* in closed form
-                    s1, t1 = sel[pos & exact], t_row[pos & exact]
-                    b = b.index_put((s1,), b[s1] + t1[:, None] * soft.to(b.dtype))
-                    relax = relax.index_put((s1,), torch.maximum(relax[s1], t1))
+    elif metric == "euclidean" and m == 1 and fset.chain is None:  # fixed shape, then the general path on the rest
+        # in float64 (as the active set): float32 round-off moves ill-conditioned rows by far more than the tolerance
+        data = tuple(t.double() for t in (vf, lo, hi, A[:, 0], b[:, 0]))
+        steps = next(st for k_max, st in _FIXED_STEPS if K <= k_max)
+        fast = project_box_halfspace(*data, tol=_tolerance(torch.float64), newton_steps=steps[0], path_steps=steps[1],
+                                     newton_polish=steps[2])
+        w, info_mu, it = fast.w, fast.mu[:, None], fast.path_steps
+        rest = (~fast.certified).nonzero()[:, 0]  # the host synchronisation of this path (CPU: free)
+        if rest.numel():  # the same kernel with more steps, on those rows only
+            long = project_box_halfspace(*(t[rest] for t in data), tol=_tolerance(torch.float64),
+                                         newton_steps=_FIXED_STEPS_RETRY[0], path_steps=_FIXED_STEPS_RETRY[1],
+                                         newton_polish=_FIXED_STEPS_RETRY[2])
+            w, info_mu = w.index_put((rest,), long.w), info_mu.index_put((rest,), long.mu[:, None])
+            it = it.index_put((rest,), it[rest] + long.path_steps)
+            rest = rest[~long.certified]
+        w, info_mu = w.to(v.dtype).clamp(lo, hi), info_mu.to(v.dtype)
+        if rest.numel():
+            w_r, lo_r, hi_r, b_r, relax_r, status_r, it_r, mu_r, stat_r = _solve_general(
+                vf[rest], lo[rest], hi[rest], A[rest], b[rest], fset, batch, metric, tol, max_iter, False)
+            w, info_mu, it = w.index_put((rest,), w_r), info_mu.index_put((rest,), mu_r), it.index_put((rest,), it_r)
+            lo, hi, b = lo.index_put((rest,), lo_r), hi.index_put((rest,), hi_r), b.index_put((rest,), b_r)
+            relax, status = relax.index_put((rest,), relax_r), status.index_put((rest,), status_r)
+            stat = stat.index_put((rest,), stat_r)
             _raise_if_all_empty(relax, tol, fset, batch, check_empty)
-            fast, start = sel[:0], None
-            if chain is not None:  # closed forms on the ordinal chain; the rest is warm-started
-                fast, w_fast, mu_fast, st_fast, sel, warm = _chain_rows(vf, lo, hi, A, b, chain, fset.chain_start, sel)
-                w = w.index_put((fast,), w_fast)
-                x0, u0, mu0, valid = warm  # the chain point is a valid start where the chain rows were not relaxed
-                c0 = fset.chain_start
-                valid = (valid & (b[sel, c0:c0 + K - 1] == 0).all(-1))[:, None]
-                start = (torch.where(valid, x0, w[sel].double()), torch.where(valid, u0, u[sel].double()),
-                         torch.where(valid, mu0, 0.0))
-            w, info_mu, it, conv, stat = _solve_rows(vf, lo, hi, A, b, tol, max_iter, sel, w, u, start)
-            if fast.numel():
-                info_mu, stat = info_mu.index_put((fast,), mu_fast), stat.index_put((fast,), st_fast)
-            if not bool(conv.all()):
-                w, info_mu, it, status, relax, b, stat = _rescue(vf, lo, hi, A, b, soft, w, info_mu, it, status, relax,
-                                                                 conv, stat, tol, max_iter)
-                _raise_if_all_empty(relax, tol, fset, batch, check_empty)
+    else:
+        w, lo, hi, b, relax, status, it, info_mu, stat = _solve_general(vf, lo, hi, A, b, fset, batch, metric, tol,
+                                                                        max_iter, check_empty)
+    if N:
         status = torch.where((relax > tol) & (status == int(Status.OPTIMAL)), int(Status.RELAXED), status)
     active_lower, active_upper = w <= lo, w >= hi
     free = ~(active_lower | active_upper)
@@ -622,6 +640,66 @@ def project(
         iterations=it.reshape(batch), relaxation=relax.reshape(batch), multipliers=info_mu.reshape(*batch, m),
     )
     return out, info
+
+
+def _solve_general(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fset: FeasibleSet, batch: torch.Size,
+                   metric: str, tol: float, max_iter: int, check_empty: bool) -> tuple[Tensor, ...]:
+    """The general path on rows ``vf [N, K]`` of the sets ``(lo, hi, A, b)`` (``fset``/``batch`` name them for the
+    diagnosis and carry the chain): box relaxation, row relaxation, chain closed forms, active set, rescue.
+    Returns ``(w, lo, hi, b, relax, status, iterations, μ [N, m], stationarity residual)`` on the relaxed sets."""
+    N, K = vf.shape
+    m = A.shape[-2]
+    zero = vf.new_zeros(N)
+    status = torch.zeros(N, dtype=torch.long, device=vf.device)
+    stat = zero
+    it = torch.zeros(N, dtype=torch.long, device=vf.device)
+    info_mu = vf.new_zeros(N, m)
+    lo, hi, relax = _relax_box(lo, hi)
+    _raise_if_all_empty(relax, tol, fset, batch, check_empty)
+    if metric == "kl":
+        w = _kl_box_simplex(vf, lo, hi)
+    elif m == 0:
+        w = _euclid_box_simplex(vf, lo, hi)
+    else:
+        soft = torch.tensor([not h for h in fset.hard_rows], dtype=torch.bool, device=vf.device)
+        w, u = _euclid_box_simplex_u(vf, lo, hi)
+        sel = _violated(w, A, b, tol)  # most rows are feasible here: only the rest need work
+        chain = _chain_of(fset, batch, A, sel) if fset.chain is not None and sel.numel() else None
+        if sel.numel():  # rows are empty only if violated at w: relax those by the least uniform t
+            chain_row = None
+            if chain is not None:
+                chain_row = torch.zeros_like(soft)
+                chain_row[fset.chain_start:fset.chain_start + K - 1] = True
+            hard_chain = chain if chain is not None and not bool((soft & chain_row).any()) else None
+            t_row, exact = _least_relaxation(A[sel], b[sel], lo[sel], hi[sel], soft, chain_row, hard_chain, tol)
+            pos = t_row > 0
+            if bool((pos & ~exact).any()):
+                s2 = sel[(pos & ~exact).nonzero()[:, 0]]
+                t_lp, b_lp = _relax_rows_lp(lo[s2], hi[s2], A[s2], b[s2], soft)
+                b = b.index_put((s2,), b_lp)
+                relax = relax.index_put((s2,), torch.maximum(relax[s2], t_lp))
+            if bool((pos & exact).any()):  # one soft row, t* in closed form
+                s1, t1 = sel[pos & exact], t_row[pos & exact]
+                b = b.index_put((s1,), b[s1] + t1[:, None] * soft.to(b.dtype))
+                relax = relax.index_put((s1,), torch.maximum(relax[s1], t1))
+        _raise_if_all_empty(relax, tol, fset, batch, check_empty)
+        fast, start = sel[:0], None
+        if chain is not None:  # closed forms on the ordinal chain; the rest is warm-started
+            fast, w_fast, mu_fast, st_fast, sel, warm = _chain_rows(vf, lo, hi, A, b, chain, fset.chain_start, sel)
+            w = w.index_put((fast,), w_fast)
+            x0, u0, mu0, valid = warm  # the chain point is a valid start where the chain rows were not relaxed
+            c0 = fset.chain_start
+            valid = (valid & (b[sel, c0:c0 + K - 1] == 0).all(-1))[:, None]
+            start = (torch.where(valid, x0, w[sel].double()), torch.where(valid, u0, u[sel].double()),
+                     torch.where(valid, mu0, 0.0))
+        w, info_mu, it, conv, stat = _solve_rows(vf, lo, hi, A, b, tol, max_iter, sel, w, u, start)
+        if fast.numel():
+            info_mu, stat = info_mu.index_put((fast,), mu_fast), stat.index_put((fast,), st_fast)
+        if not bool(conv.all()):
+            w, info_mu, it, status, relax, b, stat = _rescue(vf, lo, hi, A, b, soft, w, info_mu, it, status, relax,
+                                                             conv, stat, tol, max_iter)
+            _raise_if_all_empty(relax, tol, fset, batch, check_empty)
+    return w, lo, hi, b, relax, status, it, info_mu, stat
 
 
 def _raise_if_all_empty(relax: Tensor, tol: float, fset: FeasibleSet, batch: torch.Size, check: bool) -> None:
