@@ -272,14 +272,17 @@ def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
-def _positive_int(x: str) -> int:
-    try:
-        v = int(x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {x!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {x}")
-    return v
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse type: a whole number ``>= lo``."""
+    def parse(x: str) -> int:
+        try:
+            v = int(x)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {lo}, got {x!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {x}")
+        return v
+    return parse
 
 
 def _keyword(x: str) -> tuple[str, object]:
@@ -293,16 +296,6 @@ def _keyword(x: str) -> tuple[str, object]:
     except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"{name}: the value {value!r} is not a YAML/JSON scalar, list or "
                                          "mapping") from None
-
-
-def _non_negative(x: str) -> int:
-    try:
-        v = int(x)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {x!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {x}")
-    return v
 
 
 def _confidence(x: str) -> float:
@@ -335,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint, a JSONL step log and an audit report.")
     p.add_argument("--spec", required=True, help="job spec file (.yaml/.yml/.toml)")
     p.add_argument("--out", default=None, help="output directory (default: the job's `out`)")
-    p.add_argument("--checkpoint-every", type=_non_negative, default=0, metavar="N",
+    p.add_argument("--checkpoint-every", type=_int_at_least(0), default=0, metavar="N",
                    help="write an atomic checkpoint to OUT/checkpoints every N steps, keeping the last two "
                         "(default: 0 = only the final checkpoint)")
     p.add_argument("--resume", action="store_true",
@@ -423,9 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="constructor argument (repeatable); VALUE is YAML/JSON (4.0, true, [1, 2]); a "
                         "'module:object' VALUE is loaded too, and {object: 'module:object', NAME: VALUE} builds it "
                         "with arguments")
-    p.add_argument("--teachers", type=_positive_int, default=None,
+    p.add_argument("--teachers", type=_int_at_least(1), default=None,
                    help="number of teachers K (default: the object's or 4)")
-    p.add_argument("--batch", type=_positive_int, default=None, help="random signal draws per check (default: 56)")
+    p.add_argument("--batch", type=_int_at_least(1), default=None, help="random signal draws per check (default: 56)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_common(p, device=False)
