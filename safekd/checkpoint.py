@@ -4,7 +4,9 @@ The file holds only tensors and primitive containers: the distiller's ``state_di
 multipliers by constraint name, dual rule, weighting buffers, measurement window, alarm history, step counter,
 spec) plus every RNG state (torch CPU, CUDA when present, NumPy and Python ``random``), so a run killed between
 steps and resumed continues bit-identically. Writes go to ``<path>.tmp`` in the same directory, are fsynced,
-then ``os.replace``-d over ``path``; under DDP only rank 0 writes.
+then ``os.replace``-d over ``path``; under DDP and FSDP only rank 0 writes, after every rank has taken the
+distiller's state (a student sharded with FSDP is gathered into full tensors, so the file loads on any number
+of processes).
 """
 from __future__ import annotations
 
@@ -100,12 +102,14 @@ def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller",
     """Write ``distiller``'s state, the RNG states and ``extra`` (tensors and primitive containers: e.g. a training
     loop's position and data-order generator) atomically to ``path`` (temp file + fsync + rename).
 
-    Returns the path written, or None on ranks other than 0 (which write nothing).
+    Every rank must call it (gathering a sharded student is a collective). Returns the path written, or None on
+    ranks other than 0 (which write nothing).
     """
+    state = distiller.state_dict()
     if not is_rank_zero():
         return None
     path = Path(path)
-    payload = _interned({"format_version": FORMAT_VERSION, "distiller": distiller.state_dict(), "rng": rng_state(),
+    payload = _interned({"format_version": FORMAT_VERSION, "distiller": state, "rng": rng_state(),
                          "extra": extra or {}})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

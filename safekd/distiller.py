@@ -40,7 +40,8 @@ import solvers
 from safekd import constraints as C
 from safekd.batches import IGNORE_INDEX
 from safekd.checkpoint import DISTILLER_STATE_KEYS
-from safekd.distributed import assert_states_identical, get_world_size, is_rank_zero, token_mean_scale, unwrap
+from safekd.distributed import (assert_states_identical, full_state_dicts, get_world_size, is_rank_zero,
+                                load_full_state_dicts, token_mean_scale, unwrap)
 from safekd.dual import AlarmMonitor, MultiplierAlarm, MultiplierAlarmError, Relaxations, make_rule, resolve_order
 from safekd.measurement import ConstraintMeter, reduce_sums_counts
 from safekd.signals import Signals, all_finite
@@ -872,11 +873,16 @@ class SafeDistiller:
     # ---------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Student, optimizer, multipliers (by constraint name), dual rule, weighting buffers, meter, alarm history,
-        relaxations, step counter and the spec (tensors and primitive containers only)."""
+        relaxations, step counter and the spec (tensors and primitive containers only).
+
+        A student sharded with FSDP is gathered into full tensors (:func:`~safekd.distributed.full_state_dicts`): then
+        every rank must call this, and only rank 0's student and optimizer states are filled (the others' are empty).
+        """
+        student, optimizer = full_state_dicts(unwrap(self.student), self.optimizer)
         return {
             "step": self.step_count,
-            "student": unwrap(self.student).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "student": student,
+            "optimizer": optimizer,
             "multipliers": {n: t.detach().clone() for n, t in self.multipliers.items()},
             "dual_optimizer": None if self.dual_optimizer is None else self.dual_optimizer.state_dict(),
             "weighting": {s: op.state_dict() for s, op in self.weighting.items() if isinstance(op, nn.Module)},
@@ -891,7 +897,9 @@ class SafeDistiller:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; multipliers are matched by constraint name and checked ≥ 0. Everything is
-        checked (names, shapes, optimizer groups) before anything is written: on ValueError nothing changed."""
+        checked (names, shapes, optimizer groups) before anything is written: on ValueError nothing changed. The
+        student and optimizer states are full tensors; a sharded student gets its shards of them (every rank calls
+        this with the same state)."""
         missing = sorted(set(DISTILLER_STATE_KEYS) - set(state))
         if missing:
             raise ValueError(f"checkpoint state lacks {missing} (written by another safekd version?)")
@@ -922,8 +930,7 @@ class SafeDistiller:
         if unknown:
             raise ValueError(f"checkpoint has stability state for {unknown}, which this spec lacks")
         # validated: write
-        unwrap(self.student).load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_full_state_dicts(unwrap(self.student), self.optimizer, state["student"], state["optimizer"])
         with torch.no_grad():
             for n, t in state["multipliers"].items():
                 self.multipliers[n].copy_(t)

@@ -10,7 +10,9 @@ library code calls these helpers unconditionally. Rules the rest of safekd follo
   process on the global batch even when shards are uneven;
 - state that every rank must hold identically (multipliers, teacher-weight running statistics) is checked with
   :func:`assert_identical_across_ranks`, which raises on **every** rank so none is left waiting in a collective;
-- files (checkpoints, step logs, audits) are written by rank 0 only (:func:`run_on_rank_zero`).
+- files (checkpoints, step logs, audits) are written by rank 0 only (:func:`run_on_rank_zero`); the state of a
+  student sharded with FSDP (``fully_shard``) is gathered into full tensors first, by every rank
+  (:func:`full_state_dicts`), and a full state is loaded back into shards by :func:`load_full_state_dicts`.
 
 Collectives run on the tensor's own device, except under NCCL, which needs CUDA tensors: inputs are moved to
 the current CUDA device for the collective and the result is moved back.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,12 +35,15 @@ __all__ = [
     "all_reduce_sums",
     "barrier",
     "destroy",
+    "full_state_dicts",
     "get_rank",
     "get_world_size",
     "global_token_mean",
     "init_from_env",
     "is_distributed",
     "is_rank_zero",
+    "is_sharded",
+    "load_full_state_dicts",
     "run_on_rank_zero",
     "shard_slice",
     "token_mean_scale",
@@ -121,6 +126,66 @@ def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module inside a ``DistributedDataParallel`` wrapper (``module`` itself otherwise)."""
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has DTensor parameters (FSDP's ``fully_shard``): its state then holds shards, not tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _param_fqns(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Name in ``module`` of each of ``optimizer``'s parameters, in the order of ``optimizer.state_dict()``'s ids."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state_dicts(module: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``module.state_dict()`` and ``optimizer.state_dict()`` with full tensors, so a file of them loads anywhere.
+
+    For a sharded module (:func:`is_sharded`) the shards are gathered into CPU tensors with
+    ``torch.distributed.checkpoint.state_dict``: a collective that every rank must call; rank 0 gets the states (in
+    the plain layout, optimizer parameters as integer ids) and the other ranks get empty dicts. Otherwise the
+    plain ``state_dict()`` of each is returned.
+    """
+    if not is_sharded(module):
+        return module.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(module, options=options)
+    optim_state = get_optimizer_state_dict(module, optimizer, options=options)
+    if not optim_state:  # ranks other than 0
+        return model_state, {}
+    ids = {n: i for i, n in enumerate(_param_fqns(module, optimizer))}
+    return model_state, {"state": {ids[n]: st for n, st in optim_state["state"].items()},
+                         "param_groups": [{**g, "params": [ids[n] for n in g["params"]]}
+                                          for g in optim_state["param_groups"]]}
+
+
+def load_full_state_dicts(module: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: Mapping[str, Any],
+                          optim_state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`full_state_dicts`: load full states into ``module`` and ``optimizer``, sharding them
+    when ``module`` is sharded (then a collective: every rank must call it with the same full states)."""
+    if not is_sharded(module):
+        module.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    fqns = _param_fqns(module, optimizer)
+    saved_ids = [i for g in optim_state["param_groups"] for i in g["params"]]
+    names = dict(zip(saved_ids, fqns))  # saved id -> parameter name, by position (as Optimizer.load_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, dict(model_state), options=options)
+    set_optimizer_state_dict(module, optimizer, {
+        "state": {names[i]: st for i, st in optim_state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]],
+    }, options=options)
 
 
 def barrier() -> None:
