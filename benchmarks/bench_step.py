@@ -94,7 +94,7 @@ def main() -> None:
 
     # Time spent inside the teacher-weight projection (safekd's share that runs solvers.project).
     proj_time = [0.0]
-    inner = dist._project
+    inner = dist.pipeline._project
 
     def timed_project(*a):  # noqa: ANN002, ANN202
         sync()
@@ -104,7 +104,7 @@ def main() -> None:
         proj_time[0] += time.perf_counter() - t
         return out
 
-    dist._project = timed_project
+    dist.pipeline._project = timed_project
     times: dict[str, list[float]] = {"plain": [], "safekd": [], "projection": []}
     last = None
     for i in range(args.steps + 2):

@@ -18,10 +18,12 @@ import random
 import sys
 import warnings
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from safekd.distributed import is_rank_zero
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from safekd.distiller import SafeDistiller
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "load_file", "rng_state", "set_rng_state", "CheckpointError",
-           "FORMAT_VERSION", "DISTILLER_STATE_KEYS"]
+           "FORMAT_VERSION", "DISTILLER_STATE_KEYS", "check_module_state", "check_optimizer_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,3 +227,35 @@ def load_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller", *,
         set_rng_state(payload["rng"])
     logger.info("loaded checkpoint at step %d from %s", distiller.step_count, path)
     return payload
+
+
+def check_module_state(what: str, module: nn.Module, state: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the first key of ``state`` that ``module.load_state_dict`` would refuse (missing,
+    unexpected, or of another shape); nothing is written."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {what} does not fit: missing keys {missing}, unexpected keys {unexpected}")
+    for k, t in own.items():
+        v = state[k]
+        if isinstance(t, Tensor) and (not isinstance(v, Tensor) or v.shape != t.shape):
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"checkpoint {what}[{k!r}] has shape {got}, this model's is {tuple(t.shape)}")
+
+
+def check_optimizer_state(what: str, opt: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Raise ValueError unless ``state`` has ``opt``'s parameter groups, group sizes and per-parameter state
+    shapes (what ``Optimizer.load_state_dict`` needs); nothing is written."""
+    if not isinstance(state, Mapping) or "param_groups" not in state or "state" not in state:
+        raise ValueError(f"checkpoint {what} is not an optimizer state_dict")
+    groups, saved = opt.param_groups, state["param_groups"]
+    if len(groups) != len(saved) or any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
+        raise ValueError(f"checkpoint {what} has parameter groups of sizes {[len(s['params']) for s in saved]}, "
+                         f"this optimizer {[len(g['params']) for g in groups]} (another model or optimizer?)")
+    params = {i: p for s, g in zip(saved, groups) for i, p in zip(s["params"], g["params"])}
+    for i, st in state["state"].items():
+        p = params.get(i)
+        for key, v in (st.items() if isinstance(st, Mapping) else ()):
+            if p is not None and isinstance(v, Tensor) and v.dim() > 0 and v.shape != p.shape:
+                raise ValueError(f"checkpoint {what} state {key!r} of parameter {i} has shape {tuple(v.shape)}, "
+                                 f"the parameter {tuple(p.shape)}")

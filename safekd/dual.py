@@ -1,6 +1,7 @@
 """The dual side of :class:`~safekd.distiller.SafeDistiller`, split as cooper splits it: the update order, the
-multiplier rule built from the spec, the alarm (a statistical trend test on each constraint's violation) and the
-resilient relaxations that ``on_alarm: relax`` trades off against the multipliers.
+multiplier rule built from the spec, the alarm (a statistical trend test on each constraint's violation), the
+resilient relaxations that ``on_alarm: relax`` trades off against the multipliers, and :class:`DualState`, which
+holds them for one run and takes the dual step.
 
 Update orders (θ primal, λ dual, g the measured residual, η the dual step):
 
@@ -15,24 +16,29 @@ threshold is relaxed by what it costs instead of letting λ grow without bound.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from safekd.checkpoint import check_optimizer_state
+from safekd.distributed import assert_states_identical
+from safekd.measurement import ConstraintMeter
 from solvers import multipliers as M
 
 if TYPE_CHECKING:  # pragma: no cover
-    from safekd.spec import DualSpec
+    from safekd.constraints import StudentConstraint
+    from safekd.spec import DualSpec, Spec
 
 __all__ = ["ORDERS", "resolve_order", "make_rule", "MultiplierAlarm", "MultiplierAlarmError",
-           "trend_z", "sen_slope", "AlarmMonitor", "Relaxations"]
+           "trend_z", "sen_slope", "AlarmMonitor", "Relaxations", "DualState"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,3 +180,151 @@ class Relaxations:
         for n, t in state["u"].items():
             self.u[n].copy_(t)
         self.engaged = set(state["engaged"])
+
+
+class DualState:
+    """The dual side of one run: multipliers λ_j (float64 scalars, by constraint name), their rule, the window
+    meter, the alarms, the relaxations u_j and the step events; :meth:`step` is the dual step
+    λ_j ← rule(λ_j, g_j − u_j) from the window's measured residuals g_j."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec, self.constraints = spec, spec.student_constraints
+        names = [c.name for c in self.constraints]
+        self.multipliers: dict[str, Tensor] = {n: torch.full((), float(spec.dual.init), dtype=torch.float64)
+                                                for n in names}
+        self.rule = make_rule(spec.dual, list(self.multipliers.values())) if names else None
+        self.meter = ConstraintMeter(names, sync=False)
+        ch = spec.checks
+        self.alarms = AlarmMonitor(names, ch.alarm_window, ch.alarm_min_violation, ch.alarm_level)
+        self.relaxations = Relaxations(names, ch.relax_cost, ch.relax_lr if ch.relax_lr is not None else spec.dual.lr)
+        self.window: dict[str, float] = {}  # the last dual window: g_j − u_j per stepped constraint
+        self.events = {"relaxed_tokens": 0, "corrected_tokens": 0, "alarms": 0}
+
+    def step(self, states: list[dict[str, Any]], shared: Mapping[str, Tensor]) -> bool:
+        """Add the step's sums and counts to the window; at its end write g_j − u_j into λ_j.grad and step the rule
+        (a constraint with no measured token in the window is not stepped: no measurement, no dual step), then the
+        engaged relaxations; ``shared`` (with λ) must be identical on every rank. Keeps the window's residuals in
+        :attr:`window` for the alarms; returns whether the rule stepped."""
+        if self.rule is None:
+            return False
+        self.meter.update(torch.stack([s["value"] * s["count"] for s in states]),
+                          torch.stack([s["count"] for s in states]))
+        if self.meter.updates < self.spec.dual.every:
+            return False
+        rates, counts = self.meter.compute()
+        self.meter.reset()
+        self.window = {}
+        lams_before = {n: self.multipliers[n].detach().clone() for n in self.relaxations.engaged}
+        for s, rate, seen in zip(states, rates, (counts > 0).tolist()):
+            name = s["constraint"].name
+            lam = self.multipliers[name]
+            if not seen:
+                lam.grad = None
+                continue
+            g = s["constraint"].residual(rate) - self.relaxations.value(name).to(rate)
+            self.window[name] = float(g)
+            lam.grad = torch.as_tensor(g, dtype=lam.dtype).detach().clone()
+        self.rule.step()
+        self.relaxations.step(lams_before)
+        # DDP: every rank must hold the same λ and running statistics
+        assert_states_identical({**{f"multipliers[{n}]": t for n, t in self.multipliers.items()}, **shared})
+        self.rule.zero_grad(set_to_none=True)
+        return True
+
+    def raise_alarms(self) -> list[str]:
+        """Feed the window's (λ, violation) to the alarm monitor; warn once per newly raised alarm and, with
+        ``on_alarm: relax``, engage that constraint's relaxation. Returns the newly alarmed constraint names."""
+        raised = []
+        for name, g in self.window.items():
+            if self.alarms.update(name, float(self.multipliers[name]), g):
+                raised.append(name)
+                self.events["alarms"] += 1
+                c = next(c for c in self.constraints if c.name == name)
+                msg = self._alarm_message(c, list(self.alarms.history[name]))
+                if self.spec.checks.on_alarm == "relax":
+                    self.relaxations.engaged.add(name)
+                    msg += " Relaxing it (checks.on_alarm: relax): see 'relaxation' in the step record."
+                logger.warning(msg)
+                # raise_alarms ← SafeDistiller._finish ← step/finish_step ← the caller
+                warnings.warn(msg, MultiplierAlarm, stacklevel=4)
+        return raised
+
+    def standing_alarms(self) -> list[dict[str, str]]:
+        """``[{constraint, message}]`` for every alarm still standing."""
+        return [{"constraint": c.name, "message": self._alarm_message(c, list(self.alarms.history[c.name]))}
+                for c in self.constraints if c.name in self.alarms.active]
+
+    def _alarm_message(self, c: StudentConstraint, hist: list[tuple[float, float]]) -> str:
+        return (f"multiplier of {c.name!r} grew over {len(hist)} dual steps ({hist[0][0]:.4g} → {hist[-1][0]:.4g}) "
+                f"while its violation stayed above {self.alarms.min_violation:g} with no significant decrease "
+                f"({hist[0][1]:.4g} → {hist[-1][1]:.4g}). Likely cause: the threshold {c.sense} {c.threshold:g} is "
+                "unattainable for this student (or infeasible together with the KD objective and the teacher-weight "
+                "constraints); consider relaxing the threshold (or checks.on_alarm: relax), tightening unsafe_mass / "
+                "safety_order on the teachers, or checking that the proxy moves the measured value.")
+
+    def report(self, states: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """:attr:`StepRecord.constraints <safekd.distiller.StepRecord.constraints>` from the step's states."""
+        out = {}
+        for s in states:
+            c = s["constraint"]
+            out[c.name] = {"sense": c.sense, "threshold": c.threshold, "value": float(s["value"]),
+                           "residual": float(s["residual"]), "multiplier": float(self.multipliers[c.name]),
+                           "count": float(s["count"]), "satisfied": bool(float(s["residual"]) <= c.tolerance),
+                           "relaxation": float(self.relaxations.value(c.name))}
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of everything a dual step changes (J scalars and their rule's state), for :meth:`restore`."""
+        return copy.deepcopy({"multipliers": self.multipliers, "rule": self.rule.state_dict()
+                              if self.rule is not None else None, "meter": self.meter.state_dict(),
+                              "relaxations": self.relaxations.state_dict(), "alarms": self.alarms.state_dict(),
+                              "window": self.window, "events": self.events})
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Undo dual steps taken since :meth:`snapshot` returned ``state``."""
+        with torch.no_grad():
+            for n, t in state["multipliers"].items():
+                self.multipliers[n].copy_(t)
+        if self.rule is not None:
+            self.rule.load_state_dict(state["rule"])
+        self.meter.load_state_dict(state["meter"])
+        self.relaxations.load_state_dict(state["relaxations"])
+        self.alarms.load_state_dict(state["alarms"])
+        self.window, self.events = state["window"], state["events"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The dual part of a distiller state: multipliers (by constraint name), rule, meter, alarms, relaxations,
+        events."""
+        return {"multipliers": {n: t.detach().clone() for n, t in self.multipliers.items()},
+                "dual_optimizer": None if self.rule is None else self.rule.state_dict(),
+                "meter": self.meter.state_dict(), "alarms": self.alarms.state_dict(),
+                "relaxations": self.relaxations.state_dict(), "events": dict(self.events)}
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ValueError unless the dual part of a distiller state (multipliers finite ≥ 0 by constraint name,
+        rule, meter, alarms, relaxations) fits; nothing is written."""
+        names = sorted(self.multipliers)
+        if sorted(state["multipliers"]) != names:
+            raise ValueError(f"checkpoint constraints {sorted(state['multipliers'])} != this spec's {names}")
+        for n, t in state["multipliers"].items():
+            if not isinstance(t, Tensor) or t.shape != () or not bool(torch.isfinite(t)) or float(t) < 0:
+                raise ValueError(f"checkpoint multiplier {n!r} = {t!r} is not a finite scalar >= 0")
+        if self.rule is not None:
+            check_optimizer_state("dual_optimizer", self.rule, state["dual_optimizer"])
+        if list(state["meter"]["names"]) != list(self.meter.names):
+            raise ValueError(f"checkpoint meter constraints {state['meter']['names']} != {list(self.meter.names)}")
+        if sorted(state["alarms"]["history"]) != names:
+            raise ValueError(f"checkpoint alarm constraints {sorted(state['alarms']['history'])} != {names}")
+        self.relaxations.check_state(state["relaxations"])
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore the dual part of a distiller state (checked by :meth:`check_state` first)."""
+        with torch.no_grad():
+            for n, t in state["multipliers"].items():
+                self.multipliers[n].copy_(t)
+        if self.rule is not None:
+            self.rule.load_state_dict(state["dual_optimizer"])
+        self.meter.load_state_dict(state["meter"])
+        self.alarms.load_state_dict(state["alarms"])
+        self.relaxations.load_state_dict(state["relaxations"])
+        self.events = dict(state["events"])
