@@ -20,19 +20,17 @@ frameworks that own backward and the optimizer call ``loss`` and ``finish_step``
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from safekd.checkpoint import DISTILLER_STATE_KEYS, check_module_state, check_optimizer_state
 from safekd.distributed import full_state_dicts, is_rank_zero, load_full_state_dicts, unwrap
 from safekd.dual import DualState, MultiplierAlarm, MultiplierAlarmError, resolve_order
-from safekd.lagrangian import Lagrangian
+from safekd.lagrangian import Lagrangian, default_divergence
 from safekd.signals import all_finite
 from safekd.spec import Spec
 from safekd.targets import (Batch, NonFiniteError, ProjectionCheckError, TargetPipeline, Targets, TeacherFn,
@@ -129,7 +127,7 @@ class SafeDistiller:
         order = resolve_order(order)
         self.student, self.optimizer, self.spec, self.order, self.log = student, optimizer, spec, order, log
         self.pipeline = TargetPipeline(spec, teachers, weighting, pool, lambda: self.step_count)
-        self._builtin_divergence = _default_divergence()  # accepts student_logp= (shared student normaliser)
+        self._builtin_divergence = default_divergence()  # accepts student_logp= (shared student normaliser)
         self.divergence = divergence if divergence is not None else self._builtin_divergence
         self.dual = DualState(spec)
         self.lagrangian = Lagrangian(spec, self.dual)
@@ -196,15 +194,8 @@ class SafeDistiller:
         teacher_logits = self.pipeline.teacher_logits(batch)
         student_logits = self.student(batch["inputs"])
         t = self.pipeline(batch, student_logits, teacher_logits, expand=False)
-        shared = {}
-        if t.sparse is not None:  # on the union support + tail buckets (safekd.sparse)
-            div = t.sparse.divergence(self.divergence, student_logits, t.mask, self.spec.temperature)
-        else:
-            if self.divergence is self._builtin_divergence and self.spec.temperature == 1.0:
-                # one student normaliser for the KD term and the constraints (unsafe_rate, kl_to, retain)
-                shared["student_logp"] = t.context.student_logp = F.log_softmax(student_logits, dim=-1)
-            div = self.divergence(t.target_logp, student_logits, mask=t.mask, temperature=self.spec.temperature,
-                                  **shared)
+        div = self.lagrangian.kd_divergence(t, student_logits, self.divergence,
+                                            builtin=self.divergence is self._builtin_divergence)
         kd_loss, kd_mean, states = self.lagrangian.reduce_terms(t.context, div.sum, div.count)
         loss = kd_loss + self.lagrangian.penalty([s["proxy_residual"] for s in states], kd_loss)
         _require_finite("the loss", loss.detach())
@@ -362,9 +353,3 @@ class SafeDistiller:
 
         load_checkpoint(path, self)
 
-
-def _default_divergence() -> Callable[..., Any]:
-    """Forward KL without re-validation (student logits and target are checked by the distiller)."""
-    from safekd.divergences import forward_kl
-
-    return functools.partial(forward_kl, validate_args=False)

@@ -7,9 +7,12 @@ The KD sum and every constraint's value and proxy sums and counts travel in ONE 
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from safekd import constraints as C
@@ -19,7 +22,7 @@ from safekd.measurement import reduce_sums_counts
 from safekd.spec import Spec
 from safekd.targets import Targets, _require_finite
 
-__all__ = ["Lagrangian"]
+__all__ = ["Lagrangian", "default_divergence"]
 
 
 class Lagrangian:
@@ -29,6 +32,17 @@ class Lagrangian:
         self.spec, self.dual = spec, dual
         self.student_constraints = spec.student_constraints
         self.teacher_index = spec.teacher_index
+
+    def kd_divergence(self, t: Targets, student_logits: Tensor, divergence: Callable[..., Any], builtin: bool) -> Any:
+        """The KD divergence D(q_t ‖ p_θ) of the step (with ``.sum``/``.count``): on the union support + tail
+        buckets for sparse teachers (:mod:`safekd.sparse`), else dense; the ``builtin`` forward KL at temperature 1
+        shares one student normaliser log p_θ with the constraints (unsafe_rate, kl_to, retain)."""
+        shared = {}
+        if t.sparse is not None:
+            return t.sparse.divergence(divergence, student_logits, t.mask, self.spec.temperature)
+        if builtin and self.spec.temperature == 1.0:
+            shared["student_logp"] = t.context.student_logp = F.log_softmax(student_logits, dim=-1)
+        return divergence(t.target_logp, student_logits, mask=t.mask, temperature=self.spec.temperature, **shared)
 
     def reduce_terms(self, ctx: C.MeasureContext, kd_sum: Tensor, kd_count: Tensor | int | float
                      ) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
@@ -81,3 +95,10 @@ class Lagrangian:
             ctx.target_logp = t.target_logp
             zero = logits.new_zeros((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
             return self.reduce_terms(ctx, zero, 0)[2]
+
+
+def default_divergence() -> Callable[..., Any]:
+    """Forward KL without re-validation (student logits and target are checked by the distiller)."""
+    from safekd.divergences import forward_kl
+
+    return functools.partial(forward_kl, validate_args=False)
