@@ -274,23 +274,13 @@ class DualState:
         return out
 
     def snapshot(self) -> dict[str, Any]:
-        """A copy of everything a dual step changes (J scalars and their rule's state), for :meth:`restore`."""
-        return copy.deepcopy({"multipliers": self.multipliers, "rule": self.rule.state_dict()
-                              if self.rule is not None else None, "meter": self.meter.state_dict(),
-                              "relaxations": self.relaxations.state_dict(), "alarms": self.alarms.state_dict(),
-                              "window": self.window, "events": self.events})
+        """A copy of everything a dual step changes (J scalars, their rule's state, the window), for :meth:`restore`."""
+        return copy.deepcopy({**self.state_dict(), "window": self.window})
 
     def restore(self, state: dict[str, Any]) -> None:
         """Undo dual steps taken since :meth:`snapshot` returned ``state``."""
-        with torch.no_grad():
-            for n, t in state["multipliers"].items():
-                self.multipliers[n].copy_(t)
-        if self.rule is not None:
-            self.rule.load_state_dict(state["rule"])
-        self.meter.load_state_dict(state["meter"])
-        self.relaxations.load_state_dict(state["relaxations"])
-        self.alarms.load_state_dict(state["alarms"])
-        self.window, self.events = state["window"], state["events"]
+        self.load_state_dict(state)
+        self.window = state["window"]
 
     def state_dict(self) -> dict[str, Any]:
         """The dual part of a distiller state: multipliers (by constraint name), rule, meter, alarms, relaxations,

@@ -387,7 +387,7 @@ def token_rows(c: C.TeacherWeightConstraint, ctx: C.MeasureContext, sel: Tensor)
 
 def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers, student_logits: Tensor,
                       expand: bool) -> Any:
-    """:meth:`SafeDistiller.targets <safekd.distiller.SafeDistiller.targets>` for sparse teachers: the same
+    """The :class:`~safekd.targets.TargetPipeline` ``d`` for sparse teachers: the same
     pipeline on the buckets (weights, projection with the exact unsafe rows, pool, correction). ``expand`` also
     writes the dense uniform-tail views ``[..., K, V]`` / ``[..., V]`` into ``teacher_logp`` / ``target_logp``
     (the audit's view); without it (training) those hold the bucket view and ``Targets.sparse`` carries it."""
