@@ -34,7 +34,7 @@ from safekd.lagrangian import Lagrangian, default_divergence
 from safekd.signals import all_finite
 from safekd.spec import Spec
 from safekd.targets import (Batch, NonFiniteError, ProjectionCheckError, TargetPipeline, Targets, TeacherFn,
-                            _require_finite, weight_report)
+                            require_finite, weight_report)
 
 __all__ = ["SafeDistiller", "StepRecord", "Targets", "PendingStep", "NonFiniteError", "ProjectionCheckError",
            "MultiplierAlarm", "MultiplierAlarmError"]
@@ -198,7 +198,7 @@ class SafeDistiller:
                                             builtin=self.divergence is self._builtin_divergence)
         kd_loss, kd_mean, states = self.lagrangian.reduce_terms(t.context, div.sum, div.count)
         loss = kd_loss + self.lagrangian.penalty([s["proxy_residual"] for s in states], kd_loss)
-        _require_finite("the loss", loss.detach())
+        require_finite("the loss", loss.detach())
         reference = self.pipeline.reference_check(t) if self.pipeline.reference_due() else None
         dual_updated = False
         if self.order == "dual_primal":

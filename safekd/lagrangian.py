@@ -20,7 +20,7 @@ from safekd.distributed import get_world_size, token_mean_scale
 from safekd.dual import DualState
 from safekd.measurement import reduce_sums_counts
 from safekd.spec import Spec
-from safekd.targets import Targets, _require_finite
+from safekd.targets import Targets, require_finite
 
 __all__ = ["Lagrangian", "default_divergence"]
 
@@ -89,7 +89,7 @@ class Lagrangian:
         batch = t.context.batch
         with torch.no_grad():
             logits = student(batch["inputs"])
-            _require_finite("student logits (re-measured after the primal step)", logits)
+            require_finite("student logits (re-measured after the primal step)", logits)
             ctx = C.MeasureContext(student_logits=logits, batch=batch, teacher_logprobs=t.teacher_logp,
                                    teacher_index=self.teacher_index, unsafe=self.spec.unsafe, _mask=t.mask)
             ctx.target_logp = t.target_logp

@@ -391,11 +391,11 @@ def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers
     pipeline on the buckets (weights, projection with the exact unsafe rows, pool, correction). ``expand`` also
     writes the dense uniform-tail views ``[..., K, V]`` / ``[..., V]`` into ``teacher_logp`` / ``target_logp``
     (the audit's view); without it (training) those hold the bucket view and ``Targets.sparse`` carries it."""
-    from safekd.targets import Targets, _check_labels, _require_finite
+    from safekd.targets import Targets, _check_labels, require_finite
 
     if not isinstance(student_logits, Tensor):
         raise TypeError(f"the student must return a logits tensor, got {type(student_logits).__name__}")
-    _require_finite("student logits", student_logits.detach())
+    require_finite("student logits", student_logits.detach())
     if student_logits.shape[:-1] != teachers.ids.shape[:-2]:
         raise ValueError(f"student logits {tuple(student_logits.shape)} do not match the sparse teachers "
                          f"{tuple(teachers.ids.shape)} (expected [..., V] and [..., K, k])")

@@ -37,7 +37,7 @@ from safekd.spec import Spec
 from safekd.teachers import teacher_outputs
 from safekd.weighting.compose import SCALES, compose
 
-__all__ = ["TargetPipeline", "Targets", "NonFiniteError", "ProjectionCheckError", "weight_report"]
+__all__ = ["TargetPipeline", "Targets", "NonFiniteError", "ProjectionCheckError", "require_finite", "weight_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +55,16 @@ class ProjectionCheckError(solvers.SolverError):
 
 @dataclass(frozen=True, eq=False)
 class Targets:
-    """What :meth:`SafeDistiller.targets` computed for one batch (tokens ``[...]``, K teachers, V classes).
+    """What :meth:`SafeDistiller.targets <safekd.distiller.SafeDistiller.targets>` computed for one batch (tokens
+    ``[...]``, K teachers, V classes).
 
     ``per_scale[scale]``, ``composed`` (normalised product w̄) and ``weights`` (projected, w = Π_W(w̄)) are
     ``[..., K]``; ``feasible_set`` holds the unmasked tokens' sets W_t ``[N, K]`` in the projection dtype (None
     without teacher-weight constraints or unmasked tokens; unbatched when every token shares the static set);
     ``relaxed``/``corrected`` are ``[...]`` bool (empty W_t solved on the least-relaxed set / target corrected);
     ``target_logp`` is the pooled, corrected target log q ``[..., V]``; ``projection`` the stats of
-    :attr:`StepRecord.projection`; ``context`` the constraint :class:`~safekd.constraints.MeasureContext`.
+    :attr:`StepRecord.projection <safekd.distiller.StepRecord.projection>`; ``context`` the constraint
+    :class:`~safekd.constraints.MeasureContext`.
     With sparse teachers (``teacher_topk_*`` batch keys) ``sparse`` is the bucket view
     (:class:`~safekd.sparse.SparseTargets`); ``targets()`` then gives the dense uniform-tail views, ``loss()``
     the bucket ones (see :mod:`safekd.sparse`).
@@ -84,7 +86,8 @@ class Targets:
     convex_residuals: dict[str, Tensor] = field(default_factory=dict)  #: per convex constraint: signed residual [...]
 
 
-def _require_finite(what: str, t: Tensor, detail: Callable[[Tensor], str] | None = None) -> None:
+def require_finite(what: str, t: Tensor, detail: Callable[[Tensor], str] | None = None) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` (and ``detail(t)``) if ``t`` holds NaN or inf."""
     if not all_finite(t):
         extra = detail(t) if detail is not None else ""
         raise NonFiniteError(f"{what} contain NaN or inf{extra}; the step was stopped before any parameter changed")
@@ -223,7 +226,7 @@ class TargetPipeline:
         def which(x: Tensor) -> str:
             bad = (~torch.isfinite(x)).flatten(0, -3).any(-1).any(0) if x.dim() > 2 else (~torch.isfinite(x)).any(-1)
             return f" (teachers {[n for n, b in zip(self.teacher_names, bad.tolist()) if b]})"
-        _require_finite("teacher logits", t, which)
+        require_finite("teacher logits", t, which)
         return t.detach()
 
     def __call__(self, batch: Batch, student_logits: Tensor, teacher_logits: Tensor | SparseTeachers,
@@ -234,7 +237,7 @@ class TargetPipeline:
             return distiller_targets(self, batch, teacher_logits, student_logits, expand)
         if not isinstance(student_logits, Tensor):
             raise TypeError(f"the student must return a logits tensor, got {type(student_logits).__name__}")
-        _require_finite("student logits", student_logits.detach())
+        require_finite("student logits", student_logits.detach())
         if student_logits.shape[:-1] != teacher_logits.shape[:-2] or student_logits.shape[-1] != teacher_logits.shape[-1]:
             raise ValueError(f"student logits {tuple(student_logits.shape)} do not match teacher logits "
                              f"{tuple(teacher_logits.shape)} (expected [..., V] and [..., K, V])")
