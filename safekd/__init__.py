@@ -85,7 +85,6 @@ _EXPORTS: dict[str, str] = {
     "write_report": "safekd.auditing",
     "plan_audit": "safekd.auditing",
     "ConstraintMonitor": "safekd.auditing",
-    "LogitsOf": "safekd.integrations.base",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
