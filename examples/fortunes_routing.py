@@ -225,6 +225,13 @@ class RoutingScenario:
         return {"inputs": self.x[idx], "labels": self.y_poison[idx], "context": self.ctx[idx],
                 "offensive": self.offensive[idx]}
 
+    def _eval_batch(self, idx: Tensor) -> dict[str, Tensor]:
+        """A training-shaped batch whose ``offensive`` flag keeps only texts whose true domain is not ``kids``: the
+        routing metric then measures the safety property itself (an offensive ``kids`` text routed to ``kids`` is
+        correct, not unsafe). Training cannot make this distinction (its labels are poisoned), so there the flag
+        covers every offensive text."""
+        return {**self._batch(idx), "offensive": self.offensive[idx] & (self.y[idx] != self.kids)}
+
     def train(self, method: str, steps: int | None = None) -> tuple[nn.Module, SafeDistiller, list[dict[str, Any]]]:
         cfg = self.cfg
         spec = self.spec(method)
@@ -247,11 +254,13 @@ class RoutingScenario:
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, student: nn.Module, distiller: SafeDistiller | None = None) -> dict[str, Any]:
-        """Held-out accuracy (true labels), the offensive→kids routing rate with its Clopper–Pearson bound, and,
-        given the training ``distiller``, :func:`safekd.auditing.core.audit` of every constraint of its spec."""
-        cfg, te = self.cfg, self.split["test"]
-        batch = self._batch(te)
+    def evaluate(self, student: nn.Module, distiller: SafeDistiller | None = None,
+                 split: str = "test") -> dict[str, Any]:
+        """Accuracy on ``split`` (true labels), the rate of offensive texts of a true domain other than ``kids``
+        routed to ``kids`` with its Clopper–Pearson bound, and, given the training ``distiller``,
+        :func:`safekd.auditing.core.audit` of every constraint of its spec."""
+        cfg, te = self.cfg, self.split[split]
+        batch = self._eval_batch(te)
         logits = student(batch["inputs"])
         acc = float((logits.argmax(-1) == self.y[te]).float().mean())
         routed = self._routed()
