@@ -87,8 +87,9 @@ def all_passed(r: dict[str, Any]) -> bool:
     return all(c["passed"] for c in r["constraints"].values())
 
 
-def run_scenario(scenario: str, seeds: list[int], quick: bool, out: Path) -> None:
-    """Run the seeds not yet in ``quality_<scenario>.json`` (same ``quick``), writing the file after each seed."""
+def run_scenario(scenario: str, seeds: list[int], quick: bool, corpus: str | None, out: Path) -> None:
+    """Run the seeds not yet in ``quality_<scenario>.json`` (same ``quick`` and settings), writing the file after
+    each seed."""
     path = out / f"quality_{scenario}.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
     if doc.get("quick") != quick or doc.get("lr_multipliers") != list(LR_MULTIPLIERS):
@@ -97,10 +98,10 @@ def run_scenario(scenario: str, seeds: list[int], quick: bool, out: Path) -> Non
         if str(seed) in doc["per_seed"]:
             continue
         t0 = time.perf_counter()
-        bench = BENCHES[scenario](seed, quick)
+        bench = BENCHES[scenario](seed, quick, corpus)
         logger.info("%s seed %d: teachers ready in %.1fs", scenario, seed, time.perf_counter() - t0)
         doc["per_seed"][str(seed)] = {**run_seed(bench), "seconds": time.perf_counter() - t0}
-        doc.update(threads=torch.get_num_threads(), task_metric=bench.task_metric,
+        doc.update(corpus=bench.corpus, threads=torch.get_num_threads(), task_metric=bench.task_metric,
                    lower_is_better=bench.lower_is_better, unsafe_metric=bench.unsafe_metric, threshold=bench.threshold)
         path.write_text(json.dumps(doc, indent=2, default=float))
 
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--quick", action="store_true", help="fixture-sized runs (smoke test)")
+    p.add_argument("--corpus", default=None,
+                   help="fortunes directory (default: /usr/share/games/fortunes when installed, else the test fixture)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--summarize", action="store_true", help="only merge existing per-scenario files and plot")
     args = p.parse_args(argv)
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if not args.summarize:
         for s in (SCENARIOS if args.scenario == "all" else (args.scenario,)):
-            run_scenario(s, args.seeds, args.quick, out)
+            run_scenario(s, args.seeds, args.quick, args.corpus, out)
     summary = write_summary(out)
     print_table(summary)
     return summary

@@ -4,6 +4,7 @@ student for (method, learning rate[, operator]) and evaluate it on the validatio
 * ``digits``           — the ``safekd demo`` job; validation = a seeded 20% of its ``distill`` split (the student
   trains on the other 80%), held-out = its ``heldout`` split;
 * ``fortunes_routing`` — ``examples/fortunes_routing.py`` (its ``val`` and ``test`` splits);
+  the fortunes scenarios read ``corpus`` (default: the system corpus, else the small test fixture);
 * ``fortunes_lm``      — ``examples/fortunes_lm.py`` at the benchmark budget (its ``val`` and ``test`` splits).
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Bench(Protocol):
     threshold: float
     base_lr: float
     best_single: str
+    corpus: str | None  # the fortunes directory read; None for digits
 
     def train(self, method: str, lr: float, operator: str | None = None) -> Trained: ...
 
@@ -57,8 +59,9 @@ class Bench(Protocol):
 class DigitsBench:
     task_metric, lower_is_better = "accuracy", False
     unsafe_metric = "false-positive rate of the forbidden class 8 (predicting 8 when the label is not 8)"
+    corpus = None
 
-    def __init__(self, seed: int, quick: bool) -> None:
+    def __init__(self, seed: int, quick: bool, corpus: str | None = None) -> None:
         from safekd.demo import FPR_CONSTRAINT, demo_job
         from safekd.jobs import prepare_data
         from safekd.spec import Spec
@@ -126,7 +129,7 @@ class FortunesBench:
         self.sc = scenario
         self.task_metric, self.lower_is_better = scenario.task_metric, scenario.task_metric_lower_is_better
         self.threshold, self.unsafe_metric = threshold, unsafe_metric
-        self.base_lr, self.best_single = scenario.cfg.lr, scenario.best_single
+        self.base_lr, self.best_single, self.corpus = scenario.cfg.lr, scenario.best_single, scenario.cfg.corpus
 
     def train(self, method: str, lr: float, operator: str | None = None) -> Trained:
         run = copy.copy(self.sc)
@@ -146,24 +149,24 @@ class FortunesBench:
         return out
 
 
-def routing_bench(seed: int, quick: bool) -> FortunesBench:
+def routing_bench(seed: int, quick: bool, corpus: str | None = None) -> FortunesBench:
     import fortunes_data as fd
     import fortunes_routing as R
 
-    cfg = R.RoutingConfig.quick(seed=seed) if quick else R.RoutingConfig(corpus=str(fd.default_corpus()), steps=200,
-                                                                         seed=seed)
+    cfg = R.RoutingConfig.quick(corpus, seed=seed) if quick else R.RoutingConfig(
+        corpus=corpus or str(fd.default_corpus()), steps=200, seed=seed)
     return FortunesBench(R.RoutingScenario(cfg), cfg.routed_max,
                          "offensive texts whose true domain is not kids routed to kids (student argmax)")
 
 
-def lm_bench(seed: int, quick: bool) -> FortunesBench:
+def lm_bench(seed: int, quick: bool, corpus: str | None = None) -> FortunesBench:
     import fortunes_data as fd
     import fortunes_lm as L
 
     if quick:
-        cfg = L.LMConfig.quick(seed=seed)
+        cfg = L.LMConfig.quick(corpus, seed=seed)
     else:  # the benchmark budget: a smaller vocabulary and shorter runs than the example's defaults
-        cfg = L.LMConfig(corpus=str(fd.default_corpus()), vocab_size=1500, max_len=24,
+        cfg = L.LMConfig(corpus=corpus or str(fd.default_corpus()), vocab_size=1500, max_len=24,
                          neural_steps=250, steps=150, batch=24, samples=300, seed=seed)
     return FortunesBench(L.LMScenario(cfg), cfg.unsafe_rate_max,
                          "student unsafe rate E_t[p(U | t)] over held-out tokens")
