@@ -20,6 +20,7 @@ Over seeds: mean ± 95% t-interval; dominance from paired t-intervals of the per
 
     OMP_NUM_THREADS=1 python benchmarks/quality.py --scenario all --seeds 0 1 2 3 4
     python benchmarks/quality.py --summarize           # merge the per-scenario files, table and plots
+    python benchmarks/quality.py --merge /tmp/b/quality_fortunes_lm.json   # seeds run elsewhere with --out /tmp/b
 """
 from __future__ import annotations
 
@@ -110,6 +111,21 @@ def run_scenario(scenario: str, seeds: list[int], quick: bool, corpus: str | Non
         path.write_text(json.dumps(doc, indent=2, default=float))
 
 
+def merge(files: list[str], out: Path) -> None:
+    """Add the seeds of other runs' ``quality_<scenario>.json`` (seeds split across processes with ``--out``) to
+    ``out``'s file of the same scenario; the settings budget and ``quick`` must match."""
+    for f in files:
+        part = json.loads(Path(f).read_text())
+        path = out / f"quality_{part['scenario']}.json"
+        doc = json.loads(path.read_text()) if path.exists() else {**part, "per_seed": {}}
+        if (doc["quick"], doc["lr_multipliers"], doc.get("corpus")) != (part["quick"], part["lr_multipliers"],
+                                                                        part.get("corpus")):
+            raise ValueError(f"{f}: another budget, corpus or --quick than {path}; not merged")
+        doc["per_seed"].update(part["per_seed"])
+        doc.update({k: v for k, v in part.items() if k != "per_seed"})
+        path.write_text(json.dumps(doc, indent=2, default=float))
+
+
 # ------------------------------------------------------------------------------------------------ summary
 def summarize(doc: dict[str, Any]) -> dict[str, Any]:
     """Per method: mean ± 95% t-interval of the task metric, the unsafe rate and its bound; who dominates whom."""
@@ -138,7 +154,7 @@ def summarize(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot(name: str, S: dict[str, Any], path: Path) -> None:
-    """Task metric vs unsafe rate (means with 95% t-intervals; the bar marks the mean one-sided 95% bound)."""
+    """Task metric vs unsafe rate (means with 95% t-intervals; the triangle marks the mean one-sided 95% bound)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,14 +163,14 @@ def plot(name: str, S: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for m, r in S["methods"].items():
         t, u, b = r["task"], r["unsafe"], r["unsafe_bound"]
-        pts = ax.errorbar(t["mean"], u["mean"], xerr=t["ci95"], yerr=u["ci95"], fmt="o", capsize=3, label=m,
-                          ms=8 if m.startswith("safekd_constrained") else 5)
+        pts = ax.errorbar(t["mean"], u["mean"], xerr=t["ci95"], yerr=u["ci95"], capsize=3, label=m,
+                          fmt="s" if m == BEST_OPERATOR else "o", ms=8 if m.startswith(CONSTRAINED) else 5)
         color = pts[0].get_color()
-        ax.plot([t["mean"]], [b["mean"]], marker="_", ms=14, color=color)
+        ax.plot([t["mean"]], [b["mean"]], marker="v", ms=6, color=color)
         ax.plot([t["mean"]] * 2, [u["mean"], b["mean"]], ls=":", color=color)
     ax.axhline(S["threshold"], color="k", ls="--", lw=0.8, label="threshold")
     ax.set_xlabel(S["task_metric"] + (" (lower is better)" if S["lower_is_better"] else " (higher is better)"))
-    ax.set_ylabel("unsafe rate (bar: mean 95% upper bound)")
+    ax.set_ylabel("unsafe rate (▼: mean one-sided 95% upper bound)")
     ax.set_title(f"{name}: {len(S['seeds'])} seeds, mean ± 95% t-interval", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -203,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="fortunes directory (default: /usr/share/games/fortunes when installed, else the test fixture)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--summarize", action="store_true", help="only merge existing per-scenario files and plot")
+    p.add_argument("--merge", nargs="+", default=[], metavar="FILE",
+                   help="add the seeds of these quality_<scenario>.json files (other --out runs) first")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -211,7 +229,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.summarize:
+    merge(args.merge, out)
+    if not args.summarize and not args.merge:
         for s in (SCENARIOS if args.scenario == "all" else (args.scenario,)):
             run_scenario(s, args.seeds, args.quick, args.corpus, out)
     summary = write_summary(out)
