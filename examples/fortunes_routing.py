@@ -14,6 +14,8 @@ on offensive inputs. Constraint: the rate of offensive texts routed to ``kids`` 
 threshold — a student constraint with a differentiable proxy (mean p_θ(kids) on offensive texts) — plus a cap on the
 poisoned teacher and the per-example unsafe mass of the pooled target. (No ``safety_order`` here: a fixed order over
 the domain experts would override the domain posterior, whose job is to rank them per context.)
+Held-out, the routing rate counts only offensive texts whose true domain is not ``kids`` (routing an offensive
+``kids`` fortune to ``kids`` is correct); training, whose labels are poisoned, constrains every offensive text.
 
     python examples/fortunes_routing.py            # full corpus, < 1 min
     python examples/fortunes_routing.py --quick    # the test fixture
