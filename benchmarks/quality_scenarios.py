@@ -86,8 +86,10 @@ class DigitsBench:
         self.best_single = spec.teacher_names[self.best_index]
 
     def _weighting(self, method: str) -> dict[str, Any]:
-        return {"camkd": {"operator": "safekd.weighting:CAMKD"}, "aekd": {"operator": "quality_scenarios:aekd_operator"},
-                "safekd_adaptive": dict(self.job.weighting), CONSTRAINED: dict(self.job.weighting)}.get(method, {})
+        own = dict(self.job.weighting)  # safekd's operator with its safety prior
+        return {"camkd": {"operator": "safekd.weighting:CAMKD"},
+                "aekd": {"operator": "quality_scenarios:aekd_operator"},
+                "safekd_adaptive": own, CONSTRAINED: own}.get(method, {})
 
     def train(self, method: str, lr: float, operator: str | None = None) -> Trained:
         from safekd.jobs import train_student

@@ -70,7 +70,8 @@ def dominates(a: Mapping[str, Sequence[float]], c: Mapping[str, Sequence[float]]
 def dominated_by(per_method: Mapping[str, Mapping[str, Sequence[float]]], target: str, lower_is_better: bool,
                  level: float = 0.95) -> list[str]:
     """The methods of ``per_method`` that dominate ``target`` (see :func:`dominates`)."""
-    return [m for m, v in per_method.items() if m != target and dominates(v, per_method[target], lower_is_better, level)]
+    c = per_method[target]
+    return [m for m, v in per_method.items() if m != target and dominates(v, c, lower_is_better, level)]
 
 
 def interval_row(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
