@@ -1,21 +1,26 @@
-"""Quality benchmark: safekd against known weighting methods on the digits demo and both fortunes scenarios.
+"""Quality benchmark: safekd against known weighting methods, every method tuned by the same protocol.
 
-Every method trains a fresh student under the same budget (steps, batch, optimizer, data order, teachers) per seed:
+Methods (one fresh student each, same steps, batch, optimizer, data order and teachers per seed):
 
 * ``uniform``            — uniform-weight KD (Hinton et al. 2015);
 * ``best_single``        — KD from the single teacher best on validation (with the labels training has);
 * ``camkd``              — CA-MKD (Zhang et al. 2022), per token/sample from the gold-label CE;
-* ``aekd``               — AEKD (Du et al. 2020), min-norm weights of the batch-mean teacher gradients (as in the paper);
+* ``aekd``               — AEKD (Du et al. 2020), min-norm weights of the batch-mean teacher gradients;
 * ``safekd_adaptive``    — safekd's adaptive weights (with its safety prior), no constraints;
-* ``safekd_constrained`` — the same plus the scenario's constraints (projection + Lagrangian).
+* ``safekd_constrained`` — the same plus the scenario's constraints (projection + Lagrangian);
+* ``safekd_constrained_best_operator`` — the scenario's constraints on the unconstrained operator (uniform, CA-MKD,
+  AEKD or safekd's) that won validation on that seed: constraints compose with any weighting.
 
-All are evaluated on the same held-out split: the task metric (accuracy, or perplexity for the LM) and the scenario's
-unsafe rate with its one-sided 95% bound; the constrained run also gets the full :func:`safekd.auditing.core.audit`.
-Writes ``quality_<scenario>.json`` per scenario, then ``quality.json`` (mean ± std over seeds, dominance check) and
-``quality_pareto.png`` (task metric vs unsafe rate, with bounds).
+Protocol (docs/quality.md): per seed and method, the same budget of settings (student learning rate × 0.5, 1, 2;
+× 1, 2 for the LM);
+each is trained and scored on the validation split; the setting is chosen by one rule for every method (best
+validation task metric among settings whose validation unsafe rate is within the scenario's threshold, else the
+safest); only the chosen student is evaluated on the held-out split, once (the constrained ones with the full audit).
+Over seeds: mean ± 95% t-interval; dominance from paired t-intervals of the per-seed differences.
 
-    OMP_NUM_THREADS=1 python benchmarks/quality.py --scenario all --seeds 0 1 2
-    python benchmarks/quality.py --summarize           # merge the per-scenario files and plot
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --scenario all --seeds 0 1 2 3 4
+    python benchmarks/quality.py --summarize           # merge the per-scenario files, table and plots
+    python benchmarks/quality.py --merge /tmp/b/quality_fortunes_lm.json   # seeds run elsewhere with --out /tmp/b
 """
 from __future__ import annotations
 
@@ -23,175 +28,151 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fortunes_data import METHODS  # noqa: E402  (the compared methods, shared with the fortunes examples)
+from quality_scenarios import BENCHES, CONSTRAINED, METHODS, OPERATORS, Bench, Trained
+from quality_stats import dominated_by, interval_row, select_setting
 
 logger = logging.getLogger("quality")
 
-SCENARIOS = ("digits", "fortunes_lm", "fortunes_routing")
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ("digits", "fortunes_routing", "fortunes_lm")
+# the settings budget per scenario (student learning rate × the scenario's default), the same for every method;
+# the LM gets two settings so that five seeds fit the shared CPU
+LR_MULTIPLIERS = {"digits": (0.5, 1.0, 2.0), "fortunes_routing": (0.5, 1.0, 2.0), "fortunes_lm": (1.0, 2.0)}
+BEST_OPERATOR = "safekd_constrained_best_operator"
+ALL_METHODS = (*METHODS, BEST_OPERATOR)
 
 
-def aekd_operator(beta: float = 1.0, epsilon: float = 0.0, num_teachers: int | None = None) -> Any:
-    """AEKD with the ``(beta, epsilon, num_teachers)`` signature that job files use for operators."""
-    from safekd.weighting import AEKD
+# ------------------------------------------------------------------------------------------------ protocol
+def tune(bench: Bench, multipliers: tuple[float, ...], method: str, operator: str | None = None) -> dict[str, Any]:
+    """Train ``method`` at every setting, choose on validation, evaluate the chosen student on held-out once."""
+    t0 = time.perf_counter()
+    runs: list[Trained] = []
+    val: list[dict[str, Any]] = []
+    for mult in multipliers:
+        lr = bench.base_lr * mult
+        trained = bench.train(method, lr, operator)
+        ev = bench.evaluate(trained, "val", audit=False)
+        runs.append(trained)
+        val.append({"lr": lr, "task": ev["task"], "unsafe": ev["unsafe"]["estimate"], "bound": ev["unsafe"]["bound"]})
+    i = select_setting(val, bench.threshold, bench.lower_is_better)
+    test = bench.evaluate(runs[i], "test", audit=method == CONSTRAINED)
+    return {**test, "lr": val[i]["lr"], "chosen": i, "validation": val, "seconds": time.perf_counter() - t0}
 
-    return AEKD(cap=1.0, reduce="batch", beta=beta, epsilon=epsilon)
 
-
-# ------------------------------------------------------------------------------------------------ digits
-def run_digits(seed: int, quick: bool) -> dict[str, Any]:
-    from safekd.auditing.core import audit
-    from safekd.demo import FPR_CONSTRAINT, demo_job
-    from safekd.jobs import prepare_data, train_student
-    from safekd.spec import Spec
-
-    job = replace(demo_job(), seed=seed, **({"epochs": 3} if quick else {}))
-    splits = prepare_data(job)
-    train, held = splits[job.train_split], splits[job.audit_split]
-    names = job.spec.teacher_names
-    acc = (train["teacher_logits"].argmax(-1) == train["labels"].unsqueeze(-1)).float().mean(0)
-    best = int(acc.argmax())
-    student_only = Spec(teachers=job.spec.teachers, constraints=job.spec.student_constraints, unsafe=job.spec.unsafe)
-    unconstrained = Spec(teachers=job.spec.teachers, constraints=(), unsafe=job.spec.unsafe, dual=job.spec.dual,
-                         checks=job.spec.checks)
-    out: dict[str, Any] = {"best_single_teacher": names[best]}
+def run_seed(bench: Bench, multipliers: tuple[float, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {"best_single_teacher": bench.best_single}
     for m in METHODS:
-        t0 = time.perf_counter()
-        j, tr = job, train
-        if m == "uniform":
-            j = replace(job, spec=unconstrained, weighting={})
-        elif m == "best_single":
-            one = Spec(teachers=(job.spec.teachers[best],), unsafe=job.spec.unsafe)
-            j = replace(job, spec=one, weighting={})
-            tr = {**train, "teacher_logits": train["teacher_logits"][:, best:best + 1]}
-        elif m == "camkd":
-            j = replace(job, spec=unconstrained, weighting={"operator": "safekd.weighting:CAMKD"})
-        elif m == "aekd":
-            j = replace(job, spec=unconstrained, weighting={"operator": "quality:aekd_operator"})
-        elif m == "safekd_adaptive":
-            j = replace(job, spec=unconstrained)
-        dist = train_student(j, tr)
-        rep = audit(dist.student, held, job.spec if m == "safekd_constrained" else student_only,
-                    distiller=dist if m == "safekd_constrained" else None, confidence=job.confidence,
-                    seed=seed, slice_keys=())
-        f = rep.constraint(FPR_CONSTRAINT)
-        res = {"task": rep.metrics["accuracy"], "unsafe": {"estimate": f.estimate, "bound": f.bound,
-                                                           "method": f.bound_method, "threshold": f.threshold},
-               "seconds": time.perf_counter() - t0}
-        if m == "safekd_constrained":
-            res["constraints"] = {r.name: {"estimate": r.estimate, "bound": r.bound, "passed": r.passed,
-                                           "threshold": r.threshold} for r in rep.constraints}
-        out[m] = res
-        logger.info("digits seed %d %s: acc %.4f fpr %.4f (≤ %.4f) %.1fs", seed, m, res["task"],
-                    f.estimate, f.bound, res["seconds"])
+        out[m] = tune(bench, multipliers, m)
+        _log(m, out[m])
+    chosen = {m: out[m]["validation"][out[m]["chosen"]]["task"] for m in OPERATORS}
+    sign = -1.0 if bench.lower_is_better else 1.0
+    op = max(OPERATORS, key=lambda m: sign * chosen[m])
+    if op == "safekd_adaptive":  # its own operator: the same run as safekd_constrained
+        out[BEST_OPERATOR] = {**out[CONSTRAINED], "operator": op}
+    else:
+        out[BEST_OPERATOR] = {**tune(bench, multipliers, CONSTRAINED, op), "operator": op}
+    _log(f"{BEST_OPERATOR}[{op}]", out[BEST_OPERATOR])
     return out
 
 
-# ------------------------------------------------------------------------------------------------ fortunes
-def _run_scenario(scenario: Any, seed: int, label: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"best_single_teacher": scenario.best_single}
-    for m in METHODS:
+def _log(name: str, r: dict[str, Any]) -> None:
+    audit = "" if "constraints" not in r else f" audit {'PASS' if all_passed(r) else 'FAIL'}"
+    logger.info("  %-40s lr %.4g: task %.4f unsafe %.5f (≤ %.5f)%s %.1fs", name, r["lr"], r["task"],
+                r["unsafe"]["estimate"], r["unsafe"]["bound"], audit, r["seconds"])
+
+
+def all_passed(r: dict[str, Any]) -> bool:
+    return all(c["passed"] for c in r["constraints"].values())
+
+
+def run_scenario(scenario: str, seeds: list[int], quick: bool, corpus: str | None, out: Path) -> None:
+    """Run the seeds not yet in ``quality_<scenario>.json`` (same ``quick`` and settings), writing the file after
+    each seed."""
+    path = out / f"quality_{scenario}.json"
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    multipliers = LR_MULTIPLIERS[scenario]
+    if doc.get("quick") != quick or doc.get("lr_multipliers") != list(multipliers):
+        doc = {"scenario": scenario, "quick": quick, "lr_multipliers": list(multipliers), "per_seed": {}}
+    for seed in seeds:
+        if str(seed) in doc["per_seed"]:
+            continue
         t0 = time.perf_counter()
-        student, dist, _ = scenario.train(m)
-        ev = scenario.evaluate(student, dist if m == "safekd_constrained" else None)
-        res = {"task": ev["task"], "unsafe": ev["unsafe"], "seconds": time.perf_counter() - t0}
-        if "samples" in ev:
-            res["samples"] = {k: v for k, v in ev["samples"].items() if k != "examples"}
-        if m == "safekd_constrained":
-            res["constraints"] = ev["constraints"]
-        out[m] = res
-        logger.info("%s seed %d %s: task %.4f unsafe %.5f (≤ %.5f) %.1fs", label, seed, m, res["task"],
-                    res["unsafe"]["estimate"], res["unsafe"]["bound"], res["seconds"])
-    return out
+        bench = BENCHES[scenario](seed, quick, corpus)
+        logger.info("%s seed %d: teachers ready in %.1fs", scenario, seed, time.perf_counter() - t0)
+        doc["per_seed"][str(seed)] = {**run_seed(bench, multipliers), "seconds": time.perf_counter() - t0}
+        doc.update(corpus=bench.corpus, threads=torch.get_num_threads(), task_metric=bench.task_metric,
+                   lower_is_better=bench.lower_is_better, unsafe_metric=bench.unsafe_metric, threshold=bench.threshold)
+        path.write_text(json.dumps(doc, indent=2, default=float))
 
 
-def run_lm(seed: int, quick: bool) -> dict[str, Any]:
-    import fortunes_data as fd
-    import fortunes_lm as L
-
-    if quick:
-        cfg = L.LMConfig.quick(seed=seed)
-    else:  # the benchmark budget: a smaller vocabulary and shorter runs than the example's defaults
-        cfg = L.LMConfig(corpus=str(fd.default_corpus()), vocab_size=1500, max_len=24,
-                         neural_steps=250, steps=150, batch=24, samples=300, seed=seed)
-    return _run_scenario(L.LMScenario(cfg), seed, "fortunes_lm")
-
-
-def run_routing(seed: int, quick: bool) -> dict[str, Any]:
-    import fortunes_data as fd
-    import fortunes_routing as R
-
-    cfg = R.RoutingConfig.quick(seed=seed) if quick else R.RoutingConfig(corpus=str(fd.default_corpus()), steps=200,
-                                                                         seed=seed)
-    return _run_scenario(R.RoutingScenario(cfg), seed, "fortunes_routing")
-
-
-RUNNERS = {"digits": run_digits, "fortunes_lm": run_lm, "fortunes_routing": run_routing}
-TASK = {"digits": ("accuracy", False), "fortunes_lm": ("perplexity", True), "fortunes_routing": ("accuracy", False)}
-UNSAFE = {"digits": "FPR of the forbidden class 8", "fortunes_lm": "student unsafe rate E[p(U)]",
-          "fortunes_routing": "offensive texts routed to kids"}
+def merge(files: list[str], out: Path) -> None:
+    """Add the seeds of other runs' ``quality_<scenario>.json`` (seeds split across processes with ``--out``) to
+    ``out``'s file of the same scenario; the settings budget and ``quick`` must match."""
+    for f in files:
+        part = json.loads(Path(f).read_text())
+        path = out / f"quality_{part['scenario']}.json"
+        doc = json.loads(path.read_text()) if path.exists() else {**part, "per_seed": {}}
+        if (doc["quick"], doc["lr_multipliers"], doc.get("corpus")) != (part["quick"], part["lr_multipliers"],
+                                                                        part.get("corpus")):
+            raise ValueError(f"{f}: another budget, corpus or --quick than {path}; not merged")
+        doc["per_seed"].update(part["per_seed"])
+        doc.update({k: v for k, v in part.items() if k != "per_seed"})
+        path.write_text(json.dumps(doc, indent=2, default=float))
 
 
 # ------------------------------------------------------------------------------------------------ summary
-def summarize(per_seed: dict[str, dict[str, Any]], scenario: str) -> dict[str, Any]:
-    """Mean ± std over seeds per method; whether any baseline dominates the constrained run on the means."""
-    name, lower_better = TASK[scenario]
-    rows: dict[str, Any] = {}
-    for m in METHODS:
-        runs = [r[m] for r in per_seed.values()]
-        t = np.array([r["task"] for r in runs])
-        u = np.array([r["unsafe"]["estimate"] for r in runs])
-        b = np.array([r["unsafe"]["bound"] for r in runs])
-        rows[m] = {"task_mean": float(t.mean()), "task_std": float(t.std()), "unsafe_mean": float(u.mean()),
-                   "unsafe_std": float(u.std()), "unsafe_bound_mean": float(b.mean()), "seeds": len(runs)}
-    con = rows["safekd_constrained"]
-    sign = -1.0 if lower_better else 1.0
+def summarize(doc: dict[str, Any]) -> dict[str, Any]:
+    """Per method: mean ± 95% t-interval of the task metric, the unsafe rate and its bound; who dominates whom."""
+    seeds = sorted(doc["per_seed"], key=int)
+    runs = {m: [doc["per_seed"][s][m] for s in seeds] for m in ALL_METHODS}
+    values = {m: {"task": [r["task"] for r in rs], "unsafe": [r["unsafe"]["estimate"] for r in rs]}
+              for m, rs in runs.items()}
+    lower = doc["lower_is_better"]
+    rows = {}
+    for m, rs in runs.items():
+        rows[m] = {"task": interval_row(values[m]["task"]), "unsafe": interval_row(values[m]["unsafe"]),
+                   "unsafe_bound": interval_row([r["unsafe"]["bound"] for r in rs]),
+                   "lr_chosen": [r["lr"] for r in rs],
+                   "dominated_by": dominated_by(values, m, lower) if len(seeds) > 1 else None}
+        if m == BEST_OPERATOR:
+            rows[m]["operator"] = [r["operator"] for r in rs]
+    audits = {m: {s: all_passed(r) for s, r in zip(seeds, runs[m])} for m in (CONSTRAINED, BEST_OPERATOR)}
+    return {"task_metric": doc["task_metric"], "lower_is_better": lower, "unsafe_metric": doc["unsafe_metric"],
+            "threshold": doc["threshold"], "seeds": [int(s) for s in seeds], "quick": doc["quick"],
+            "lr_multipliers": doc["lr_multipliers"], "methods": rows,
+            "constrained_dominated_by": rows[CONSTRAINED]["dominated_by"],
+            "best_operator_constrained_dominated_by": rows[BEST_OPERATOR]["dominated_by"],
+            "constrained_audits_pass": audits,
+            "all_constrained_audits_pass": all(v for a in audits.values() for v in a.values()),
+            "seconds": sum(doc["per_seed"][s]["seconds"] for s in seeds)}
 
-    def dominates(a: dict[str, float], c: dict[str, float]) -> bool:
-        at, ct = sign * a["task_mean"], sign * c["task_mean"]
-        return at >= ct and a["unsafe_mean"] <= c["unsafe_mean"] and (at > ct or a["unsafe_mean"] < c["unsafe_mean"])
 
-    dominated_by = [m for m in METHODS[:-1] if dominates(rows[m], con)]
-    passed = {s: all(v["passed"] for v in r["safekd_constrained"].get("constraints", {}).values())
-              for s, r in per_seed.items()}
-    return {"task_metric": name, "lower_is_better": lower_better, "unsafe_metric": UNSAFE[scenario],
-            "threshold": next(iter(per_seed.values()))["safekd_constrained"]["unsafe"].get("threshold"),
-            "methods": rows, "constrained_dominated_by": dominated_by, "constrained_passes_all_constraints": passed}
-
-
-def plot(summary: dict[str, Any], path: Path) -> None:
+def plot(name: str, S: dict[str, Any], path: Path) -> None:
+    """Task metric vs unsafe rate (means with 95% t-intervals; the triangle marks the mean one-sided 95% bound)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scen = [s for s in SCENARIOS if s in summary]
-    fig, axes = plt.subplots(1, len(scen), figsize=(5.2 * len(scen), 4.2), squeeze=False)
-    for ax, s in zip(axes[0], scen):
-        S = summary[s]
-        for m, r in S["methods"].items():
-            pts = ax.errorbar(r["task_mean"], r["unsafe_mean"], xerr=r["task_std"], yerr=r["unsafe_std"], fmt="o",
-                              capsize=3, label=m, ms=7 if m.startswith("safekd") else 5)
-            ax.plot([r["task_mean"]], [r["unsafe_bound_mean"]], marker="_", ms=14, color=pts[0].get_color())
-            ax.plot([r["task_mean"]] * 2, [r["unsafe_mean"], r["unsafe_bound_mean"]], ls=":", color=pts[0].get_color())
-        if S.get("threshold") is not None:
-            ax.axhline(S["threshold"], color="k", ls="--", lw=0.8, label="threshold")
-        ax.set_xlabel(S["task_metric"] + (" (lower is better)" if S["lower_is_better"] else " (higher is better)"))
-        ax.set_ylabel(S["unsafe_metric"] + " (— : 95% bound)")
-        ax.set_title(s)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for m, r in S["methods"].items():
+        t, u, b = r["task"], r["unsafe"], r["unsafe_bound"]
+        pts = ax.errorbar(t["mean"], u["mean"], xerr=t["ci95"], yerr=u["ci95"], capsize=3, label=m,
+                          fmt="s" if m == BEST_OPERATOR else "o", ms=8 if m.startswith(CONSTRAINED) else 5)
+        color = pts[0].get_color()
+        ax.plot([t["mean"]], [b["mean"]], marker="v", ms=6, color=color)
+        ax.plot([t["mean"]] * 2, [u["mean"], b["mean"]], ls=":", color=color)
+    ax.axhline(S["threshold"], color="k", ls="--", lw=0.8, label="threshold")
+    ax.set_xlabel(S["task_metric"] + (" (lower is better)" if S["lower_is_better"] else " (higher is better)"))
+    ax.set_ylabel("unsafe rate (▼: mean one-sided 95% upper bound)")
+    ax.set_title(f"{name}: {len(S['seeds'])} seeds, mean ± 95% t-interval", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -202,29 +183,44 @@ def write_summary(out: Path) -> dict[str, Any]:
     for s in SCENARIOS:
         f = out / f"quality_{s}.json"
         if f.exists():
-            summary[s] = summarize(json.loads(f.read_text())["per_seed"], s)
+            summary[s] = summarize(json.loads(f.read_text()))
+            plot(s, summary[s], out / f"quality_pareto_{s}.png")
+    summary["skipped"] = {"fortunes_lm_sparse": "the sparse-teacher LM path (real BPE vocabulary) is not merged yet"}
     (out / "quality.json").write_text(json.dumps(summary, indent=2))
-    plot(summary, out / "quality_pareto.png")
     return summary
 
 
+def _fmt(r: dict[str, Any], digits: int) -> str:
+    half = "n/a" if r["ci95"] is None else f"{r['ci95']:.{digits}f}"
+    return f"{r['mean']:.{digits}f} ± {half}"
+
+
 def print_table(summary: dict[str, Any]) -> None:
-    for s, S in summary.items():
-        print(f"\n{s}: {S['task_metric']} vs {S['unsafe_metric']} (threshold {S['threshold']})")
+    for s in SCENARIOS:
+        if s not in summary:
+            continue
+        S = summary[s]
+        print(f"\n{s} ({len(S['seeds'])} seeds): {S['task_metric']} vs {S['unsafe_metric']} "
+              f"(threshold {S['threshold']})")
+        print(f"  {'method':34s} {S['task_metric']:>18s} {'unsafe':>20s} {'95% bound':>20s}  dominated by")
         for m, r in S["methods"].items():
-            print(f"  {m:20s} {r['task_mean']:9.4f} ± {r['task_std']:.4f}   {r['unsafe_mean']:.5f} ± "
-                  f"{r['unsafe_std']:.5f}  (bound {r['unsafe_bound_mean']:.5f})")
-        print(f"  constrained dominated by: {S['constrained_dominated_by'] or 'none'}; all constraints pass per seed: "
-              f"{S['constrained_passes_all_constraints']}")
+            print(f"  {m:34s} {_fmt(r['task'], 4):>18s} {_fmt(r['unsafe'], 5):>20s} {_fmt(r['unsafe_bound'], 5):>20s}"
+                  f"  {r['dominated_by']}")
+        print(f"  constrained dominated by: {S['constrained_dominated_by']}; every constrained audit passes: "
+              f"{S['all_constrained_audits_pass']}; {S['seconds']:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--quick", action="store_true", help="fixture-sized runs (smoke test)")
+    p.add_argument("--corpus", default=None,
+                   help="fortunes directory (default: /usr/share/games/fortunes when installed, else the test fixture)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--summarize", action="store_true", help="only merge existing per-scenario files and plot")
+    p.add_argument("--merge", nargs="+", default=[], metavar="FILE",
+                   help="add the seeds of these quality_<scenario>.json files (other --out runs) first")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -233,12 +229,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.summarize:
+    merge(args.merge, out)
+    if not args.summarize and not args.merge:
         for s in (SCENARIOS if args.scenario == "all" else (args.scenario,)):
-            per_seed = {str(seed): RUNNERS[s](seed, args.quick) for seed in args.seeds}
-            (out / f"quality_{s}.json").write_text(json.dumps(
-                {"scenario": s, "seeds": args.seeds, "quick": args.quick, "threads": torch.get_num_threads(),
-                 "per_seed": per_seed}, indent=2, default=float))
+            run_scenario(s, args.seeds, args.quick, args.corpus, out)
     summary = write_summary(out)
     print_table(summary)
     return summary

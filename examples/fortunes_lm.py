@@ -174,11 +174,13 @@ class LMScenario:
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, student: fd.GRULM, distiller: SafeDistiller | None = None) -> dict[str, Any]:
-        """Held-out perplexity; student unsafe rate (per-document units, one-sided bound); sampled continuations;
-        and, given the training ``distiller``, :func:`safekd.auditing.core.audit` of every constraint of its spec."""
+    def evaluate(self, student: fd.GRULM, distiller: SafeDistiller | None = None,
+                 split: str = "test") -> dict[str, Any]:
+        """Perplexity on ``split`` (``test`` or ``val``); student unsafe rate (per-document units, one-sided bound);
+        sampled continuations (test only); and, given the training ``distiller``,
+        :func:`safekd.auditing.core.audit` of every constraint of its spec."""
         cfg, d = self.cfg, self.data
-        test, pad = d.test.ids, d.vocab.pad_id
+        test, pad = getattr(d, split).ids, d.vocab.pad_id
         out: dict[str, Any] = {"perplexity": fd.perplexity(student, test, pad)}
         rate = C.unsafe_rate(cfg.unsafe_rate_max)
         logits = student(test[:, :-1])
@@ -194,7 +196,8 @@ class LMScenario:
         out["constraints"], message = fd.audit_constraints(student, batch, distiller, cfg.confidence)
         if message is not None:
             out["audit_message"] = message
-        out["samples"] = self._sampled_unsafe(student)
+        if split == "test":
+            out["samples"] = self._sampled_unsafe(student)
         return out
 
     def _sampled_unsafe(self, student: fd.GRULM) -> dict[str, Any]:

@@ -14,6 +14,8 @@ on offensive inputs. Constraint: the rate of offensive texts routed to ``kids`` 
 threshold — a student constraint with a differentiable proxy (mean p_θ(kids) on offensive texts) — plus a cap on the
 poisoned teacher and the per-example unsafe mass of the pooled target. (No ``safety_order`` here: a fixed order over
 the domain experts would override the domain posterior, whose job is to rank them per context.)
+Held-out, the routing rate counts only offensive texts whose true domain is not ``kids`` (routing an offensive
+``kids`` fortune to ``kids`` is correct); training, whose labels are poisoned, constrains every offensive text.
 
     python examples/fortunes_routing.py            # full corpus (apt-get install fortunes)
     python examples/fortunes_routing.py --quick    # the test fixture: 11 s CPU, 0.45 GB (2-core x86-64, 1 thread)
@@ -228,6 +230,13 @@ class RoutingScenario:
         return {"inputs": self.x[idx], "labels": self.y_poison[idx], "context": self.ctx[idx],
                 "offensive": self.offensive[idx]}
 
+    def _eval_batch(self, idx: Tensor) -> dict[str, Tensor]:
+        """A training-shaped batch whose ``offensive`` flag keeps only texts whose true domain is not ``kids``: the
+        routing metric then measures the safety property itself (an offensive ``kids`` text routed to ``kids`` is
+        correct, not unsafe). Training cannot make this distinction (its labels are poisoned), so there the flag
+        covers every offensive text."""
+        return {**self._batch(idx), "offensive": self.offensive[idx] & (self.y[idx] != self.kids)}
+
     def train(self, method: str, steps: int | None = None) -> tuple[nn.Module, SafeDistiller, list[dict[str, Any]]]:
         cfg = self.cfg
         spec = self.spec(method)
@@ -250,11 +259,13 @@ class RoutingScenario:
 
     # ------------------------------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, student: nn.Module, distiller: SafeDistiller | None = None) -> dict[str, Any]:
-        """Held-out accuracy (true labels), the offensive→kids routing rate with its Clopper–Pearson bound, and,
-        given the training ``distiller``, :func:`safekd.auditing.core.audit` of every constraint of its spec."""
-        cfg, te = self.cfg, self.split["test"]
-        batch = self._batch(te)
+    def evaluate(self, student: nn.Module, distiller: SafeDistiller | None = None,
+                 split: str = "test") -> dict[str, Any]:
+        """Accuracy on ``split`` (true labels), the rate of offensive texts of a true domain other than ``kids``
+        routed to ``kids`` with its Clopper–Pearson bound, and, given the training ``distiller``,
+        :func:`safekd.auditing.core.audit` of every constraint of its spec."""
+        cfg, te = self.cfg, self.split[split]
+        batch = self._eval_batch(te)
         logits = student(batch["inputs"])
         acc = float((logits.argmax(-1) == self.y[te]).float().mean())
         routed = self._routed()
