@@ -130,8 +130,9 @@ def main() -> None:
     fresh = distiller()
     with torch.no_grad():
         student_logits = fresh.student(base["inputs"])
-        td = fresh._targets(dense, fresh._teacher_logits(dense), student_logits)
-        ts = fresh._targets(sparse, fresh._teacher_logits(sparse), student_logits, expand=False)
+        pipe = fresh.pipeline
+        td = pipe(dense, student_logits, pipe.teacher_logits(dense))
+        ts = pipe(sparse, student_logits, pipe.teacher_logits(sparse), expand=False)
         q_sparse = ts.sparse.buckets.expand(ts.sparse.target_logp).float()
         q_dense = td.target_logp
         kl = float((q_dense.exp() * (q_dense - q_sparse)).sum(-1).mean())

@@ -176,11 +176,11 @@ def _polish(v: np.ndarray, lo: np.ndarray, hi: np.ndarray, A: np.ndarray, b: np.
 
 
 def _solve(prob: cp.Problem, solver: str, opts: dict) -> None:
-    """Solve with the tight default options; on failure retry once with the solver's own defaults."""
-    # no warm start: the cached problem is shared by every row, and Clarabel started from the previous row's point
-    # failed on valid rows (cold starts are also faster here)
+    """Solve with the tight default options; on failure retry once with the solver's own defaults. Cold starts
+    unless ``opts`` asks for ``warm_start``: the cached problem is shared by every row, and Clarabel started from
+    the previous row's point failed on valid rows (cold starts are also faster here)."""
     try:
-        prob.solve(solver=solver, warm_start=False, **opts)
+        prob.solve(solver=solver, **{"warm_start": False, **opts})
         if prob.status in _SOLVED or not opts:
             return
     except cp.error.SolverError as exc:
