@@ -80,7 +80,7 @@ def train_lm(model: GPT2LMHeadModel, tok: PreTrainedTokenizerFast, texts: list[s
     return model.eval()
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="lm-sparse-run", help="output directory")
     ap.add_argument("--items", type=int, default=1500, help="fortunes used (train + held-out)")
@@ -168,7 +168,11 @@ def main() -> None:
           ", ".join(f"{n} {float(m):.4f}" for n, m in zip(spec.teacher_names, mass)))
     print(report.summary_table())
     print(f"report: {out / 'audit'}  ({time.perf_counter() - t0:.0f} s in all)")
+    if not report.passed:
+        print("FAIL: " + report.message + f"; `safekd audit --plan` tells how many held-out units a threshold needs "
+              f"({len(test)} held-out fortunes here)")
+    return 0 if report.passed else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
