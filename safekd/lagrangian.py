@@ -37,9 +37,9 @@ class Lagrangian:
         """The KD divergence D(q_t ‖ p_θ) of the step (with ``.sum``/``.count``): on the union support + tail
         buckets for sparse teachers (:mod:`safekd.sparse`), else dense; the ``builtin`` forward KL at temperature 1
         shares one student normaliser log p_θ with the constraints (unsafe_rate, kl_to, retain)."""
-        shared = {}
         if t.sparse is not None:
             return t.sparse.divergence(divergence, student_logits, t.mask, self.spec.temperature)
+        shared = {}
         if builtin and self.spec.temperature == 1.0:
             shared["student_logp"] = t.context.student_logp = F.log_softmax(student_logits, dim=-1)
         return divergence(t.target_logp, student_logits, mask=t.mask, temperature=self.spec.temperature, **shared)
