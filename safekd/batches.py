@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Batch", "DataSource", "IGNORE_INDEX", "iter_batches", "num_examples", "is_in_memory", "default_mask"]
+__all__ = ["Batch", "DataSource", "IGNORE_INDEX", "iter_batches", "num_examples", "is_in_memory", "default_mask",
+           "select_rows"]
 
 Batch = Mapping[str, Any]
 DataSource = Mapping[str, Any] | Iterable[Mapping[str, Any]]
@@ -73,6 +74,14 @@ def _take(v: Any, idx: Tensor | slice, n: int, device: torch.device | None) -> A
     return v
 
 
+def select_rows(batch: Mapping[str, Any], idx: Tensor | slice, device: torch.device | None = None
+                ) -> dict[str, Any]:
+    """Rows ``idx`` of every entry (nested dicts too) that has the leading example axis of ``batch["inputs"]``;
+    other entries pass through. Tensors are moved to ``device`` when given."""
+    n = _rows(batch["inputs"])
+    return {k: _take(v, idx, n, device) for k, v in batch.items()}
+
+
 def _to(v: Any, device: torch.device | None) -> Any:
     if device is None:
         return v
@@ -100,7 +109,7 @@ def iter_batches(source: DataSource, batch_size: int | None = None, *, shuffle: 
         order = torch.randperm(n, generator=generator) if shuffle else None
         for s in range(0, n, batch_size):
             idx = order[s:s + batch_size] if order is not None else slice(s, s + batch_size)
-            yield {k: _take(v, idx, n, dev) for k, v in source.items()}
+            yield select_rows(source, idx, dev)
         return
     if isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
         raise TypeError(f"data must be a dict of tensors or an iterable of batches (e.g. a DataLoader), "

@@ -17,8 +17,8 @@ import pickle
 import random
 import sys
 import warnings
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np

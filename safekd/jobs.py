@@ -269,27 +269,6 @@ def _resume_key(job: Job) -> dict[str, Any]:
             "weighting": dict(job.weighting)}
 
 
-def _shard(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """This rank's rows of an in-memory batch under torchrun (all of them on one process)."""
-    n = _rows_of(batch)
-    sl = shard_slice(n) if n is not None else slice(None)
-    return {k: _rows(v, sl, n) for k, v in batch.items()}
-
-
-def _rows_of(batch: Mapping[str, Any]) -> int | None:
-    x = batch["inputs"]
-    x = next(iter(x.values())) if isinstance(x, Mapping) else x
-    return x.shape[0] if isinstance(x, Tensor) and x.dim() else None
-
-
-def _rows(v: Any, sl: slice, n: int | None) -> Any:
-    if isinstance(v, Tensor) and v.dim() and v.shape[0] == n:
-        return v[sl]
-    if isinstance(v, Mapping):
-        return {k: _rows(t, sl, n) for k, t in v.items()}
-    return v
-
-
 def train_student(job: Job, train: DataSource, *, device: str | torch.device = "cpu",
                   step_log: str | Path | None = None, progress: bool = False, desc: str = "distil",
                   checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False) -> Any:
@@ -309,7 +288,7 @@ def train_student(job: Job, train: DataSource, *, device: str | torch.device = "
     """
     from tqdm.auto import tqdm
 
-    from safekd.batches import is_in_memory, iter_batches, num_examples
+    from safekd.batches import is_in_memory, iter_batches, num_examples, select_rows
     from safekd.steplog import StepLog
 
     if checkpoint_every < 0:
@@ -348,7 +327,8 @@ def train_student(job: Job, train: DataSource, *, device: str | torch.device = "
                 for i, batch in enumerate(batches):
                     if i < pos.batch:
                         continue  # trained on before the checkpoint
-                    distiller.step(_shard(batch) if in_memory else batch)
+                    # this rank's rows of an in-memory batch under torchrun (all of them on one process)
+                    distiller.step(select_rows(batch, shard_slice(num_examples(batch))) if in_memory else batch)
                     pos.batch, pos.step = i + 1, pos.step + 1
                     bar.update(1)
                     if checkpoint_every and pos.step % checkpoint_every == 0:
@@ -375,13 +355,13 @@ def _rotate_checkpoint(distiller: Any, ckpt_dir: Path, pos: _Position, job: Job,
 def _resume(distiller: Any, ckpt_dir: Path, job: Job) -> _Position:
     """Load the newest checkpoint of ``ckpt_dir`` that loads (into ``distiller`` and the RNGs) and return the loop
     position it holds; a fresh position when the directory has none."""
-    from safekd.checkpoint import load_checkpoint
+    from safekd.checkpoint import CheckpointError, load_checkpoint, load_file
 
     found = sorted(ckpt_dir.glob(_CHECKPOINT_GLOB), reverse=True)
     for path in found:
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a damaged file: try the previous checkpoint
+            payload = load_file(path, map_location="cpu")
+        except (CheckpointError, OSError) as exc:  # a damaged file: try the previous checkpoint
             logger.warning("resume: cannot read %s (%s); trying the previous checkpoint", path, exc)
             continue
         train = payload.get("extra", {}).get("train")
