@@ -11,7 +11,7 @@ callable once and applies the transforms to its output.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -20,15 +20,18 @@ __all__ = ["DerivedTeacher", "derived", "teacher_outputs", "logits_of"]
 
 
 def logits_of(out: Any, who: str = "teacher") -> Tensor:
-    """A model's output as a logits tensor: the tensor itself, or its ``.logits`` (Hugging Face ``ModelOutput``).
+    """A model's output as a logits tensor: the tensor itself, or its ``logits`` (a Hugging Face ``ModelOutput`` or a
+    mapping).
 
     Raises:
         TypeError: neither (the message names ``who``).
     """
-    logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+    if isinstance(out, Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     if not isinstance(logits, Tensor):
         fix = ("convert it with torch.from_numpy" if type(out).__module__ == "numpy" else
-               "wrap a model that returns a tuple or another output object in safekd.integrations.base.LogitsOf")
+               "wrap a model that returns a tuple or another output object in safekd.LogitsOf(model)")
         raise TypeError(f"{who} returned a {type(out).__name__}, not a logits tensor [..., V] (or an output with "
                         f".logits); {fix}")
     return logits

@@ -25,13 +25,14 @@ from torch import Tensor, nn
 from safekd import constraints as C
 from safekd.auditing.bounds import BETTING, Bound, check_level
 from safekd.auditing.measure import (bound_for_units, check_support, per_example_sums, per_group_sums,
-                                     signed_slack, student_logits, support_label)
+                                     signed_slack, support_label)
 from safekd.auditing.provenance import provenance, read_traces, weight_record
 from safekd.auditing.report import (FAIL, NOT_BOUNDED, NOT_CERTIFIED, PASS, AuditReport, ConstraintResult,
                                     SliceResult, TeacherWeightSummary, format_confidence)
 from safekd.batches import default_mask, iter_batches
 from safekd.signals import all_finite
 from safekd.spec import Spec
+from safekd.teachers import logits_of
 
 if TYPE_CHECKING:
     from safekd.distiller import SafeDistiller, Targets
@@ -349,7 +350,7 @@ def audit(student: nn.Module, data: Mapping[str, Any] | Iterable[Mapping[str, An
             if view is None and any(k in batch for k in _TEACHER_KEYS) != have_teachers:
                 raise ValueError("'teacher_logits' must be in every audit batch or in none")
             with torch.no_grad():
-                logits = student_logits(student(batch["inputs"]))
+                logits = logits_of(student(batch["inputs"]), "the student")
             if not all_finite(logits):
                 raise ValueError("the student returned non-finite logits (NaN/inf) on the audit data")
             B, tshape = logits.shape[0], logits.shape[:-1]

@@ -32,22 +32,11 @@ from safekd.batches import default_mask
 from safekd.constraints import StudentConstraint, Support
 from safekd.unsafe import UnsafeSet
 
-__all__ = ["student_logits", "per_example_sums", "per_group_sums", "bound_for_units", "check_support",
+__all__ = ["per_example_sums", "per_group_sums", "bound_for_units", "check_support",
            "support_interval", "support_label",
            "signed_slack"]
 
 logger = logging.getLogger(__name__)
-
-
-def student_logits(out: Any) -> Tensor:
-    """The student's logits: a tensor, or the ``logits`` of a Hugging Face ``ModelOutput`` (or a mapping)."""
-    if isinstance(out, Tensor):
-        return out
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    raise TypeError(f"the student returned {type(out).__name__}, not a logits tensor [..., V]; wrap the model in "
-                    "safekd.LogitsOf(model) (or return the logits)")
 
 
 def _measure(constraint: StudentConstraint, logits: Tensor, batch: Mapping[str, Any], kw: dict[str, Any]

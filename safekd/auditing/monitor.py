@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from safekd.auditing.bounds import betting_lambdas, check_level
-from safekd.auditing.measure import check_support, per_example_sums, student_logits, support_interval
+from safekd.auditing.measure import check_support, per_example_sums, support_interval
 from safekd.constraints import StudentConstraint
 from safekd.spec import Spec
+from safekd.teachers import logits_of
 
 __all__ = ["ConfidenceSequence", "ConstraintMonitor", "MonitorStatus", "CERTIFIED", "CANNOT_BE_MET", "UNDECIDED"]
 
@@ -170,7 +171,7 @@ class ConstraintMonitor:
         student.eval()
         try:
             with torch.no_grad():
-                logits = student_logits(student(batch["inputs"]))
+                logits = logits_of(student(batch["inputs"]), "the student")
                 out = distiller.targets(batch, logits) if distiller is not None else None
         finally:
             student.train(was)
