@@ -55,7 +55,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------- train
 def _cmd_train(args: argparse.Namespace) -> int:
     _single_thread()
-    from safekd.distributed import destroy, init_from_env
+    from safekd.common.distributed import destroy, init_from_env
     from safekd.jobs import load_job, run_training
 
     job = load_job(args.spec)  # every check that needs no data, before any teacher is trained
@@ -147,7 +147,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- check-axioms
 def _cmd_check_axioms(args: argparse.Namespace) -> int:
     _single_thread()
-    from safekd.axioms import check, load_object
+    from safekd.targets.axioms import check, load_object
 
     try:
         obj = load_object(args.object, dict(args.arg))
@@ -214,8 +214,8 @@ def _load_tokenizer(path: str) -> object:
 
 def _teacher_source(name: str, ref: str, student_vocab: dict, device: str) -> object:
     """``hf:PATH_OR_HUB_NAME`` (a causal LM and its tokenizer) or ``module:callable`` (input_ids -> logits)."""
-    from safekd.cache import TeacherSource
-    from safekd.references import import_reference
+    from safekd.targets.cache import TeacherSource
+    from safekd.common.references import import_reference
 
     if ref.startswith("hf:"):
         from transformers import AutoModelForCausalLM
@@ -235,8 +235,8 @@ def _teacher_source(name: str, ref: str, student_vocab: dict, device: str) -> ob
 
 def _cmd_cache_teachers(args: argparse.Namespace) -> int:
     _single_thread()
-    from safekd.cache import cache_teachers, tokenize_texts
-    from safekd.spec import Spec, load_document
+    from safekd.targets.cache import cache_teachers, tokenize_texts
+    from safekd.spec.document import Spec, load_document
 
     doc = load_document(args.spec)
     spec = Spec.from_dict({k: v for k, v in doc.data.items() if k != "job"}, source=doc.source, locate=doc.locate)

@@ -25,7 +25,7 @@ from safekd.auditing.core import audit
 from safekd.auditing.render import write_report
 from safekd.auditing.report import AuditReport, ConstraintResult
 from safekd.jobs import Job, load_job, prepare_data, run_training, train_student
-from safekd.spec import Spec
+from safekd.spec.document import Spec
 
 __all__ = ["DemoConfig", "DemoResult", "demo_job", "run_demo", "FPR_CONSTRAINT"]
 

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from safekd.batches import DataSource
-from safekd.distributed import barrier, is_rank_zero, run_on_rank_zero, shard_slice, unwrap, wrap_ddp
-from safekd.references import import_reference
-from safekd.spec import Locator, Spec, SpecError, load_document
+from safekd.common.batches import DataSource
+from safekd.common.distributed import barrier, is_rank_zero, run_on_rank_zero, shard_slice, unwrap, wrap_ddp
+from safekd.common.references import import_reference
+from safekd.spec.document import Locator, Spec, SpecError, load_document
 
 if TYPE_CHECKING:  # pragma: no cover - the audit stack (scipy.stats, matplotlib) loads only when a job audits
     from safekd.auditing.report import AuditReport
@@ -176,7 +176,7 @@ def build_weighting(cfg: Mapping[str, Any], num_teachers: int) -> nn.Module | No
     """
     if not cfg:
         return None
-    import safekd.weighting as W
+    import safekd.targets.weighting as W
 
     unknown = sorted(set(cfg) - {"operator", "beta", "epsilon", "safety_prior"})
     if unknown:
@@ -190,7 +190,7 @@ def build_weighting(cfg: Mapping[str, Any], num_teachers: int) -> nn.Module | No
 
 
 def _pool(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    from safekd import pooling
+    from safekd.targets import pooling
 
     return pooling.linear_pool if name == "linear" else pooling.geometric_pool
 
@@ -238,7 +238,7 @@ def _build_student(job: Job, device: torch.device) -> nn.Module:
 
 
 def _make_distiller(job: Job, student: nn.Module, log: Any | None = None) -> Any:
-    from safekd.distiller import SafeDistiller
+    from safekd.training.distiller import SafeDistiller
 
     opt = torch.optim.Adam(student.parameters(), lr=job.lr)
     return SafeDistiller(student, None, opt, job.spec, weighting=build_weighting(job.weighting, len(job.spec.teachers)),
@@ -288,8 +288,8 @@ def train_student(job: Job, train: DataSource, *, device: str | torch.device = "
     """
     from tqdm.auto import tqdm
 
-    from safekd.batches import is_in_memory, iter_batches, num_examples, select_rows
-    from safekd.steplog import StepLog
+    from safekd.common.batches import is_in_memory, iter_batches, num_examples, select_rows
+    from safekd.training.steplog import StepLog
 
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
@@ -344,7 +344,7 @@ def train_student(job: Job, train: DataSource, *, device: str | torch.device = "
 
 def _rotate_checkpoint(distiller: Any, ckpt_dir: Path, pos: _Position, job: Job, keep: int = 2) -> None:
     """Write ``step-NNNNNNNN.pt`` atomically, then delete all but the newest ``keep`` (rank 0 only)."""
-    from safekd.checkpoint import save_checkpoint
+    from safekd.training.checkpoint import save_checkpoint
 
     if save_checkpoint(ckpt_dir / f"step-{pos.step:08d}.pt", distiller, extra={"train": pos.to_dict(job)}) is None:
         return
@@ -355,7 +355,7 @@ def _rotate_checkpoint(distiller: Any, ckpt_dir: Path, pos: _Position, job: Job,
 def _resume(distiller: Any, ckpt_dir: Path, job: Job) -> _Position:
     """Load the newest checkpoint of ``ckpt_dir`` that loads (into ``distiller`` and the RNGs) and return the loop
     position it holds; a fresh position when the directory has none."""
-    from safekd.checkpoint import CheckpointError, load_checkpoint, load_file
+    from safekd.training.checkpoint import CheckpointError, load_checkpoint, load_file
 
     found = sorted(ckpt_dir.glob(_CHECKPOINT_GLOB), reverse=True)
     for path in found:
@@ -442,7 +442,7 @@ def run_training(job: Job, out_dir: str | Path | None = None, *, device: str | t
 
 
 def _load_data_file(path: Path) -> dict[str, Tensor]:
-    from safekd.checkpoint import load_file
+    from safekd.training.checkpoint import load_file
 
     data = load_file(path, what="audit data", redo="write it with torch.save({'inputs': ..., 'labels': ...}, path)",
                      map_location="cpu")
@@ -456,7 +456,7 @@ def audit_checkpoint(job: Job, checkpoint: str | Path, data: str | Path | None =
                      progress: bool = False) -> "AuditReport":
     """Audit the student saved in ``checkpoint`` on ``data`` (a ``.pt`` dict of tensors, a split name of the job's
     data, or None for the job's audit split)."""
-    from safekd.checkpoint import read_checkpoint
+    from safekd.training.checkpoint import read_checkpoint
 
     ckpt = Path(checkpoint)
     read_checkpoint(ckpt, map_location="cpu")  # a bad checkpoint is reported before any teacher is built

@@ -22,20 +22,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from safekd import constraints as C
+from safekd.spec import constraints as C
 from safekd.auditing.bounds import BETTING, Bound, check_level
 from safekd.auditing.measure import (bound_for_units, check_support, per_example_sums, per_group_sums,
                                      signed_slack, support_label)
 from safekd.auditing.provenance import provenance, read_traces, weight_record
 from safekd.auditing.report import (FAIL, NOT_BOUNDED, NOT_CERTIFIED, PASS, AuditReport, ConstraintResult,
                                     SliceResult, TeacherWeightSummary, format_confidence)
-from safekd.batches import default_mask, iter_batches
-from safekd.signals import all_finite
-from safekd.spec import Spec
-from safekd.teachers import logits_of
+from safekd.common.batches import default_mask, iter_batches
+from safekd.targets.signals import all_finite
+from safekd.spec.document import Spec
+from safekd.targets.teachers import logits_of
 
 if TYPE_CHECKING:
-    from safekd.distiller import SafeDistiller, Targets
+    from safekd.training.distiller import SafeDistiller, Targets
 
 __all__ = ["audit", "DEFAULT_SLICE_KEYS", "EXHAUSTIVE", "ROUND_OFF"]
 
@@ -52,7 +52,7 @@ def _distiller(spec: Spec, student: nn.Module, teachers: Mapping[str, Callable[.
                distiller: SafeDistiller | None) -> SafeDistiller:
     """The training run's distiller (checked to hold ``spec``'s teacher-weight constraints), or a fresh one whose
     :meth:`~safekd.distiller.SafeDistiller.targets` runs the training pipeline with ``weighting`` and ``pool``."""
-    from safekd.distiller import SafeDistiller
+    from safekd.training.distiller import SafeDistiller
 
     if distiller is not None:
         mine = [c.to_dict() for c in spec.teacher_weight_constraints]

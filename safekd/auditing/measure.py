@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from safekd.auditing.bounds import Bound, betting, bootstrap, clopper_pearson
-from safekd.batches import default_mask
-from safekd.constraints import StudentConstraint, Support
-from safekd.unsafe import UnsafeSet
+from safekd.common.batches import default_mask
+from safekd.spec.constraints import StudentConstraint, Support
+from safekd.spec.unsafe import UnsafeSet
 
 __all__ = ["per_example_sums", "per_group_sums", "bound_for_units", "check_support",
            "support_interval", "support_label",

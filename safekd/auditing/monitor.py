@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from safekd.auditing.bounds import betting_lambdas, check_level
 from safekd.auditing.measure import check_support, per_example_sums, support_interval
-from safekd.constraints import StudentConstraint
-from safekd.spec import Spec
-from safekd.teachers import logits_of
+from safekd.spec.constraints import StudentConstraint
+from safekd.spec.document import Spec
+from safekd.targets.teachers import logits_of
 
 __all__ = ["ConfidenceSequence", "ConstraintMonitor", "MonitorStatus", "CERTIFIED", "CANNOT_BE_MET", "UNDECIDED"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from safekd.distributed import all_reduce_sums
+from safekd.common.distributed import all_reduce_sums
 
 __all__ = ["MeasurementSums", "ConstraintMeter", "reduce_sums_counts"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from safekd.distiller import StepRecord
+from safekd.training.distiller import StepRecord
 
 __all__ = ["LogitsOf", "record_metrics", "weighting_to"]
 

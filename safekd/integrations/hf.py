@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from safekd.distiller import SafeDistiller, StepRecord
+from safekd.training.distiller import SafeDistiller, StepRecord
 from safekd.integrations.base import LogitsOf, record_metrics, weighting_to
-from safekd.spec import Spec
+from safekd.spec.document import Spec
 
 __all__ = ["SafeKDTrainer", "safekd_batch", "LogitsOf"]
 

@@ -24,9 +24,9 @@ from typing import Any, Literal
 import lightning as L
 from torch import Tensor, nn
 
-from safekd.distiller import SafeDistiller, StepRecord
+from safekd.training.distiller import SafeDistiller, StepRecord
 from safekd.integrations.base import record_metrics, weighting_to
-from safekd.spec import Spec
+from safekd.spec.document import Spec
 
 __all__ = ["SafeKDModule"]
 

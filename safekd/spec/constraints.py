@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from safekd.batches import default_mask
-from safekd.measurement import MeasurementSums
-from safekd.unsafe import UnsafeSet
+from safekd.common.batches import default_mask
+from safekd.common.measurement import MeasurementSums
+from safekd.spec.unsafe import UnsafeSet
 
 __all__ = [
     "Constraint", "TeacherWeightConstraint", "StudentConstraint",

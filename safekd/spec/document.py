@@ -32,8 +32,8 @@ import yaml
 from torch import Tensor
 
 import solvers
-from safekd import constraints as C
-from safekd.unsafe import UnsafeSet
+from safekd.spec import constraints as C
+from safekd.spec.unsafe import UnsafeSet
 
 __all__ = ["Spec", "TeacherSpec", "DualSpec", "ChecksSpec", "SpecError", "SpecDocument", "load_spec", "load_document",
            "DUAL_RULES", "Locator"]

@@ -28,12 +28,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from safekd.divergences import kl_per_token
-from safekd.pooling import POOL_AXIOMS, soften
-from safekd.references import import_reference
-from safekd.signals import SCALE_FIELDS, Signals
-from safekd.weighting.base import WeightOperator
-from safekd.weighting.compose import compose
+from safekd.targets.divergences import kl_per_token
+from safekd.targets.pooling import POOL_AXIOMS, soften
+from safekd.common.references import import_reference
+from safekd.targets.signals import SCALE_FIELDS, Signals
+from safekd.targets.weighting.base import WeightOperator
+from safekd.targets.weighting.compose import compose
 
 logger = logging.getLogger(__name__)
 

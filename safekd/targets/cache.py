@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from safekd.batches import IGNORE_INDEX
-from safekd.sparse import topk_logprobs
-from safekd.teachers import logits_of, teacher_outputs
-from safekd.unsafe import UnsafeSet
-from safekd.vocab import VocabMap, build_vocab_map
+from safekd.common.batches import IGNORE_INDEX
+from safekd.targets.sparse import topk_logprobs
+from safekd.targets.teachers import logits_of, teacher_outputs
+from safekd.spec.unsafe import UnsafeSet
+from safekd.targets.vocab import VocabMap, build_vocab_map
 
 __all__ = ["TeacherSource", "TokenizedText", "TeacherCache", "CacheMismatchError", "cache_teachers",
            "tokenize_texts", "vocab_hash", "unsafe_hash", "FORMAT"]

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from safekd.signals import no_nan_or_posinf
+from safekd.targets.signals import no_nan_or_posinf
 
 __all__ = [
     "DivergenceOutput",

@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import solvers
-from safekd import constraints as C
-from safekd.batches import IGNORE_INDEX
-from safekd.distributed import get_world_size
-from safekd.signals import Signals, all_finite
-from safekd.sparse import SparseTeachers, distiller_targets, token_rows
-from safekd.spec import Spec
-from safekd.teachers import teacher_outputs
-from safekd.weighting.compose import SCALES, compose
+from safekd.spec import constraints as C
+from safekd.common.batches import IGNORE_INDEX
+from safekd.common.distributed import get_world_size
+from safekd.targets.signals import Signals, all_finite
+from safekd.targets.sparse import SparseTeachers, distiller_targets, token_rows
+from safekd.spec.document import Spec
+from safekd.targets.teachers import teacher_outputs
+from safekd.targets.weighting.compose import SCALES, compose
 
 __all__ = ["TargetPipeline", "Targets", "NonFiniteError", "ProjectionCheckError", "require_finite", "weight_report"]
 
@@ -382,7 +382,7 @@ class TargetPipeline:
         """Keep each stability key's mean weight of this step over all ranks (the next step's m_{t−1}: sums and
         counts per key, SUM-reduced); returns the measured ℓ1 change of the means per constraint (max over keys
         seen at both steps; 0 if none)."""
-        from safekd.distributed import all_reduce_sums, get_rank
+        from safekd.common.distributed import all_reduce_sums, get_rank
 
         out = {}
         w = t.weights[t.mask].to("cpu" if t.weights.device.type == "mps" else t.weights.device, torch.float64)
@@ -526,7 +526,7 @@ def _projection_dtype(v: Tensor) -> torch.dtype:
 
 def _default_pool() -> Callable[[Tensor, Tensor], Tensor]:
     """Linear pool without re-validation (the distiller has checked the teacher logits already)."""
-    from safekd.pooling import linear_pool
+    from safekd.targets.pooling import linear_pool
 
     return functools.partial(linear_pool, validate_args=False)
 

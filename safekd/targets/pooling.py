@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from safekd.signals import no_nan_or_posinf
+from safekd.targets.signals import no_nan_or_posinf
 
 __all__ = [
     "linear_pool",

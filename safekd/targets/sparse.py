@@ -38,9 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from safekd import constraints as C
-from safekd.pooling import log1mexp
-from safekd.unsafe import UnsafeSet
+from safekd.spec import constraints as C
+from safekd.targets.pooling import log1mexp
+from safekd.spec.unsafe import UnsafeSet
 
 __all__ = ["SparseTeachers", "SparseTargets", "SparseContext", "Buckets", "topk_logprobs", "sparse_divergence",
            "correct_unsafe", "token_rows", "distiller_targets", "SPARSE_KEYS"]
@@ -321,7 +321,7 @@ def sparse_divergence(fn: Callable[..., Any], buckets: Buckets, target_logp: Ten
         ValueError: a user divergence (not one of :data:`safekd.divergences.DIVERGENCES`) with temperature ≠ 1
             (its own softening would treat a tail bucket as one token).
     """
-    from safekd.divergences import DIVERGENCES
+    from safekd.targets.divergences import DIVERGENCES
 
     base, kw = (fn.func, dict(fn.keywords)) if isinstance(fn, functools.partial) else (fn, {})
     empty = buckets.log_count == _NEG_INF
@@ -391,7 +391,7 @@ def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers
     pipeline on the buckets (weights, projection with the exact unsafe rows, pool, correction). ``expand`` also
     writes the dense uniform-tail views ``[..., K, V]`` / ``[..., V]`` into ``teacher_logp`` / ``target_logp``
     (the audit's view); without it (training) those hold the bucket view and ``Targets.sparse`` carries it."""
-    from safekd.targets import Targets, _check_labels, require_finite
+    from safekd.targets.pipeline import Targets, _check_labels, require_finite
 
     if not isinstance(student_logits, Tensor):
         raise TypeError(f"the student must return a logits tensor, got {type(student_logits).__name__}")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from safekd.signals import all_finite
+from safekd.targets.signals import all_finite
 
 __all__ = ["VocabMap", "build_vocab_map", "MappedTeacher", "strip_subword_markers"]
 

@@ -16,7 +16,7 @@ from safekd.theory._args import in_range, positive_int, seed_arg
 from safekd.theory.plotting import new_figure
 from safekd.theory.result import TheoryResult
 from safekd.theory.toys import DTYPE, generator, random_simplex
-from safekd.weighting.compose import SCALES, compose
+from safekd.targets.weighting.compose import SCALES, compose
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from safekd.pooling import linear_pool
+from safekd.targets.pooling import linear_pool
 from safekd.theory._args import in_range, positive_int, seed_arg
 from safekd.theory.plotting import new_figure
 from safekd.theory.result import TheoryResult

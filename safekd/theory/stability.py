@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from safekd.pooling import geometric_pool, linear_pool
+from safekd.targets.pooling import geometric_pool, linear_pool
 from safekd.theory._args import in_range, positive_int, seed_arg
 from safekd.theory.plotting import new_figure
 from safekd.theory.result import TheoryResult

@@ -19,16 +19,26 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from safekd.distributed import is_rank_zero
+from safekd.common.distributed import is_rank_zero
 
-if TYPE_CHECKING:  # pragma: no cover
-    from safekd.distiller import SafeDistiller
+
+class Checkpointable(Protocol):
+    """What this module needs of a distiller (:class:`~safekd.training.distiller.SafeDistiller`): its state and
+    step counter. A protocol, not an import, so that checkpoints never import the distiller (the distiller imports
+    checkpoints: one direction, no circle)."""
+
+    step_count: int
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "load_file", "rng_state", "set_rng_state", "CheckpointError",
            "FORMAT_VERSION", "DISTILLER_STATE_KEYS", "check_module_state", "check_optimizer_state"]
@@ -99,7 +109,7 @@ def _interned(obj: Any) -> Any:
     return obj
 
 
-def save_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller",
+def save_checkpoint(path: str | os.PathLike[str], distiller: Checkpointable,
                     extra: dict[str, Any] | None = None) -> Path | None:
     """Write ``distiller``'s state, the RNG states and ``extra`` (tensors and primitive containers: e.g. a training
     loop's position and data-order generator) atomically to ``path`` (temp file + fsync + rename).
@@ -200,7 +210,7 @@ def _first_line(exc: BaseException) -> str:
     return text.split(". ")[0].rstrip(".")[:160]
 
 
-def load_checkpoint(path: str | os.PathLike[str], distiller: "SafeDistiller", *, restore_rng: bool = True,
+def load_checkpoint(path: str | os.PathLike[str], distiller: Checkpointable, *, restore_rng: bool = True,
                     map_location: str | torch.device | None = None) -> dict[str, Any]:
     """Load ``path`` with ``torch.load(weights_only=True)`` into ``distiller`` (and the RNGs); returns the payload.
 

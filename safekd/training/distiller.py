@@ -27,13 +27,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from safekd.checkpoint import DISTILLER_STATE_KEYS, check_module_state, check_optimizer_state
-from safekd.distributed import full_state_dicts, is_rank_zero, load_full_state_dicts, unwrap
-from safekd.dual import DualState, MultiplierAlarm, MultiplierAlarmError, resolve_order
-from safekd.lagrangian import Lagrangian, default_divergence
-from safekd.signals import all_finite
-from safekd.spec import Spec
-from safekd.targets import (Batch, NonFiniteError, ProjectionCheckError, TargetPipeline, Targets, TeacherFn,
+from safekd.training.checkpoint import DISTILLER_STATE_KEYS, check_module_state, check_optimizer_state
+from safekd.common.distributed import full_state_dicts, is_rank_zero, load_full_state_dicts, unwrap
+from safekd.training.dual import DualState, MultiplierAlarm, MultiplierAlarmError, resolve_order
+from safekd.training.lagrangian import Lagrangian, default_divergence
+from safekd.targets.signals import all_finite
+from safekd.spec.document import Spec
+from safekd.targets.pipeline import (Batch, NonFiniteError, ProjectionCheckError, TargetPipeline, Targets, TeacherFn,
                             require_finite, weight_report)
 
 __all__ = ["SafeDistiller", "StepRecord", "Targets", "PendingStep", "NonFiniteError", "ProjectionCheckError",
@@ -343,13 +343,13 @@ class SafeDistiller:
 
     def save_checkpoint(self, path: str) -> None:
         """Atomic checkpoint (see :func:`safekd.checkpoint.save_checkpoint`)."""
-        from safekd.checkpoint import save_checkpoint
+        from safekd.training.checkpoint import save_checkpoint
 
         save_checkpoint(path, self)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (``weights_only=True``), RNG states included."""
-        from safekd.checkpoint import load_checkpoint
+        from safekd.training.checkpoint import load_checkpoint
 
         load_checkpoint(path, self)
 

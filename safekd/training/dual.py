@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from safekd.checkpoint import check_optimizer_state
-from safekd.distributed import assert_states_identical
-from safekd.measurement import ConstraintMeter
+from safekd.training.checkpoint import check_optimizer_state
+from safekd.common.distributed import assert_states_identical
+from safekd.common.measurement import ConstraintMeter
 from solvers import multipliers as M
 
 if TYPE_CHECKING:  # pragma: no cover
-    from safekd.constraints import StudentConstraint
-    from safekd.spec import DualSpec, Spec
+    from safekd.spec.constraints import StudentConstraint
+    from safekd.spec.document import DualSpec, Spec
 
 __all__ = ["ORDERS", "resolve_order", "make_rule", "MultiplierAlarm", "MultiplierAlarmError",
            "trend_z", "sen_slope", "AlarmMonitor", "Relaxations", "DualState"]

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safekd import constraints as C
-from safekd.distributed import get_world_size, token_mean_scale
-from safekd.dual import DualState
-from safekd.measurement import reduce_sums_counts
-from safekd.spec import Spec
-from safekd.targets import Targets, require_finite
+from safekd.spec import constraints as C
+from safekd.common.distributed import get_world_size, token_mean_scale
+from safekd.training.dual import DualState
+from safekd.common.measurement import reduce_sums_counts
+from safekd.spec.document import Spec
+from safekd.targets.pipeline import Targets, require_finite
 
 __all__ = ["Lagrangian", "default_divergence"]
 
@@ -99,6 +99,6 @@ class Lagrangian:
 
 def default_divergence() -> Callable[..., Any]:
     """Forward KL without re-validation (student logits and target are checked by the distiller)."""
-    from safekd.divergences import forward_kl
+    from safekd.targets.divergences import forward_kl
 
     return functools.partial(forward_kl, validate_args=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:  # pragma: no cover
-    from safekd.distiller import StepRecord
+    from safekd.training.distiller import StepRecord
 
 __all__ = ["StepLog", "read_step_log", "summarize"]
 

@@ -1,12 +1,12 @@
 """Teacher-weighting operators at token / task / context scale, the safety prior, and their composition."""
-from safekd.weighting.aekd import AEKD, capped_min_norm, kd_logit_gradients
-from safekd.weighting.base import AXIOM_NAMES, DeclaredConstants, WeightOperator, mix_softmax, template_bounds
-from safekd.weighting.compose import Composition, compose
-from safekd.weighting.context import DomainPosterior
-from safekd.weighting.safety import SafetyPrior, ordinal_rank
-from safekd.weighting.static import Static, Uniform
-from safekd.weighting.task import Routing, TaskQuality
-from safekd.weighting.token import CAMKD, AgreementSoftmax, ConfidenceSoftmax, EntropySoftmax, GoldLikelihood, MTBert
+from safekd.targets.weighting.aekd import AEKD, capped_min_norm, kd_logit_gradients
+from safekd.targets.weighting.base import AXIOM_NAMES, DeclaredConstants, WeightOperator, mix_softmax, template_bounds
+from safekd.targets.weighting.compose import Composition, compose
+from safekd.targets.weighting.context import DomainPosterior
+from safekd.targets.weighting.safety import SafetyPrior, ordinal_rank
+from safekd.targets.weighting.static import Static, Uniform
+from safekd.targets.weighting.task import Routing, TaskQuality
+from safekd.targets.weighting.token import CAMKD, AgreementSoftmax, ConfidenceSoftmax, EntropySoftmax, GoldLikelihood, MTBert
 
 __all__ = [
     "AXIOM_NAMES",

@@ -10,9 +10,9 @@ from torch import Tensor
 
 from solvers import FeasibleSet, project
 
-from safekd.signals import Signals
-from safekd.weighting.base import WeightOperator
-from safekd.weighting.token import LOGP_FLOOR
+from safekd.targets.signals import Signals
+from safekd.targets.weighting.base import WeightOperator
+from safekd.targets.weighting.token import LOGP_FLOOR
 
 logger = logging.getLogger(__name__)
 

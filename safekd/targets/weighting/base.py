@@ -14,7 +14,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from safekd.signals import Signals
+from safekd.targets.signals import Signals
 
 logger = logging.getLogger(__name__)
 

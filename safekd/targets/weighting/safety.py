@@ -5,8 +5,8 @@ import dataclasses
 
 from torch import Tensor
 
-from safekd.signals import Signals
-from safekd.weighting.base import DeclaredConstants, SafetyMode, WeightOperator, template_bounds
+from safekd.targets.signals import Signals
+from safekd.targets.weighting.base import DeclaredConstants, SafetyMode, WeightOperator, template_bounds
 
 __all__ = ["ordinal_rank", "SafetyPrior"]
 

@@ -6,8 +6,8 @@ import math
 import torch
 from torch import Tensor
 
-from safekd.signals import MissingSignalError, Signals
-from safekd.weighting.base import Scale, WeightOperator
+from safekd.targets.signals import MissingSignalError, Signals
+from safekd.targets.weighting.base import Scale, WeightOperator
 
 __all__ = ["Uniform", "Static", "broadcast_scores"]
 

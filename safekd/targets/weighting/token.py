@@ -10,8 +10,8 @@ import math
 import torch
 from torch import Tensor
 
-from safekd.signals import Signals
-from safekd.weighting.base import WeightOperator
+from safekd.targets.signals import Signals
+from safekd.targets.weighting.base import WeightOperator
 
 logger = logging.getLogger(__name__)
 
