@@ -74,11 +74,13 @@ class _AliasLoader:
         self.target = target
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        return importlib.import_module(self.target)
+        module = importlib.import_module(self.target)
+        self.own_spec = module.__spec__
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
         # the import system just set the alias's spec on the module: give it back its own (it ran already)
-        module.__spec__ = importlib.util.find_spec(self.target)
+        module.__spec__ = self.own_spec
 
 
 class _AliasFinder:
