@@ -110,10 +110,10 @@ def bench_step(steps: int, floor: float) -> dict:
     spec_b = importlib.util.spec_from_file_location("bench_step", Path(__file__).with_name("bench_step.py"))
     bs = importlib.util.module_from_spec(spec_b)
     spec_b.loader.exec_module(bs)  # type: ignore[union-attr]
-    from safekd import constraints as C
-    from safekd.distiller import SafeDistiller
-    from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
-    from safekd.weighting import ConfidenceSoftmax
+    from safekd.spec import constraints as C
+    from safekd.training.distiller import SafeDistiller
+    from safekd.spec.document import ChecksSpec, DualSpec, Spec, TeacherSpec
+    from safekd.targets.weighting import ConfidenceSoftmax
 
     g = torch.Generator().manual_seed(0)
     batch = {"inputs": torch.randint(0, bs.V, (bs.B, bs.T), generator=g),

@@ -37,12 +37,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from safekd import constraints as C  # noqa: E402
-from safekd.distiller import SafeDistiller  # noqa: E402
-from safekd.sparse import topk_logprobs  # noqa: E402
-from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec  # noqa: E402
-from safekd.unsafe import UnsafeSet  # noqa: E402
-from safekd.weighting import ConfidenceSoftmax  # noqa: E402
+from safekd.spec import constraints as C  # noqa: E402
+from safekd.training.distiller import SafeDistiller  # noqa: E402
+from safekd.targets.sparse import topk_logprobs  # noqa: E402
+from safekd.spec.document import ChecksSpec, DualSpec, Spec, TeacherSpec  # noqa: E402
+from safekd.spec.unsafe import UnsafeSet  # noqa: E402
+from safekd.targets.weighting import ConfidenceSoftmax  # noqa: E402
 
 EPS = 0.05
 

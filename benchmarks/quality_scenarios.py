@@ -28,7 +28,7 @@ OPERATORS = ("uniform", "camkd", "aekd", "safekd_adaptive")  # the unconstrained
 
 def aekd_operator(beta: float = 1.0, epsilon: float = 0.0, num_teachers: int | None = None) -> Any:
     """AEKD with the ``(beta, epsilon, num_teachers)`` signature that job files use for operators."""
-    from safekd.weighting import AEKD
+    from safekd.targets.weighting import AEKD
 
     return AEKD(cap=1.0, reduce="batch", beta=beta, epsilon=epsilon)
 
@@ -64,7 +64,7 @@ class DigitsBench:
     def __init__(self, seed: int, quick: bool, corpus: str | None = None) -> None:
         from safekd.demo import FPR_CONSTRAINT, demo_job
         from safekd.jobs import prepare_data
-        from safekd.spec import Spec
+        from safekd.spec.document import Spec
 
         self.fpr = FPR_CONSTRAINT
         self.job = replace(demo_job(), seed=seed, **({"epochs": 3} if quick else {}))
@@ -93,7 +93,7 @@ class DigitsBench:
 
     def train(self, method: str, lr: float, operator: str | None = None) -> Trained:
         from safekd.jobs import train_student
-        from safekd.spec import Spec
+        from safekd.spec.document import Spec
 
         data, spec = self.data["train"], self.unconstrained
         if method == CONSTRAINED:

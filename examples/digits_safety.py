@@ -13,9 +13,9 @@ import torch
 
 from safekd.auditing import audit, write_report
 from safekd.data.digits import FORBIDDEN_CLASS, digits_splits, digits_student, teacher_logprobs, train_digits_teachers
-from safekd.distiller import SafeDistiller
+from safekd.training.distiller import SafeDistiller
 from safekd.jobs import build_weighting, load_job
-from safekd.spec import Spec
+from safekd.spec.document import Spec
 
 SPEC = Path(__file__).with_name("digits_spec.yaml")
 

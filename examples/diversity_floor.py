@@ -15,11 +15,11 @@ import math
 
 import torch
 
-from safekd import constraints as C
+from safekd.spec import constraints as C
 from safekd.data.digits import digits_splits, digits_student, digits_teacher_fns
-from safekd.distiller import SafeDistiller
-from safekd.spec import ChecksSpec, Spec, TeacherSpec
-from safekd.weighting import EntropySoftmax
+from safekd.training.distiller import SafeDistiller
+from safekd.spec.document import ChecksSpec, Spec, TeacherSpec
+from safekd.targets.weighting import EntropySoftmax
 
 
 def run(floor: float | None, epochs: int = 3) -> dict:

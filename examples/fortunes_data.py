@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from safekd.auditing.core import audit
-from safekd.constraints import Constraint
-from safekd.distiller import SafeDistiller
-from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
-from safekd.unsafe import UnsafeSet
-from safekd.weighting import AEKD, CAMKD
+from safekd.spec.constraints import Constraint
+from safekd.training.distiller import SafeDistiller
+from safekd.spec.document import ChecksSpec, DualSpec, Spec, TeacherSpec
+from safekd.spec.unsafe import UnsafeSet
+from safekd.targets.weighting import AEKD, CAMKD
 
 logger = logging.getLogger(__name__)
 

@@ -37,13 +37,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fortunes_data as fd  # noqa: E402
-from safekd import constraints as C  # noqa: E402
+from safekd.spec import constraints as C  # noqa: E402
 from safekd.auditing.bounds import clopper_pearson  # noqa: E402
 from safekd.auditing.measure import bound_for_units, per_example_sums, signed_slack  # noqa: E402
-from safekd.distiller import SafeDistiller  # noqa: E402
-from safekd.spec import Spec  # noqa: E402
-from safekd.unsafe import UnsafeSet  # noqa: E402
-from safekd.weighting import GoldLikelihood, SafetyPrior  # noqa: E402
+from safekd.training.distiller import SafeDistiller  # noqa: E402
+from safekd.spec.document import Spec  # noqa: E402
+from safekd.spec.unsafe import UnsafeSet  # noqa: E402
+from safekd.targets.weighting import GoldLikelihood, SafetyPrior  # noqa: E402
 
 logger = logging.getLogger("fortunes_lm")
 

@@ -4,13 +4,13 @@
 """
 import torch
 
-from safekd import constraints as C
+from safekd.spec import constraints as C
 from safekd.auditing import audit, write_report
 from safekd.data.digits import FUNCTIONS, digits_splits, digits_student, digits_teacher_fns
-from safekd.distiller import SafeDistiller
-from safekd.spec import Spec, TeacherSpec
-from safekd.unsafe import UnsafeSet
-from safekd.weighting import ConfidenceSoftmax, SafetyPrior
+from safekd.training.distiller import SafeDistiller
+from safekd.spec.document import Spec, TeacherSpec
+from safekd.spec.unsafe import UnsafeSet
+from safekd.targets.weighting import ConfidenceSoftmax, SafetyPrior
 
 
 def main(epochs: int = 40, out: str = "quickstart-report") -> bool:
