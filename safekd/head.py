@@ -143,35 +143,50 @@ def head_reductions(student: StudentHidden, gather: Tensor, temperatures: Sequen
     return HeadReductions(gathered, lse, set_lse, amax if argmax else None)
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    return F.linear(h, weight, bias).to(dtype)
+def _logits_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """z = h Wᵀ + b written into the preallocated ``out [n, V]`` (one buffer reused by every chunk)."""
+    if h.dtype == weight.dtype == out.dtype and (bias is None or bias.dtype == out.dtype):
+        return torch.mm(h, weight.t(), out=out) if bias is None else torch.addmm(bias, h, weight.t(), out=out)
+    return out.copy_(F.linear(h, weight, bias))
+
+
+def _lse(z: Tensor, t: float, work: Tensor) -> Tensor:
+    """logsumexp_v z_v/τ ``[n]`` with ``work [n, V]`` as scratch (no allocation of an [n, V] temporary)."""
+    m = z.amax(-1, keepdim=True)
+    if t != 1.0:
+        m = m / t
+        torch.div(z, t, out=work).sub_(m)
+    else:
+        torch.sub(z, m, out=work)
+    return m.squeeze(-1) + work.exp_().sum(-1).log()
 
 
 class _HeadReduce(torch.autograd.Function):
     """(h ``[N, H]``, W ``[V, H]``, b) → (z gathered ``[N, m]``, lse ``[N, T]``, set lse ``[N, S]``, argmax ``[N]``),
-    chunk by chunk; backward recomputes each chunk's logits (see the module docstring)."""
+    chunk by chunk in two reused ``[chunk, V]`` buffers; backward recomputes each chunk's logits (see the module
+    docstring)."""
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, gather: Tensor, spec: tuple
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         temps, sets, want_argmax, chunk, dtype = spec
-        N = h.shape[0]
+        N, V = h.shape[0], weight.shape[0]
         gathered = torch.empty(N, gather.shape[1], dtype=dtype, device=h.device)
         lse = torch.empty(N, len(temps), dtype=dtype, device=h.device)
         set_lse = torch.empty(N, len(sets), dtype=dtype, device=h.device)
         amax = torch.zeros(N if want_argmax else 0, dtype=torch.long, device=h.device)
+        z_buf = torch.empty(min(chunk, N), V, dtype=dtype, device=h.device)
+        work = torch.empty_like(z_buf)
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
-            z = _chunk_logits(h[s:e], weight, bias, dtype)
+            z = _logits_into(z_buf[:e - s], h[s:e], weight, bias)
             gathered[s:e] = z.gather(1, gather[s:e])
             for i, t in enumerate(temps):
-                lse[s:e, i] = torch.logsumexp(z if t == 1.0 else z / t, dim=-1)
+                lse[s:e, i] = _lse(z, t, work[:e - s])
             for j, (i, ids, exclude) in enumerate(sets):
-                zu = _set_logits(z, ids, exclude, s, e, temps[i])
-                set_lse[s:e, j] = torch.logsumexp(zu, dim=-1)
+                set_lse[s:e, j] = torch.logsumexp(_set_logits(z, ids, exclude, s, e, temps[i]), dim=-1)
             if want_argmax:
                 amax[s:e] = z.argmax(-1)
-            del z
         ctx.spec = spec
         ctx.save_for_backward(h, weight, bias, gather, lse, set_lse)
         ctx.mark_non_differentiable(amax)
@@ -183,24 +198,33 @@ class _HeadReduce(torch.autograd.Function):
         h, weight, bias, gather, lse, set_lse = ctx.saved_tensors
         temps, sets, _, chunk, dtype = ctx.spec
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        N = h.shape[0]
+        N, V = h.shape[0], weight.shape[0]
         g_h = torch.empty_like(h) if need_h else None
         g_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
-        g_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b and bias is not None else None
+        g_b = torch.zeros(V, dtype=dtype, device=weight.device) if need_b and bias is not None else None
+        z_buf = torch.empty(min(chunk, N), V, dtype=dtype, device=h.device)
+        g_buf, work = torch.empty_like(z_buf), torch.empty_like(z_buf) if len(temps) > 1 else None
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
-            z = _chunk_logits(h[s:e], weight, bias, dtype)
-            g_z = torch.zeros_like(z)
+            z = _logits_into(z_buf[:e - s], h[s:e], weight, bias)
+            g_z = g_buf[:e - s]
             for i, t in enumerate(temps):  # (g_i / τ_i) · softmax(z / τ_i)
-                g_z.add_(torch.sub(z if t == 1.0 else z / t, lse[s:e, i:i + 1]).exp_().mul_(g_lse[s:e, i:i + 1] / t))
+                out = g_z if i == 0 else work[:e - s]  # type: ignore[index]
+                (torch.sub(z, lse[s:e, i:i + 1], out=out) if t == 1.0 else
+                 torch.div(z, t, out=out).sub_(lse[s:e, i:i + 1]))
+                out.exp_().mul_(g_lse[s:e, i:i + 1] / t)
+                if i:
+                    g_z.add_(out)
             g_z.scatter_add_(1, gather[s:e], g_gathered[s:e].to(dtype))
             for j, (i, ids, exclude) in enumerate(sets):
                 zu = _set_logits(z, ids, exclude, s, e, temps[i])
                 g_z.index_add_(1, ids, zu.sub_(set_lse[s:e, j:j + 1]).exp_().mul_(g_set[s:e, j:j + 1] / temps[i]))
-            del z
             g_zc = g_z.to(weight.dtype)
             if g_h is not None:
-                g_h[s:e] = (g_zc @ weight).to(h.dtype)
+                if h.dtype == weight.dtype:
+                    torch.mm(g_zc, weight, out=g_h[s:e])
+                else:
+                    g_h[s:e] = (g_zc @ weight).to(h.dtype)
             if g_w is not None:
                 g_w.addmm_(g_z.t(), h[s:e].to(dtype))
             if g_b is not None:
