@@ -91,7 +91,9 @@ class SafeDistiller:
     ``state_dict``, ``load_state_dict``).
 
     Args:
-        student: module mapping ``batch["inputs"]`` to logits ``[..., V]``.
+        student: module mapping ``batch["inputs"]`` to logits ``[..., V]``, or to a
+            :class:`~safekd.head.StudentHidden` (hidden states + LM head: with sparse teachers the step reads the head
+            in chunks of tokens and never holds the ``[..., V]`` logits or their gradient).
         teachers: ``{name: module or callable}`` returning logits ``[..., V]`` (or an output with ``.logits``;
             names = ``spec.teachers``; a :func:`~safekd.teachers.derived` teacher shares its base's forward), or
             None when every batch carries cached ``teacher_logits [..., K, V]`` or a sparse top-k cache

@@ -36,11 +36,13 @@ class Lagrangian:
         self.student_constraints = spec.student_constraints
         self.teacher_index = spec.teacher_index
 
-    def kd_divergence(self, t: Targets, student_logits: Tensor | StudentHidden, divergence: Callable[..., Any], builtin: bool) -> Any:
+    def kd_divergence(self, t: Targets, student_logits: Tensor | StudentHidden, divergence: Callable[..., Any],
+                      builtin: bool) -> Any:
         """The KD divergence D(q_t ‖ p_θ) of the step (with ``.sum``/``.count``): on the union support + tail
-        buckets for sparse teachers (:mod:`safekd.sparse`), else dense; the ``builtin`` forward KL at temperature 1
-        shares one student normaliser log p_θ with the constraints (unsafe_rate, kl_to, retain)."""
-        if t.sparse is not None:  # a StudentHidden student: one chunked pass also measures the student constraints
+        buckets for sparse teachers (:mod:`safekd.sparse`; a :class:`~safekd.head.StudentHidden` student is read
+        there in one chunked pass that also measures the student constraints), else dense; the ``builtin`` forward
+        KL at temperature 1 shares one student normaliser log p_θ with the constraints (unsafe_rate, kl_to, retain)."""
+        if t.sparse is not None:
             return t.sparse.divergence(divergence, student_logits, t.mask, self.spec.temperature, t.context,
                                        self.student_constraints)
         shared = {}

@@ -12,7 +12,8 @@ from safekd.sparse import topk_logprobs
 from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
 from safekd.teachers import logits_of
 from safekd.unsafe import UnsafeSet
-from safekd.weighting import GoldLikelihood
+from safekd.signals import MissingSignalError
+from safekd.weighting import AEKD, GoldLikelihood
 
 U = [0, 1, 5, 9]
 V = 16
@@ -122,7 +123,8 @@ def test_head_reductions_gradients_match_finite_differences() -> None:
     exclude[0] = True  # a fully excluded row: about −1e4, no NaN
 
     def f(h, w, b):
-        r = head_reductions(StudentHidden(h, w, b, chunk_size=3), gather, (1.0, 0.7), [(1, ids, exclude), (0, ids, None)])
+        r = head_reductions(StudentHidden(h, w, b, chunk_size=3), gather, (1.0, 0.7),
+                            [(1, ids, exclude), (0, ids, None)])
         return r.gathered, r.lse, r.set_lse.clamp_min(-50)
 
     assert torch.autograd.gradcheck(f, (h, w, b))
@@ -143,6 +145,10 @@ def test_constraints_that_need_full_logits_are_refused_before_anything_changes()
         with pytest.raises(ValueError, match="StudentHidden"):
             d.step(batch)
         assert d.step_count == 0 and all(torch.equal(a, p) for a, p in zip(before, student.parameters()))
+    d, student = _distiller(True, BASE, weighting=AEKD())  # a weighting operator reading student logits gets none
+    with pytest.raises(MissingSignalError, match="student_logits"):
+        d.step(batch)
+    assert d.step_count == 0
 
 
 def test_dense_teachers_and_the_audit_view_read_the_head_logits() -> None:
