@@ -28,7 +28,8 @@ __all__ = ["StudentHidden", "HeadReductions", "head_reductions", "CHUNK_ELEMENTS
 
 #: default chunk: about this many logits (``chunk_size · V``) per chunk, i.e. 16 MiB of float32
 CHUNK_ELEMENTS = 1 << 22
-#: log-mass given to excluded set members (as in :mod:`safekd.sparse`): exp underflows to exactly 0
+#: log-mass given to excluded set members and to empty buckets (:mod:`safekd.sparse`: repeated ids, an empty tail):
+#: exp underflows to exactly 0 in every float type, and, unlike −inf, it keeps −inf − (−inf) = NaN out of gradients
 _EMPTY = -1e4
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from safekd import constraints as C
-from safekd.head import StudentHidden, head_reductions
+from safekd.head import _EMPTY, StudentHidden, head_reductions  # _EMPTY: log-mass of empty buckets
 from safekd.pooling import log1mexp
 from safekd.unsafe import UnsafeSet
 
@@ -52,9 +52,6 @@ logger = logging.getLogger(__name__)
 #: Batch keys of a sparse teacher cache (the unsafe mass is optional without unsafe constraints).
 SPARSE_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_unsafe_mass")
 _NEG_INF = -math.inf
-#: log-mass given to empty buckets (repeated ids, an empty tail) inside divergences: exp underflows to exactly 0
-#: in every float type, and, unlike −inf, it keeps −inf − (−inf) = NaN out of the gradients.
-_EMPTY = -1e4
 
 
 def topk_logprobs(logits: Tensor, k: int, unsafe: UnsafeSet | None = None,
