@@ -12,7 +12,13 @@ its backward recomputes each chunk's logits and accumulates
 
 so the largest live tensors are a few ``[chunk_size, V]`` buffers instead of the logits and their gradient (the
 fused linear cross-entropy of Liger Kernel and the chunked LM-head losses of torchtune and DistillKit). The cost:
-one more ``h Wᵀ`` product per step (the backward's recomputation).
+one more ``h Wᵀ`` product per step (the backward's recomputation: Liger writes the gradient during the forward
+pass, which needs ∂ℒ/∂(reductions) there; here the divergence, the constraints and the multipliers use the
+reductions after the pass). ``torch.utils.checkpoint`` per chunk does the
+same recomputation through autograd with more live buffers: for these reductions at N = 1,024 tokens, H = 64,
+V = 32,000 and 131-token chunks, forward and backward took a 42 MiB working set here against 90 MiB checkpointed
+(626 MiB on full logits), in 0.37–0.46 of the checkpointed time over three runs (``benchmarks/bench_head.py``;
+a shared 2-core x86-64 CPU, one thread).
 """
 from __future__ import annotations
 
