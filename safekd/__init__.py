@@ -68,6 +68,7 @@ _EXPORTS: dict[str, str] = {
     "build_vocab_map": "safekd.vocab",
     "SparseTeachers": "safekd.sparse",
     "topk_logprobs": "safekd.sparse",
+    "StudentHidden": "safekd.head",
     "DerivedTeacher": "safekd.teachers",
     "derived": "safekd.teachers",
     "cache_teachers": "safekd.cache",
