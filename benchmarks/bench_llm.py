@@ -1,11 +1,14 @@
 """LLM-scale step benchmark: sparse top-k teacher caches vs dense teacher logits, side by side in one run.
 
 Setting (``--quick``): vocabulary V = 32,000, K = 4 cached teachers (one of them shifted towards the unsafe set),
-16×64 tokens, top-k = 64, a small LM student (embedding → tanh layer → LM head, width 64). Both paths run the same
+16×64 tokens, top-k = 64, a small LM student (embedding → tanh layer → LM head, width 64). Every path runs the same
 ``SafeDistiller.step`` (confidence weights, ``cap`` + per-token ``unsafe_mass`` projection, linear pool, forward
-KL, AdamW): the dense path reads ``teacher_logits [B, T, K, V]`` (float32), the sparse path the cache
-``safekd.sparse.topk_logprobs`` writes (top-k ids and log-probs, exact float64 p_k(U)). Steps alternate (dense,
-sparse, ...); medians are compared.
+KL, AdamW): the dense path reads ``teacher_logits [B, T, K, V]`` (float32) and a student returning logits; the
+sparse path the cache ``safekd.sparse.topk_logprobs`` writes (top-k ids and log-probs, exact float64 p_k(U)) and a
+student returning its hidden states and LM head (``safekd.StudentHidden``: the ``[B, T, V]`` logits and their
+gradient are never materialised, the head is read in chunks of tokens); the sparse path with a student returning
+full logits is measured too (the extra ``sparse, full student logits`` line). Steps alternate (dense, sparse, sparse
+with full logits, ...); medians are compared.
 
 Measured:
 * peak memory per path = the batch's bytes + the step's working set (peak resident memory during the step minus
@@ -39,6 +42,7 @@ from torch import nn  # noqa: E402
 
 from safekd.spec import constraints as C  # noqa: E402
 from safekd.training.distiller import SafeDistiller  # noqa: E402
+from safekd.targets.head import StudentHidden  # noqa: E402
 from safekd.targets.sparse import topk_logprobs  # noqa: E402
 from safekd.spec.document import ChecksSpec, DualSpec, Spec, TeacherSpec  # noqa: E402
 from safekd.spec.unsafe import UnsafeSet  # noqa: E402
@@ -48,16 +52,18 @@ EPS = 0.05
 
 
 class TinyLM(nn.Module):
-    """Embedding → tanh layer → LM head."""
+    """Embedding → tanh layer → LM head; ``hidden=True`` returns the hidden states and the head instead of logits."""
 
-    def __init__(self, V: int, width: int) -> None:
+    def __init__(self, V: int, width: int, hidden: bool = False) -> None:
         super().__init__()
+        self.hidden = hidden
         self.emb = nn.Embedding(V, width)
         self.mid = nn.Linear(width, width)
         self.head = nn.Linear(width, V)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.mid(self.emb(x))))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | StudentHidden:
+        h = torch.tanh(self.mid(self.emb(x)))
+        return StudentHidden.of(h, self.head) if self.hidden else self.head(h)
 
 
 def _status(key: str) -> int:
@@ -104,15 +110,16 @@ def main() -> None:
                 constraints=[C.cap("t3", 0.5), C.unsafe_mass(EPS)], unsafe=unsafe,
                 dual=DualSpec(rule="gradient_ascent", lr=0.05), checks=ChecksSpec(reference_every=0))
 
-    def distiller() -> SafeDistiller:
+    def distiller(hidden: bool = False) -> SafeDistiller:
         torch.manual_seed(0)
-        student = TinyLM(V, width)
+        student = TinyLM(V, width, hidden)
         return SafeDistiller(student, None, torch.optim.AdamW(student.parameters(), lr=1e-3), spec,
                              weighting=ConfidenceSoftmax(beta=2.0, validate_args=False))
 
-    paths = {"dense": (distiller(), dense), "sparse": (distiller(), sparse)}
-    times: dict[str, list[float]] = {"dense": [], "sparse": []}
-    work: dict[str, int] = {"dense": 0, "sparse": 0}
+    paths = {"dense": (distiller(), dense), "sparse": (distiller(hidden=True), sparse),
+             "sparse_full_logits": (distiller(), sparse)}
+    times: dict[str, list[float]] = {n: [] for n in paths}
+    work: dict[str, int] = {n: 0 for n in paths}
     for i in range(steps + 1):
         for name, (d, batch) in paths.items():
             before = _status("VmRSS")
@@ -142,17 +149,23 @@ def main() -> None:
         active, relaxed = int(ts.projection["projected_tokens"]), int(ts.projection["relaxed_tokens"])
 
     x, y = peak["sparse"] / peak["dense"], med["sparse"] / med["dense"]
-    floor = 2 * B * T * V * 4  # the student's float32 logits and their gradient: held by both paths
-    x_teacher = (peak["sparse"] - floor) / (peak["dense"] - floor)
+    x_full, y_full = peak["sparse_full_logits"] / peak["dense"], med["sparse_full_logits"] / med["dense"]
+    floor = 2 * B * T * V * 4  # the student's float32 logits and their gradient: held by the paths reading logits
+    x_teacher = (peak["sparse_full_logits"] - floor) / (peak["dense"] - floor)
+    sparse_d = paths["sparse"][0]
+    chunk = sparse_d.student(base["inputs"][:1, :1]).chunk
     result = {
         "setting": {"K": K, "batch": B, "seq": T, "vocab": V, "k": k, "student_width": width,
+                    "sparse_student": f"StudentHidden (hidden states + LM head), {chunk} tokens per chunk",
                     "unsafe_ids": int(unsafe.ids.numel()), "top_k_mass_mean": coverage, "epsilon": EPS,
                     "threads": torch.get_num_threads(), "steps": steps, "torch": torch.__version__,
                     "machine": f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), one thread"},
         "peak_memory_bytes": peak, "batch_bytes": {n: _nbytes(b) for n, (_, b) in paths.items()},
         "step_working_set_bytes": work, "step_time_s": {"median": med, "all": times},
         "sparse_over_dense_peak_memory": x, "sparse_over_dense_step_time": y,
-        "student_logits_and_grad_bytes": floor, "sparse_over_dense_peak_memory_beyond_student_logits": x_teacher,
+        "sparse_full_logits_over_dense_peak_memory": x_full, "sparse_full_logits_over_dense_step_time": y_full,
+        "student_logits_and_grad_bytes": floor,
+        "sparse_full_logits_over_dense_peak_memory_beyond_student_logits": x_teacher,
         "pooled_target_kl_dense_sparse": kl,
         "unsafe_mass_max_violation_on_dense": {"sparse_path": violation, "dense_path": violation_dense_path},
         "tokens_projected": active, "tokens_relaxed": relaxed,
@@ -165,10 +178,12 @@ def main() -> None:
     print(f"dense : peak {peak['dense'] * mb:8.1f} MiB (batch {_nbytes(dense) * mb:.1f}), "
           f"step {med['dense'] * 1e3:8.1f} ms")
     print(f"sparse: peak {peak['sparse'] * mb:8.1f} MiB (batch {_nbytes(sparse) * mb:.1f}), "
-          f"step {med['sparse'] * 1e3:8.1f} ms")
-    print(f"sparse/dense peak memory = {x:.3f}  (beyond the student's own logits and their gradient, "
-          f"{floor * mb:.0f} MiB in both: {x_teacher:.3f})")
+          f"step {med['sparse'] * 1e3:8.1f} ms  (student hidden states + LM head, {chunk} tokens per chunk)")
+    print(f"sparse/dense peak memory = {x:.3f}")
     print(f"sparse/dense step time = {y:.3f}")
+    print(f"sparse, full student logits: peak {peak['sparse_full_logits'] * mb:.1f} MiB, step "
+          f"{med['sparse_full_logits'] * 1e3:.1f} ms: /dense peak memory {x_full:.3f} (beyond the student's logits "
+          f"and their gradient, {floor * mb:.0f} MiB: {x_teacher:.3f}), step time {y_full:.3f}")
     print(f"pooled-target KL(dense||sparse) = {kl:.4g} nats/token")
     print(f"unsafe-mass max violation on the dense distribution = {violation:.3g} (sparse path; dense path "
           f"{violation_dense_path:.3g}; {active} tokens projected, {relaxed} relaxed)  -> {out}")

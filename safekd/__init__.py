@@ -72,6 +72,7 @@ _EXPORTS: dict[str, str] = {
     "build_vocab_map": "safekd.targets.vocab",
     "SparseTeachers": "safekd.targets.sparse",
     "topk_logprobs": "safekd.targets.sparse",
+    "StudentHidden": "safekd.targets.head",
     "DerivedTeacher": "safekd.targets.teachers",
     "derived": "safekd.targets.teachers",
     "cache_teachers": "safekd.targets.cache",

@@ -37,6 +37,7 @@ ALIASES: dict[str, str] = {
     "safekd.vocab": "safekd.targets.vocab",
     "safekd.sparse": "safekd.targets.sparse",
     "safekd.teachers": "safekd.targets.teachers",
+    "safekd.head": "safekd.targets.head",
     "safekd.cache": "safekd.targets.cache",
     "safekd.axioms": "safekd.targets.axioms",
     # how the student is trained

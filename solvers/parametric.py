@@ -31,6 +31,8 @@ from torch import Tensor
 
 __all__ = ["FixedShapeResult", "project_box_halfspace"]
 
+_FAR = 1e300  # "no coordinate at its upper bound": above any gap u − hi of finite data
+
 
 @dataclass(frozen=True)
 class FixedShapeResult:
@@ -42,6 +44,11 @@ class FixedShapeResult:
     kkt_residual: Tensor
     certified: Tensor
     path_steps: Tensor
+
+
+def _float(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask as 0/1 of ``dtype``, read through its bytes (on CPU ~3× faster than ``mask.to(dtype)``)."""
+    return mask.view(torch.uint8).to(dtype)
 
 
 def _newton_tau(v: Tensor, lo: Tensor, hi: Tensor, steps: int) -> Tensor:
@@ -56,7 +63,7 @@ def _newton_tau(v: Tensor, lo: Tensor, hi: Tensor, steps: int) -> Tensor:
         up = f > 0  # too much mass: τ increases
         t_lo, f_lo = torch.where(up, tau, t_lo), torch.where(up, f, f_lo)
         t_hi, f_hi = torch.where(up, t_hi, tau), torch.where(up, f_hi, f)
-        n = (w == u).sum(-1, keepdim=True)  # free coordinates (ties included: a shorter step, never a wrong one)
+        n = _float(w == u, v.dtype).sum(-1, keepdim=True)  # free coordinates (ties included: a shorter step, never a wrong one)
         newton = tau + f / n.clamp_min(1)
         falsi = t_lo + f_lo * (t_hi - t_lo) / torch.where(f_lo > f_hi, f_lo - f_hi, 1.0)
         tau = torch.where((n > 0) & (newton >= t_lo) & (newton <= t_hi), newton, falsi)
@@ -67,8 +74,8 @@ def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor,
                         upp: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
     """``(τ, μ) [n, 1]`` solving ``Σw = 1`` (and ``a·w = b`` where ``active``) with ``w_F = v_F − τ − μa_F``,
     ``w_L = lo``, ``w_U = hi``: ``[[|F|, Σ_F a], [Σ_F a, Σ_F a²]] (τ, μ) = (p, q)`` (``μ = 0`` where inactive)."""
-    F = free.to(v.dtype)
-    fixed = low.to(v.dtype) * lo + upp.to(v.dtype) * hi
+    F = _float(free, v.dtype)
+    fixed = _float(low, v.dtype) * lo + _float(upp, v.dtype) * hi
     Fa = F * a
     n, sa, saa = F.sum(-1, keepdim=True), Fa.sum(-1, keepdim=True), (Fa * a).sum(-1, keepdim=True)
     p = (F * v + fixed).sum(-1, keepdim=True) - 1
@@ -90,7 +97,7 @@ def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau
     Returns ``(w, kkt, τ', μ')``."""
     u = torch.addcmul(v - tau, a, mu, value=-1.0)
     w = u.clamp(lo, hi)
-    F = (w == u).to(v.dtype)
+    F = _float(w == u, v.dtype)
     Fa = F * a
     n, sa, saa = F.sum(-1, keepdim=True), Fa.sum(-1, keepdim=True), (Fa * a).sum(-1, keepdim=True)
     r = w.sum(-1, keepdim=True) - 1
@@ -123,11 +130,12 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
     # nothing free (w at a vertex; τ anywhere in an interval): move τ to the interval's end where the coordinate
     # at its upper bound nearest to freeing sits exactly at it, and count that coordinate free (then |F| ≥ 1)
     u = v - tau
-    gap = torch.where(upp, u - hi, math.inf)
+    gap = torch.addcmul(u - hi, _float(~upp, v.dtype), v.new_tensor(_FAR))  # u − hi on U, ≥ _FAR elsewhere
     first = gap.amin(-1, keepdim=True)
-    pick = no_free & (gap == first) & torch.isfinite(first)
-    pick = pick & (pick.long().cumsum(-1) == 1)
-    tau = tau + torch.where(no_free & torch.isfinite(first), first, 0.0)
+    moves = no_free & (first < _FAR / 2)
+    pick = gap == torch.where(moves, first, math.nan)  # (no torch.where on [n, K]: slow on CPU)
+    pick = pick & (_float(pick, v.dtype).cumsum(-1) == 1)
+    tau = tau + torch.where(moves, first, 0.0)
     upp, free = upp & ~pick, free | pick
     u = v - tau
     g = (a * u.clamp(lo, hi)).sum(-1, keepdim=True) - b
@@ -135,7 +143,7 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
     mu = torch.zeros_like(tau)
     steps = torch.zeros_like(tau, dtype=torch.long)
     for _ in range(path_steps):
-        F = free.to(v.dtype)
+        F = _float(free, v.dtype)
         Fa = F * a
         abar = Fa.sum(-1, keepdim=True) / F.sum(-1, keepdim=True).clamp_min(1)
         d = abar - a  # du/dμ on this partition
@@ -154,7 +162,7 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
         root = to_root <= first
         step = torch.where(done, 0.0, torch.minimum(to_root, first))
         mu, tau, u = mu + step, tau - step * abar, torch.addcmul(u, step, d)
-        hit = (rate >= top) & (top > 0) & ~(done | root)
+        hit = rate >= torch.where((top > 0) & ~(done | root), top, math.nan)  # nan: no hit in the row
         low = (low & ~hit) | (hit & free & (d < 0))
         upp = (upp & ~hit) | (hit & free & (d > 0))
         free = free ^ hit

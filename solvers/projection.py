@@ -713,28 +713,32 @@ def _raise_if_all_empty(relax: Tensor, tol: float, fset: FeasibleSet, batch: tor
 
 def _rescue(vf, lo, hi, A, b, soft, w, mu, it, status, relax, conv, stat, tol, max_iter):
     """Rows the active-set method could not finish (jointly empty rows make it stall; otherwise round-off or
-    ``max_iter``): relax by the least uniform ``t`` (LP) and re-solve; rows still unverified get the cvxpy
-    reference, flagged ``MAX_ITER`` (last resort)."""
+    ``max_iter``): relax by the least uniform ``t`` (LP) and re-solve, in float64 (a relaxation computed in float32
+    can leave the set empty by round-off); rows still unverified get the cvxpy reference, flagged ``MAX_ITER``
+    (last resort)."""
     from solvers import reference
 
     sel = (~conv).nonzero()[:, 0]
-    t, b_sel = _relax_rows_lp(lo[sel], hi[sel], A[sel], b[sel], soft)
-    b = b.index_put((sel,), b_sel)
-    relax = relax.index_put((sel,), torch.maximum(relax[sel], t))
-    w2, u2 = _euclid_box_simplex_u(vf[sel], lo[sel], hi[sel])
-    w2, mu2, it2, conv2, stat2 = _solve_rows(vf[sel], lo[sel], hi[sel], A[sel], b[sel], tol, max_iter,
-                                             _violated(w2, A[sel], b[sel], tol), w2, u2)
-    w, mu, stat = w.index_put((sel,), w2), mu.index_put((sel,), mu2), stat.index_put((sel,), stat2)
+    v_s, lo_s, hi_s, A_s, b_s = (t[sel].double() for t in (vf, lo, hi, A, b))
+    t, b_s = _relax_rows_lp(lo_s, hi_s, A_s, b_s, soft)
+    b = b.index_put((sel,), b_s.to(b.dtype))
+    relax = relax.index_put((sel,), torch.maximum(relax[sel], t.to(relax.dtype)))
+    w2, u2 = _euclid_box_simplex_u(v_s, lo_s, hi_s)
+    w2, mu2, it2, conv2, stat2 = _solve_rows(v_s, lo_s, hi_s, A_s, b_s, tol, max_iter, _violated(w2, A_s, b_s, tol),
+                                             w2, u2)
+    w, mu = w.index_put((sel,), w2.to(w.dtype)), mu.index_put((sel,), mu2.to(mu.dtype))
+    stat = stat.index_put((sel,), stat2.to(stat.dtype))
     it = it.index_put((sel,), it[sel] + it2)
     if not bool(conv2.all()):
-        bad = sel[~conv2]
+        bad = ~conv2
         logger.warning("project: %d row(s) not solved by the active-set method (max_iter=%d); using the cvxpy "
-                       "reference for them (status MAX_ITER)", bad.numel(), max_iter)
-        fs = FeasibleSet(lo[bad], hi[bad], A[bad], b[bad], tuple(f"row{r}" for r in range(A.shape[1])),
+                       "reference for them (status MAX_ITER)", int(bad.sum()), max_iter)
+        fs = FeasibleSet(lo_s[bad], hi_s[bad], A_s[bad], b_s[bad], tuple(f"row{r}" for r in range(A.shape[1])),
                          hard_rows=tuple(bool(h) for h in ~soft))
-        wr, info = reference.project(vf[bad], fs, return_info=True)
-        w = w.index_put((bad,), wr)
-        mu = mu.index_put((bad,), info.multipliers)
+        wr, info = reference.project(v_s[bad], fs, return_info=True)
+        bad = sel[bad]
+        w = w.index_put((bad,), wr.to(w.dtype))
+        mu = mu.index_put((bad,), info.multipliers.to(mu.dtype))
         stat = stat.index_put((bad,), torch.zeros_like(stat[bad]))
         status = status.index_put((bad,), torch.full_like(bad, int(Status.MAX_ITER)))
     return w, mu, it, status, relax, b, stat

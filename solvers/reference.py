@@ -112,8 +112,9 @@ def project(
             params["b"].value = b[n]
             _solve(prob, solver, opts)
         if prob.status not in _SOLVED:
-            if w.value is None:
-                raise SolverError(f"cvxpy solver {solver} returned status {prob.status!r} for row {n}")
+            if w.value is None or not np.isfinite(w.value).all():
+                raise SolverError(f"cvxpy solver {solver} returned status {prob.status!r} and no finite point for "
+                                  f"row {n}")
             logger.warning("reference: %s returned %r for row %d; keeping its last iterate", solver, prob.status, n)
         W[n] = w.value
         if m:

@@ -510,3 +510,21 @@ def test_backward_gram_solve_matches_the_pseudo_inverse_with_dependent_rows():
     gF = out * free
     expected = gF - (M.mT @ (torch.linalg.pinv(M @ M.mT, hermitian=True) @ (M @ gF[..., None])))[..., 0]
     assert torch.allclose(grad, expected, atol=1e-12, rtol=0)
+
+
+def test_float32_row_relaxed_by_round_off_is_solved_in_float64():
+    """A float32 row whose least relaxation, computed in float32, left its set empty: the active set stalled and the
+    cvxpy fallback returned NaN. The rescue relaxes and re-solves such rows in float64."""
+    import json
+    from pathlib import Path
+
+    d = json.loads((Path(__file__).parent / "data" / "relaxed_float32_row.json").read_text())
+    t = lambda x: torch.tensor([x], dtype=torch.float32)  # noqa: E731
+    fs = FeasibleSet(t(d["lower"]), t(d["upper"]), t(d["A"]), t(d["b"]), tuple(d["row_names"]),
+                     hard_rows=tuple(d["hard_rows"]), chain=torch.tensor([d["chain"]]), chain_start=d["chain_start"])
+    v = t(d["v"])
+    w, info = project(v, fs, return_info=True, on_all_empty="relax")
+    w64, info64 = project(v.double(), fs.to(dtype=torch.float64), return_info=True, on_all_empty="relax")
+    assert torch.isfinite(w).all() and int(info.status[0]) == int(Status.RELAXED)
+    assert float(info.kkt_residual[0]) <= 1e-5 and float(info.relaxation[0]) == pytest.approx(float(info64.relaxation[0]), rel=1e-5)
+    assert float((w.double() - w64).abs().max()) <= 1e-5

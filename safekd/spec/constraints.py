@@ -325,6 +325,18 @@ class MeasureContext:
                              f"{tuple(self.student_logits.shape)}")
         self._student_logp = value
 
+    def student_unsafe_mass(self, u: UnsafeSet) -> Tensor:
+        """p_θ(U | t) ``[...]`` = Σ_{v∈U} exp(log p_θ(v | t)) (differentiable)."""
+        return u.mass(self.student_logp, self.batch)
+
+    def student_logp_at(self, ids: Tensor) -> Tensor:
+        """log p_θ(ids | t) ``[...]`` at one id per token (``ids`` ≥ 0, of the token shape; differentiable)."""
+        return self.student_logp.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+
+    def student_argmax(self) -> Tensor:
+        """argmax_v p_θ(v | t) ``[...]``."""
+        return self.student_logp.argmax(-1)
+
     def unsafe_for(self, own: UnsafeSet | None, who: str) -> UnsafeSet:
         u = own if own is not None else self.unsafe
         if u is None:
@@ -522,7 +534,7 @@ class UnsafeRate(StudentConstraint):
             object.__setattr__(self, "unsafe", UnsafeSet.coerce(self.unsafe))
 
     def measure(self, ctx: MeasureContext) -> MeasurementSums:
-        p_u = ctx.unsafe_for(self.unsafe, self.name).mass(ctx.student_logp, ctx.batch)
+        p_u = ctx.student_unsafe_mass(ctx.unsafe_for(self.unsafe, self.name))
         return _masked_sums(p_u, p_u, ctx.mask)
 
     def _args(self) -> dict[str, Any]:
@@ -666,21 +678,23 @@ class Retain(StudentConstraint):
         if callable(self.metric):
             return Metric(name=self.name, sense=">=", threshold=self.threshold, fn=self.metric,
                           proxy=self.proxy).measure(ctx)
+        ref = self.reference(ctx)
+        mask = ctx.mask & (ref >= 0)  # ignore_index-style negative labels are not counted
+        proxy = ctx.student_logp_at(ref.clamp_min(0).long()).exp()
+        value = (ctx.student_argmax() == ref).to(proxy.dtype)
+        return _masked_sums(proxy, value, mask)
+
+    def reference(self, ctx: MeasureContext) -> Tensor:
+        """The built-in metrics' reference token per position ``[...]``: the label (``accuracy``; −100 where not
+        counted) or argmax_v q_t(v) of the pooled target (``target_agreement``)."""
         if self.metric == "accuracy":
             ref = ctx.batch.get("labels")
             if ref is None:
                 raise ValueError(f"constraint {self.name!r} (retain accuracy) needs batch['labels']")
-            ref = torch.as_tensor(ref, device=ctx.device)
-        else:
-            if ctx.target_logp is None:
-                raise ValueError(f"constraint {self.name!r} (retain target_agreement) needs the pooled target")
-            ref = ctx.target_logp.argmax(-1)
-        mask = ctx.mask & (ref >= 0)  # ignore_index-style negative labels are not counted
-        idx = ref.clamp_min(0).long().unsqueeze(-1)
-        lp = ctx.student_logp
-        proxy = lp.gather(-1, idx).squeeze(-1).exp()
-        value = (lp.argmax(-1) == ref).to(lp.dtype)
-        return _masked_sums(proxy, value, mask)
+            return torch.as_tensor(ref, device=ctx.device)
+        if ctx.target_logp is None:
+            raise ValueError(f"constraint {self.name!r} (retain target_agreement) needs the pooled target")
+        return ctx.target_logp.argmax(-1)
 
     def _args(self) -> dict[str, Any]:
         out: dict[str, Any] = {"metric": self.metric_name, "min": self.threshold}

@@ -262,7 +262,7 @@ class TargetPipeline:
                        composed=composed, weights=weights, feasible_set=fset, relaxed=relaxed, corrected=corrected,
                        target_logp=target, projection=stats, context=ctx, convex_residuals=convex_res)
 
-    def _weights(self, batch: Batch, teacher_logits: Tensor | None, teacher_logp: Tensor, student_logits: Tensor,
+    def _weights(self, batch: Batch, teacher_logits: Tensor | None, teacher_logp: Tensor, student_logits: Tensor | None,
                  mask: Tensor, sampled_logprobs: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor]:
         token_shape = mask.shape
         if not self.weighting:
@@ -272,7 +272,7 @@ class TargetPipeline:
                           sampled_logprobs=sampled_logprobs,
                           task_ids=batch.get("task_ids"), context=batch.get("context"),
                           safety=self.spec.safety_scores(dtype=teacher_logp.dtype, device=teacher_logp.device),
-                          student_logits=student_logits.detach(), mask=mask)
+                          student_logits=None if student_logits is None else student_logits.detach(), mask=mask)
         per_scale = {s: _broadcast_tokens(op(signals).to(teacher_logp.dtype), token_shape)
                      for s, op in self.weighting.items()}
         return per_scale, compose(**per_scale).weights

@@ -39,20 +39,19 @@ import torch
 from torch import Tensor
 
 from safekd.spec import constraints as C
+from safekd.targets.head import _EMPTY, StudentHidden, head_reductions  # _EMPTY: log-mass of empty buckets
 from safekd.targets.pooling import log1mexp
 from safekd.spec.unsafe import UnsafeSet
 
 __all__ = ["SparseTeachers", "SparseTargets", "SparseContext", "Buckets", "topk_logprobs", "sparse_divergence",
-           "correct_unsafe", "token_rows", "distiller_targets", "SPARSE_KEYS"]
+           "correct_unsafe", "token_rows", "distiller_targets", "SPARSE_KEYS", "StudentHidden", "hidden_pass",
+           "HiddenStats", "check_hidden_student"]
 
 logger = logging.getLogger(__name__)
 
 #: Batch keys of a sparse teacher cache (the unsafe mass is optional without unsafe constraints).
 SPARSE_KEYS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_unsafe_mass")
 _NEG_INF = -math.inf
-#: log-mass given to empty buckets (repeated ids, an empty tail) inside divergences: exp underflows to exactly 0
-#: in every float type, and, unlike −inf, it keeps −inf − (−inf) = NaN out of the gradients.
-_EMPTY = -1e4
 
 
 def topk_logprobs(logits: Tensor, k: int, unsafe: UnsafeSet | None = None,
@@ -218,16 +217,26 @@ class Buckets:
         """The student's bucket log-masses ``[..., M+2]`` from its logits ``[..., V]`` (softened at T):
         z_v − logsumexp(z) on S, logsumexp over U ∖ S minus it for T_U, and log(1 − both) for T_S. The
         ``[..., V]`` work is one fused autograd node (:class:`_GatherLSE`): its backward writes the logits'
-        gradient in one buffer."""
+        gradient in one buffer. (A :class:`~safekd.head.StudentHidden` student goes through :func:`hidden_pass`.)"""
         z = student_logits if temperature == 1.0 else student_logits / temperature
-        V, lead = z.shape[-1], z.shape[:-1]
-        in_s = None
-        if self.unsafe_ids is not None:
-            u = self.unsafe_ids.expand(*lead, -1).contiguous()
-            pos = torch.searchsorted(self.support.contiguous(), u).clamp_max(self.support.shape[-1] - 1)
-            in_s = (self.support.gather(-1, pos) == u).reshape(-1, u.shape[-1])
+        V = z.shape[-1]
         z_s, lse_u, lse = _GatherLSE.apply(z.reshape(-1, V), self.support.reshape(-1, self.support.shape[-1]),
-                                           self.unsafe_ids, in_s)
+                                           self.unsafe_ids, self.unsafe_in_support())
+        return self.from_reductions(z_s, lse_u, lse)
+
+    def unsafe_in_support(self) -> Tensor | None:
+        """``[N, |U|]`` bool: which unsafe ids lie in each token's support S (None without an unsafe set)."""
+        if self.unsafe_ids is None:
+            return None
+        lead = self.support.shape[:-1]
+        u = self.unsafe_ids.expand(*lead, -1).contiguous()
+        pos = torch.searchsorted(self.support.contiguous(), u).clamp_max(self.support.shape[-1] - 1)
+        return (self.support.gather(-1, pos) == u).reshape(-1, u.shape[-1])
+
+    def from_reductions(self, z_s: Tensor, lse_u: Tensor, lse: Tensor) -> Tensor:
+        """Bucket log-masses ``[..., M+2]`` from the flattened reductions of the (softened) logits z: ``z_s [N, M]``
+        (z on S), ``lse_u [N, 1]`` (logsumexp over U ∖ S) and ``lse [N, 1]`` (logsumexp over V)."""
+        lead = self.support.shape[:-1]
         on_s = (z_s.view(*lead, -1) - lse.view(*lead, 1)).masked_fill(~self.valid, _NEG_INF)
         t_u = (lse_u - lse).view(*lead, 1)
         head = torch.logsumexp(torch.cat([on_s, t_u], dim=-1), dim=-1, keepdim=True)
@@ -306,16 +315,26 @@ class SparseTargets:
     buckets: Buckets
     target_logp: Tensor
 
-    def divergence(self, fn: Callable[..., Any], student_logits: Tensor, mask: Tensor, temperature: float) -> Any:
+    def divergence(self, fn: Callable[..., Any], student_logits: Tensor | StudentHidden, mask: Tensor,
+                   temperature: float, ctx: C.MeasureContext | None = None,
+                   constraints: tuple[C.StudentConstraint, ...] = ()) -> Any:
         """``fn`` (a safekd divergence, possibly a ``functools.partial`` of one, or a user callable with the same
-        signature) between the bucketed target and the bucketed student (see :func:`sparse_divergence`)."""
-        return sparse_divergence(fn, self.buckets, self.target_logp, student_logits, mask, temperature)
+        signature) between the bucketed target and the bucketed student (see :func:`sparse_divergence`). A
+        :class:`~safekd.head.StudentHidden` student is read in one chunked pass (:func:`hidden_pass`) that also
+        measures what ``constraints`` read from it into ``ctx``."""
+        student_logp = None
+        if isinstance(student_logits, StudentHidden):
+            student_logp = hidden_pass(self.buckets, student_logits, temperature, ctx, constraints)
+        return sparse_divergence(fn, self.buckets, self.target_logp, student_logits, mask, temperature,
+                                 student_logp=student_logp)
 
 
-def sparse_divergence(fn: Callable[..., Any], buckets: Buckets, target_logp: Tensor, student_logits: Tensor,
-                      mask: Tensor | None = None, temperature: float = 1.0) -> Any:
+def sparse_divergence(fn: Callable[..., Any], buckets: Buckets, target_logp: Tensor, student_logits: Tensor | None,
+                      mask: Tensor | None = None, temperature: float = 1.0, *,
+                      student_logp: Tensor | None = None) -> Any:
     """D(target ‖ student) on the buckets: both softened per token at ``temperature``, then ``fn`` on
-    ``[..., M+2]``; the result keeps ``fn``'s T² scaling and token counts.
+    ``[..., M+2]``; the result keeps ``fn``'s T² scaling and token counts. ``student_logp`` (the student's bucket
+    log-masses at ``temperature``, e.g. from :func:`hidden_pass`) replaces ``student_logits``.
 
     Raises:
         ValueError: a user divergence (not one of :data:`safekd.divergences.DIVERGENCES`) with temperature ≠ 1
@@ -325,7 +344,11 @@ def sparse_divergence(fn: Callable[..., Any], buckets: Buckets, target_logp: Ten
 
     base, kw = (fn.func, dict(fn.keywords)) if isinstance(fn, functools.partial) else (fn, {})
     empty = buckets.log_count == _NEG_INF
-    student = buckets.student_logp(student_logits, temperature).masked_fill(empty, _EMPTY)
+    if student_logp is None:
+        if not isinstance(student_logits, Tensor):
+            raise TypeError("sparse_divergence needs student logits [..., V] or student_logp [..., M+2]")
+        student_logp = buckets.student_logp(student_logits, temperature)
+    student = student_logp.masked_fill(empty, _EMPTY)
     target = _soften(target_logp, buckets.log_count, temperature).to(student.dtype).masked_fill(empty, _EMPTY)
     if base in DIVERGENCES.values():
         kw.update(soften_target=False, student_logp=student)
@@ -361,9 +384,117 @@ def correct_unsafe(target: Tensor, in_unsafe: Tensor, relaxed: Tensor, threshold
 @dataclass
 class SparseContext(C.MeasureContext):
     """A :class:`~safekd.constraints.MeasureContext` for sparse teachers: ``teacher_unsafe_mass [..., K]`` is the
-    exact p_k(U) the ``unsafe_mass`` rows read (``teacher_logprobs`` holds the bucket view)."""
+    exact p_k(U) the ``unsafe_mass`` rows read (``teacher_logprobs`` holds the bucket view). For a
+    :class:`~safekd.head.StudentHidden` student ``student_logits`` is None and ``student_stats`` holds what the
+    student constraints read, measured by :func:`hidden_pass`."""
 
     teacher_unsafe_mass: Tensor | None = None
+    student_stats: "HiddenStats | None" = None
+
+    def _stats(self) -> "HiddenStats":
+        if self.student_stats is None:
+            raise RuntimeError("the student (hidden states + LM head) has not been read yet: the constraints of a "
+                               "StudentHidden student are measured by the step's chunked pass (hidden_pass)")
+        return self.student_stats
+
+    def student_unsafe_mass(self, u: UnsafeSet) -> Tensor:
+        if self.student_logits is not None:
+            return super().student_unsafe_mass(u)
+        for known, log_mass in self._stats().unsafe:
+            if known == u:
+                return log_mass.exp()
+        raise RuntimeError(f"the chunked pass did not measure the student's mass on {u!r}")
+
+    def student_logp_at(self, ids: Tensor) -> Tensor:
+        if self.student_logits is not None:
+            return super().student_logp_at(ids)
+        for known, logp in self._stats().at:
+            if known is ids or torch.equal(known, ids):
+                return logp
+        raise RuntimeError("the chunked pass did not gather the student's log-probabilities at these ids")
+
+    def student_argmax(self) -> Tensor:
+        if self.student_logits is not None:
+            return super().student_argmax()
+        out = self._stats().argmax
+        if out is None:
+            raise RuntimeError("the chunked pass did not compute the student's argmax")
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class HiddenStats:
+    """What the student constraints read from a :class:`~safekd.head.StudentHidden` student (token shape
+    ``[...]``): ``unsafe`` = [(U, log p_θ(U) [...])], ``at`` = [(ids [...], log p_θ(ids) [...])], ``argmax [...]``."""
+
+    unsafe: list[tuple[UnsafeSet, Tensor]]
+    at: list[tuple[Tensor, Tensor]]
+    argmax: Tensor | None
+
+
+def check_hidden_student(constraints: tuple[C.StudentConstraint, ...], unsafe: UnsafeSet | None) -> None:
+    """Refuse, before anything runs, the student constraints a :class:`~safekd.head.StudentHidden` student cannot
+    serve without its full logits.
+
+    Raises:
+        ValueError: ``kl_to``, ``metric`` or a callable ``retain`` (they read ``[..., V]`` student logits), or an
+            ``unsafe_rate`` whose unsafe set is a callable (the chunked pass needs ids).
+    """
+    for c in constraints:
+        full = isinstance(c, (C.KLTo, C.Metric)) or (isinstance(c, C.Retain) and callable(c.metric))
+        u = (c.unsafe if c.unsafe is not None else unsafe) if isinstance(c, C.UnsafeRate) else None
+        if full or (u is not None and u.ids is None):
+            why = "reads the student's full logits" if full else "has an unsafe set given as a callable, not ids"
+            raise ValueError(f"constraint {c.name!r} {why}: a student that returns StudentHidden (hidden states + "
+                             "LM head) supports unsafe_rate (id sets) and retain accuracy/target_agreement; return "
+                             "logits from the student for this spec")
+
+
+def hidden_pass(buckets: Buckets, student: StudentHidden, temperature: float, ctx: C.MeasureContext | None,
+                constraints: tuple[C.StudentConstraint, ...] = ()) -> Tensor:
+    """One chunked pass over the LM head (:func:`~safekd.head.head_reductions`) for everything a step reads from
+    the student: z on the support S, logsumexp(z/T) and logsumexp over U ∖ S of z/T → the bucket log-masses at T
+    (returned, ``[..., M+2]``, as :meth:`Buckets.student_logp` gives from logits); and for ``constraints``, into
+    ``ctx.student_stats``: log p_θ(U) = logsumexp_U z − logsumexp z (``unsafe_rate``), log p_θ(y) = z_y − logsumexp z
+    at the retain references and argmax_v z_v (``retain``), all at temperature 1."""
+    M = buckets.support.shape[-1]
+    lead = buckets.support.shape[:-1]
+    gathers, temps = [buckets.support.reshape(-1, M)], [float(temperature)]
+    sets: list[tuple[int, Tensor, Tensor | None]] = []
+    if buckets.unsafe_ids is not None:
+        sets.append((0, buckets.unsafe_ids, buckets.unsafe_in_support()))
+    rates = [c for c in constraints if isinstance(c, C.UnsafeRate)]
+    retains = [c for c in constraints if isinstance(c, C.Retain)]
+    if (rates or retains) and temperature != 1.0:
+        temps.append(1.0)
+    one = temps.index(1.0) if (rates or retains) else 0
+    unsafe_sets: list[UnsafeSet] = []
+    for c in rates:
+        assert ctx is not None
+        u = ctx.unsafe_for(c.unsafe, c.name)
+        if u not in unsafe_sets:
+            u._check_ids(student.vocab_size)
+            unsafe_sets.append(u)
+            sets.append((one, u.ids.to(buckets.support.device), None))  # type: ignore[union-attr]
+    refs = []
+    for c in retains:
+        assert ctx is not None
+        ref = c.reference(ctx).clamp_min(0).long()  # what Retain.measure asks for
+        if not any(torch.equal(r, ref) for r in refs):
+            refs.append(ref)
+            gathers.append(ref.reshape(-1, 1).to(buckets.support.device))
+    red = head_reductions(student, torch.cat(gathers, dim=1), temps, sets, argmax=bool(retains))
+    z_s = red.gathered[:, :M] if temperature == 1.0 else red.gathered[:, :M] / temperature
+    lse_u = red.set_lse[:, :1] if buckets.unsafe_ids is not None else torch.full_like(red.lse[:, :1], _NEG_INF)
+    out = buckets.from_reductions(z_s, lse_u, red.lse[:, :1])
+    if ctx is not None and isinstance(ctx, SparseContext) and (rates or retains):
+        lse1 = red.lse[:, one]
+        first = 1 if buckets.unsafe_ids is not None else 0
+        ctx.student_stats = HiddenStats(
+            unsafe=[(u, (red.set_lse[:, first + j] - lse1).view(lead)) for j, u in enumerate(unsafe_sets)],
+            at=[(r, (red.gathered[:, M + j] - lse1).view(lead)) for j, r in enumerate(refs)],
+            argmax=None if red.argmax is None else red.argmax.view(lead))
+    return out
 
 
 def token_rows(c: C.TeacherWeightConstraint, ctx: C.MeasureContext, sel: Tensor) -> tuple[Tensor, Tensor]:
@@ -385,17 +516,25 @@ def token_rows(c: C.TeacherWeightConstraint, ctx: C.MeasureContext, sel: Tensor)
     return c.token_rows(ctx, sel)
 
 
-def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers, student_logits: Tensor,
-                      expand: bool) -> Any:
+def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers,
+                      student_logits: Tensor | StudentHidden, expand: bool) -> Any:
     """The :class:`~safekd.targets.TargetPipeline` ``d`` for sparse teachers: the same
     pipeline on the buckets (weights, projection with the exact unsafe rows, pool, correction). ``expand`` also
     writes the dense uniform-tail views ``[..., K, V]`` / ``[..., V]`` into ``teacher_logp`` / ``target_logp``
-    (the audit's view); without it (training) those hold the bucket view and ``Targets.sparse`` carries it."""
+    (the audit's view); without it (training) those hold the bucket view and ``Targets.sparse`` carries it.
+    A :class:`~safekd.head.StudentHidden` student is not read here (weighting operators get no student logits):
+    the step reads it in :meth:`SparseTargets.divergence`."""
     from safekd.targets.pipeline import Targets, _check_labels, require_finite
 
-    if not isinstance(student_logits, Tensor):
-        raise TypeError(f"the student must return a logits tensor, got {type(student_logits).__name__}")
-    require_finite("student logits", student_logits.detach())
+    hidden = isinstance(student_logits, StudentHidden)
+    if hidden:
+        check_hidden_student(d.student_constraints, d.spec.unsafe)
+        require_finite("student hidden states", student_logits.hidden.detach())
+    elif not isinstance(student_logits, Tensor):
+        raise TypeError(f"the student must return a logits tensor (or a StudentHidden), got "
+                        f"{type(student_logits).__name__}")
+    else:
+        require_finite("student logits", student_logits.detach())
     if student_logits.shape[:-1] != teachers.ids.shape[:-2]:
         raise ValueError(f"student logits {tuple(student_logits.shape)} do not match the sparse teachers "
                          f"{tuple(teachers.ids.shape)} (expected [..., V] and [..., K, k])")
@@ -410,14 +549,15 @@ def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers
         b = teachers.buckets(student_logits.shape[-1], d.spec.unsafe if needs_u else None, dtype)
         lp = b.teacher_logp
         dense_teachers = expand or any(isinstance(c, C.KLTo) for c in d.student_constraints)
-        ctx = SparseContext(student_logits=student_logits, batch=batch,
+        ctx = SparseContext(student_logits=None if hidden else student_logits, batch=batch,
                             teacher_logprobs=b.expand(lp).to(student_logits.dtype) if dense_teachers else lp,
                             teacher_index=d.teacher_index, unsafe=d.spec.unsafe,
                             teacher_unsafe_mass=None if teachers.unsafe_mass is None else teachers.unsafe_mass.to(dtype))
         mask = ctx.mask
         labels = batch.get("labels")
         gold = None if labels is None else b.gold_logprobs(torch.as_tensor(labels, device=lp.device))
-        per_scale, composed = d._weights(batch, None, lp, student_logits, mask, sampled_logprobs=gold)
+        per_scale, composed = d._weights(batch, None, lp, None if hidden else student_logits, mask,
+                                         sampled_logprobs=gold)
         weights, fset, relaxed, stats = d._project(composed, ctx, mask)
         target, corrected = correct_unsafe(d.pool(lp, weights), b.in_unsafe, relaxed,
                                            [c.threshold for c in d.unsafe_mass_constraints])

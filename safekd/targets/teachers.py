@@ -16,18 +16,22 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from safekd.targets.head import StudentHidden
+
 __all__ = ["DerivedTeacher", "derived", "teacher_outputs", "logits_of"]
 
 
 def logits_of(out: Any, who: str = "teacher") -> Tensor:
-    """A model's output as a logits tensor: the tensor itself, or its ``logits`` (a Hugging Face ``ModelOutput`` or a
-    mapping).
+    """A model's output as a logits tensor: the tensor itself, its ``logits`` (a Hugging Face ``ModelOutput`` or a
+    mapping), or the logits of a :class:`~safekd.head.StudentHidden` (hidden states + LM head).
 
     Raises:
         TypeError: neither (the message names ``who``).
     """
     if isinstance(out, Tensor):
         return out
+    if isinstance(out, StudentHidden):
+        return out.logits()
     logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     if not isinstance(logits, Tensor):
         fix = ("convert it with torch.from_numpy" if type(out).__module__ == "numpy" else

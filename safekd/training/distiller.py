@@ -31,7 +31,9 @@ from safekd.training.checkpoint import DISTILLER_STATE_KEYS, check_module_state,
 from safekd.common.distributed import full_state_dicts, is_rank_zero, load_full_state_dicts, unwrap
 from safekd.training.dual import DualState, MultiplierAlarm, MultiplierAlarmError, resolve_order
 from safekd.training.lagrangian import Lagrangian, default_divergence
+from safekd.targets.head import StudentHidden
 from safekd.targets.signals import all_finite
+from safekd.targets.sparse import SparseTeachers
 from safekd.spec.document import Spec
 from safekd.targets.pipeline import (Batch, NonFiniteError, ProjectionCheckError, TargetPipeline, Targets, TeacherFn,
                             require_finite, weight_report)
@@ -89,7 +91,9 @@ class SafeDistiller:
     ``state_dict``, ``load_state_dict``).
 
     Args:
-        student: module mapping ``batch["inputs"]`` to logits ``[..., V]``.
+        student: module mapping ``batch["inputs"]`` to logits ``[..., V]``, or to a
+            :class:`~safekd.head.StudentHidden` (hidden states + LM head: with sparse teachers the step reads the head
+            in chunks of tokens and never holds the ``[..., V]`` logits or their gradient).
         teachers: ``{name: module or callable}`` returning logits ``[..., V]`` (or an output with ``.logits``;
             names = ``spec.teachers``; a :func:`~safekd.teachers.derived` teacher shares its base's forward), or
             None when every batch carries cached ``teacher_logits [..., K, V]`` or a sparse top-k cache
@@ -173,6 +177,8 @@ class SafeDistiller:
         if student_logits is None:
             with torch.no_grad():
                 student_logits = self.student(batch["inputs"])
+        if isinstance(student_logits, StudentHidden):  # the audit's view is dense: [..., V] logits
+            student_logits = student_logits.logits()
         return self.pipeline(batch, student_logits, teacher_logits)
 
     def loss(self, batch: Batch) -> tuple[Tensor, PendingStep]:
@@ -193,6 +199,8 @@ class SafeDistiller:
         """
         teacher_logits = self.pipeline.teacher_logits(batch)
         student_logits = self.student(batch["inputs"])
+        if isinstance(student_logits, StudentHidden) and not isinstance(teacher_logits, SparseTeachers):
+            student_logits = student_logits.logits()  # dense teachers read [..., V] anyway
         t = self.pipeline(batch, student_logits, teacher_logits, expand=False)
         div = self.lagrangian.kd_divergence(t, student_logits, self.divergence,
                                             builtin=self.divergence is self._builtin_divergence)

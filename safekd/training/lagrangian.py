@@ -7,6 +7,7 @@ The KD sum and every constraint's value and proxy sums and counts travel in ONE 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,9 @@ from torch import Tensor, nn
 from safekd.spec import constraints as C
 from safekd.common.distributed import get_world_size, token_mean_scale
 from safekd.training.dual import DualState
+from safekd.targets.head import StudentHidden
 from safekd.common.measurement import reduce_sums_counts
+from safekd.targets.sparse import hidden_pass
 from safekd.spec.document import Spec
 from safekd.targets.pipeline import Targets, require_finite
 
@@ -33,12 +36,15 @@ class Lagrangian:
         self.student_constraints = spec.student_constraints
         self.teacher_index = spec.teacher_index
 
-    def kd_divergence(self, t: Targets, student_logits: Tensor, divergence: Callable[..., Any], builtin: bool) -> Any:
+    def kd_divergence(self, t: Targets, student_logits: Tensor | StudentHidden, divergence: Callable[..., Any],
+                      builtin: bool) -> Any:
         """The KD divergence D(q_t ‖ p_θ) of the step (with ``.sum``/``.count``): on the union support + tail
-        buckets for sparse teachers (:mod:`safekd.sparse`), else dense; the ``builtin`` forward KL at temperature 1
-        shares one student normaliser log p_θ with the constraints (unsafe_rate, kl_to, retain)."""
+        buckets for sparse teachers (:mod:`safekd.sparse`; a :class:`~safekd.head.StudentHidden` student is read
+        there in one chunked pass that also measures the student constraints), else dense; the ``builtin`` forward
+        KL at temperature 1 shares one student normaliser log p_θ with the constraints (unsafe_rate, kl_to, retain)."""
         if t.sparse is not None:
-            return t.sparse.divergence(divergence, student_logits, t.mask, self.spec.temperature)
+            return t.sparse.divergence(divergence, student_logits, t.mask, self.spec.temperature, t.context,
+                                       self.student_constraints)
         shared = {}
         if builtin and self.spec.temperature == 1.0:
             shared["student_logp"] = t.context.student_logp = F.log_softmax(student_logits, dim=-1)
@@ -89,6 +95,14 @@ class Lagrangian:
         batch = t.context.batch
         with torch.no_grad():
             logits = student(batch["inputs"])
+            if isinstance(logits, StudentHidden):
+                require_finite("student hidden states (re-measured after the primal step)", logits.hidden)
+                if t.sparse is not None:
+                    ctx = dataclasses.replace(t.context, student_stats=None)
+                    hidden_pass(t.sparse.buckets, logits, 1.0, ctx, self.student_constraints)
+                    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+                    return self.reduce_terms(ctx, zero, 0)[2]
+                logits = logits.logits()
             require_finite("student logits (re-measured after the primal step)", logits)
             ctx = C.MeasureContext(student_logits=logits, batch=batch, teacher_logprobs=t.teacher_logp,
                                    teacher_index=self.teacher_index, unsafe=self.spec.unsafe, _mask=t.mask)
