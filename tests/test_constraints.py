@@ -103,3 +103,32 @@ def test_measure_context_validates_the_mask_once_and_rejects_a_bad_one() -> None
     assert C.MeasureContext(student_logits=logits, batch={}).mask.all()
     with pytest.raises(ValueError, match=r"batch\['mask'\] must be a bool tensor of shape \(2, 3\)"):
         _ = C.MeasureContext(student_logits=logits, batch={"mask": mask.float()}).mask
+
+
+def test_cap_unsafe_mass_dense_and_bucketed_agree_including_all_mass_unsafe():
+    """The one target correction: dense over V and on buckets (a bucket of n tokens = n equal tokens) give the same
+    distribution, also where q(U) = 1 (the safe mass is spread uniformly over the safe tokens)."""
+    from safekd.unsafe import cap_unsafe_mass
+
+    torch.manual_seed(0)
+    V, eps = 7, 0.1
+    in_u = torch.tensor([True, True, True, False, False, False, False])
+    q = torch.softmax(torch.randn(3, V, dtype=torch.float64), -1)
+    q[1] = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)  # q(U) = 1
+    q[2] = torch.tensor([0.01, 0.0, 0.0, 0.49, 0.5, 0.0, 0.0], dtype=torch.float64)  # already ≤ ε: unchanged
+    dense, need = cap_unsafe_mass(q.log(), in_u, eps)
+    assert need.tolist() == [True, True, False]
+    p = dense.exp()
+    assert torch.allclose(p.sum(-1), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(p[:, in_u].sum(-1)[:2], torch.full((2,), eps, dtype=torch.float64))
+    assert torch.allclose(p[1, ~in_u], torch.full((4,), (1 - eps) / 4, dtype=torch.float64))
+    assert torch.equal(dense[2], q[2].log())
+    # buckets: tokens 0, 3 alone; {1, 2} (unsafe) and {4, 5, 6} (safe) as uniform tail buckets
+    groups = [[0], [3], [1, 2], [4, 5, 6]]
+    in_b = torch.tensor([True, False, True, False])
+    log_count = torch.tensor([1.0, 1.0, 2.0, 3.0], dtype=torch.float64).log()
+    qb = torch.stack([q[:, g].sum(-1) for g in groups], -1)
+    bucketed, need_b = cap_unsafe_mass(qb.log(), in_b, eps, log_count)
+    assert torch.equal(need_b, need)
+    expected = torch.stack([p[:, g].sum(-1) for g in groups], -1)
+    assert torch.allclose(bucketed.exp(), expected, atol=1e-15)

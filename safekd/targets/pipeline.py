@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 import solvers
 from safekd.spec import constraints as C
+from safekd.spec.unsafe import cap_unsafe_mass
 from safekd.common.batches import IGNORE_INDEX
 from safekd.common.distributed import get_world_size
 from safekd.targets.signals import Signals, all_finite
@@ -414,25 +415,13 @@ class TargetPipeline:
         rows = relaxed.nonzero(as_tuple=True)
         sub = target[rows]  # [R, V]: only tokens whose teacher-weight set was empty
         done = torch.zeros(sub.shape[0], dtype=torch.bool, device=sub.device)
-        neg_inf = torch.tensor(float("-inf"), dtype=target.dtype, device=target.device)
         for c in self.unsafe_mass_constraints:
             u = c.unsafe if c.unsafe is not None else self.spec.unsafe
             assert u is not None
-            eps = c.threshold
             in_u = u.mask(target.shape[-1], batch, device=target.device)
             if in_u.dim() > 1:  # a per-position mask: the relaxed rows' masks; a vocabulary mask [V] broadcasts
                 in_u = in_u.expand_as(target)[rows]
-            log_unsafe = (u.log_mass(sub) if u.ids is not None else
-                          torch.logsumexp(torch.where(in_u, sub, neg_inf), dim=-1)).unsqueeze(-1)
-            log_safe = torch.logsumexp(torch.where(in_u, neg_inf, sub), dim=-1, keepdim=True)
-            need = log_unsafe.squeeze(-1).exp() > eps * (1 + 1e-6)
-            if not bool(need.any()):
-                continue
-            n_safe = (~in_u).sum(-1, keepdim=True).clamp_min(1).to(target.dtype)
-            log_s = torch.where(log_safe > neg_inf, sub + math.log1p(-eps) - log_safe,
-                                math.log1p(-eps) - n_safe.log())
-            fixed = torch.where(in_u, sub + math.log(eps) - log_unsafe if eps > 0 else neg_inf, log_s)
-            sub = torch.where(need.unsqueeze(-1), fixed, sub)
+            sub, need = cap_unsafe_mass(sub, in_u, c.threshold)
             done |= need
         if self.pool is self._builtin_pool:  # its fresh output: in place (no second [..., V] buffer)
             target[rows] = sub

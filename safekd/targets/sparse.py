@@ -41,7 +41,7 @@ from torch import Tensor
 from safekd.spec import constraints as C
 from safekd.targets.head import _EMPTY, StudentHidden, head_reductions  # _EMPTY: log-mass of empty buckets
 from safekd.targets.pooling import log1mexp
-from safekd.spec.unsafe import UnsafeSet
+from safekd.spec.unsafe import UnsafeSet, cap_unsafe_mass
 
 __all__ = ["SparseTeachers", "SparseTargets", "SparseContext", "Buckets", "topk_logprobs", "sparse_divergence",
            "correct_unsafe", "token_rows", "distiller_targets", "SPARSE_KEYS", "StudentHidden", "hidden_pass",
@@ -359,23 +359,17 @@ def sparse_divergence(fn: Callable[..., Any], buckets: Buckets, target_logp: Ten
     return fn(target, student, mask=mask, temperature=1.0)
 
 
-def correct_unsafe(target: Tensor, in_unsafe: Tensor, relaxed: Tensor, thresholds: list[float]) -> tuple[Tensor,
-                                                                                                        Tensor]:
-    """The target correction on buckets: on relaxed tokens with q(U) > ε, q ← q·ε/q(U) on the unsafe buckets and
-    q·(1−ε)/(1−q(U)) on the safe ones (exact: a bucket lies wholly inside or outside U). Returns the target and
-    the corrected-token mask."""
+def correct_unsafe(target: Tensor, buckets: Buckets, relaxed: Tensor, thresholds: list[float]) -> tuple[Tensor,
+                                                                                                     Tensor]:
+    """The target correction on buckets (:func:`~safekd.unsafe.cap_unsafe_mass` on the relaxed tokens; exact: a
+    bucket lies wholly inside or outside U, and a bucket of n tokens takes n shares of a uniform safe mass).
+    Returns the target and the corrected-token mask."""
     done = torch.zeros_like(relaxed)
     if not thresholds or not bool(relaxed.any()):
         return target, done
-    neg = target.new_full((), _NEG_INF)
     for eps in thresholds:
-        log_u = torch.logsumexp(torch.where(in_unsafe, target, neg), dim=-1, keepdim=True)
-        log_s = torch.logsumexp(torch.where(in_unsafe, neg, target), dim=-1, keepdim=True)
-        need = relaxed & (log_u.squeeze(-1).exp() > eps * (1 + 1e-6))
-        if not bool(need.any()):
-            continue
-        fixed_u = target + math.log(eps) - log_u if eps > 0 else neg.expand_as(target)
-        fixed = torch.where(in_unsafe, fixed_u, target + math.log1p(-eps) - log_s)
+        fixed, need = cap_unsafe_mass(target, buckets.in_unsafe, eps, buckets.log_count)
+        need = need & relaxed
         target = torch.where(need.unsqueeze(-1), fixed, target)
         done |= need
     return target, done
@@ -559,7 +553,7 @@ def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers
         per_scale, composed = d._weights(batch, None, lp, None if hidden else student_logits, mask,
                                          sampled_logprobs=gold)
         weights, fset, relaxed, stats = d._project(composed, ctx, mask)
-        target, corrected = correct_unsafe(d.pool(lp, weights), b.in_unsafe, relaxed,
+        target, corrected = correct_unsafe(d.pool(lp, weights), b, relaxed,
                                            [c.threshold for c in d.unsafe_mass_constraints])
         stats["corrected_tokens"] = int(corrected.sum())
         if stats["corrected_tokens"]:
