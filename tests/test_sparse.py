@@ -131,6 +131,17 @@ def test_sparse_batch_errors_name_the_key() -> None:
         d.targets({**sp, "teacher_topk_ids": sp["teacher_topk_ids"] + 100})
 
 
+def test_a_weighting_operator_comparing_student_and_teachers_is_refused_on_a_sparse_cache() -> None:
+    from safekd.weighting import AEKD
+
+    batch, logits = _batch()
+    d, student = _distiller(weighting={"token": AEKD()})
+    before = [p.clone() for p in student.parameters()]
+    with pytest.raises(ValueError, match="AEKD .*dense teacher logits"):
+        d.step(_sparse(batch, logits, 4))
+    assert all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    d.step({**batch, "teacher_logits": logits})  # dense teachers: fine
+
 def test_student_buckets_and_their_gradient_match_the_full_softmax() -> None:
     V, k, u = 40, 3, list(range(0, 40, 4))
     batch, logits = _batch(V=V)

@@ -533,6 +533,12 @@ def distiller_targets(d: Any, batch: Mapping[str, Any], teachers: SparseTeachers
         raise ValueError(f"student logits {tuple(student_logits.shape)} do not match the sparse teachers "
                          f"{tuple(teachers.ids.shape)} (expected [..., V] and [..., K, k])")
     _check_labels(batch, student_logits.shape[-1])
+    for scale, op in d.weighting.items():  # the teachers are buckets here, the student's logits [..., V]: no common axis
+        needs = getattr(op, "requires", frozenset())
+        if "student_logits" in needs and needs & {"teacher_logits", "teacher_logprobs"}:
+            raise ValueError(f"weighting operator {type(op).__name__} ({scale} scale) compares the student's and the "
+                             f"teachers' distributions over the vocabulary: it needs dense teacher logits, not a sparse "
+                             f"top-k cache")
     if any(t != 1.0 for t in d.spec.teacher_temperatures()):
         raise ValueError("teacher temperatures need dense teacher logits: a sparse cache holds log-probabilities "
                          "at temperature 1 (cache the teachers at their temperature, or drop `temperature:`)")
