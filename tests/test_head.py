@@ -13,6 +13,7 @@ from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
 from safekd.teachers import logits_of
 from safekd.unsafe import UnsafeSet
 from safekd.signals import MissingSignalError
+from safekd.weighting.base import WeightOperator
 from safekd.weighting import AEKD, GoldLikelihood
 
 U = [0, 1, 5, 9]
@@ -145,10 +146,24 @@ def test_constraints_that_need_full_logits_are_refused_before_anything_changes()
         with pytest.raises(ValueError, match="StudentHidden"):
             d.step(batch)
         assert d.step_count == 0 and all(torch.equal(a, p) for a, p in zip(before, student.parameters()))
-    d, student = _distiller(True, BASE, weighting=AEKD())  # a weighting operator reading student logits gets none
+    d, student = _distiller(True, BASE, weighting=StudentConfidence())  # an operator reading the student gets none
     with pytest.raises(MissingSignalError, match="student_logits"):
         d.step(batch)
     assert d.step_count == 0
+    d, student = _distiller(True, BASE, weighting=AEKD())  # comparing student and teachers: refused on a cache
+    with pytest.raises(ValueError, match="AEKD .*dense teacher logits"):
+        d.step(batch)
+    assert d.step_count == 0
+
+
+class StudentConfidence(WeightOperator):
+    """Token weights from the student's top log-probability alone (same for every teacher)."""
+
+    requires = frozenset({"student_logits"})
+
+    def scores(self, s):
+        top = torch.log_softmax(s.student_logits, -1).amax(-1, keepdim=True)
+        return top.expand(*top.shape[:-1], 3)
 
 
 def test_dense_teachers_and_the_audit_view_read_the_head_logits() -> None:
