@@ -175,3 +175,21 @@ def test_rounded_top_k_never_exceeds_the_exact_unsafe_budget() -> None:
     p_u = UnsafeSet(U).mass(torch.log_softmax(logits, -1), teacher_axis=True)
     torch.testing.assert_close(UnsafeSet(U).mass(full, teacher_axis=True), p_u, rtol=0, atol=1e-12)
     torch.testing.assert_close(full.exp().sum(-1), torch.ones_like(p_u), rtol=0, atol=1e-12)
+
+
+def test_audit_of_a_sparse_cache_reads_buckets_and_equals_the_dense_audit_when_k_is_v() -> None:
+    """The audit reads a top-k cache through the bucket view (no [..., K, V] tensor); at k = V it is the dense
+    audit: the same estimates and bounds for every constraint, the same teacher weights."""
+    from safekd import audit
+
+    batch, logits = _batch(B=8, T=6)
+    d, student = _distiller(constraints=[C.unsafe_mass(0.05), C.cap("risky", 0.6), C.unsafe_rate(0.3),
+                                         C.retain("target_agreement", 0.0)])
+    dense = audit(student, {**batch, "teacher_logits": logits}, d.spec, seed=0, distiller=d)
+    sparse = audit(student, _sparse(batch, logits, 12), d.spec, seed=0, distiller=d)
+    for a, b in zip(dense.constraints, sparse.constraints):
+        assert a.name == b.name and a.estimate == pytest.approx(b.estimate, abs=1e-9)
+        assert a.bound == pytest.approx(b.bound, abs=1e-9)
+    t = d.targets(_sparse(batch, logits, 4), expand=False)
+    assert t.sparse is not None and t.teacher_logp.shape[-1] == t.sparse.buckets.teacher_logp.shape[-1]
+    assert t.target_logp.shape[-1] == 12  # target_agreement reads the dense target: expanded for it alone

@@ -355,7 +355,7 @@ def audit(student: nn.Module, data: Mapping[str, Any] | Iterable[Mapping[str, An
                 raise ValueError("the student returned non-finite logits (NaN/inf) on the audit data")
             B, tshape = logits.shape[0], logits.shape[:-1]
             keys, tok_groups = _unit_keys(batch, B, tshape, examples, grouped)
-            out = view.targets(batch, logits) if view is not None else None
+            out = view.targets(batch, logits, expand=False) if view is not None else None
             kw = {"teacher_logprobs": None if out is None else out.teacher_logp, "teacher_names": spec.teacher_names,
                   "unsafe": spec.unsafe, "target_logp": None if out is None else out.target_logp}
             for c in spec.student_constraints:

@@ -172,7 +172,7 @@ class ConstraintMonitor:
         try:
             with torch.no_grad():
                 logits = logits_of(student(batch["inputs"]), "the student")
-                out = distiller.targets(batch, logits) if distiller is not None else None
+                out = distiller.targets(batch, logits, expand=False) if distiller is not None else None
         finally:
             student.train(was)
         names = self.spec.teacher_names if self.spec is not None else None

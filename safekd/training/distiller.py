@@ -160,12 +160,14 @@ class SafeDistiller:
         if self.dual_optimizer is not None:
             self.dual_optimizer.zero_grad(set_to_none=set_to_none)
 
-    def targets(self, batch: Batch, student_logits: Tensor | None = None) -> Targets:
+    def targets(self, batch: Batch, student_logits: Tensor | None = None, *, expand: bool = True) -> Targets:
         """The distillation targets of ``batch`` without a training step: teacher logits → log p_k =
         log_softmax(z_k / T_k) → per-scale weights → composition w̄_t → projection w_t = Π_{W_t}(w̄_t) → pooled
         target q_t = G(p_1..p_K; w_t) → correction of relaxed tokens (q_t(U) ≤ ε). The pipeline runs under
         ``no_grad``; ``student_logits`` (kept, with their graph, in :attr:`Targets.context`) default to a ``no_grad``
-        student forward. :meth:`loss` and :func:`safekd.audit` both use it.
+        student forward. :meth:`loss` and :func:`safekd.audit` both use it. With a sparse top-k cache,
+        ``expand=False`` keeps the bucket view in ``teacher_logp`` / ``target_logp`` (dense ``[..., K, V]`` /
+        ``[..., V]`` only where a student constraint reads them; the audit's and the monitor's choice).
 
         Raises:
             NonFiniteError: NaN/inf in the teacher or student logits.
@@ -179,7 +181,7 @@ class SafeDistiller:
                 student_logits = self.student(batch["inputs"])
         if isinstance(student_logits, StudentHidden):  # the audit's view is dense: [..., V] logits
             student_logits = student_logits.logits()
-        return self.pipeline(batch, student_logits, teacher_logits)
+        return self.pipeline(batch, student_logits, teacher_logits, expand=expand)
 
     def loss(self, batch: Batch) -> tuple[Tensor, PendingStep]:
         """First half of a step: student forward, :meth:`targets`, the KD loss L_KD = Σ_t D(q_t ‖ p_θ) / N
