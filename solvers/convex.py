@@ -327,6 +327,102 @@ def _kkt_solve(M: Tensor, rhs: Tensor) -> Tensor:
     return x
 
 
+def _interior_point(vf: Tensor, w0: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, values: Values,
+                    params: Mapping[str, Tensor], metric: str, max_iter: int = 40, tol: float = 1e-10
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Primal-dual interior point (Mehrotra predictor-corrector), batched over rows in torch, for
+    ``min f(w) s.t. Σw = 1, lo ≤ w ≤ hi, Aw ≤ b, g(w) ≤ 0`` with smooth convex ``g = values`` (all inequalities);
+    ``f = ½‖w‖² − vᵀw`` (Euclidean) or ``Σ w log(w/v)`` (KL). Inequalities ``G(w) + s = 0, s > 0`` with duals
+    ``z > 0``: each step solves, per row, the bordered system ``[Hf + Σz_g∇²g + JᵀΣJ, 1; 1ᵀ, 0] [Δw; Δν] =
+    [−r_d − Jᵀ(Σ r_p − S⁻¹r_c); 1 − Σw]`` (``Σ = Z S⁻¹``, ``J`` = (−I, I, A, ∇g), ``r_d = ∇f + Jᵀz + ν1``,
+    ``r_p = G + s``, ``r_c = s∘z − σμ``), then ``Δz = Σ(JΔw + r_p) − S⁻¹r_c``, ``Δs = −r_p − JΔw``, and steps
+    99% of the way to the boundary of ``s, z ≥ 0``. The box slacks are ``w − lo``, ``hi − w`` themselves (w stays
+    strictly inside the box, where ``g`` and the KL objective are defined; rows need ``lo < hi``); rows and ``g``
+    start infeasible where ``w0`` violates them. A row stops when ``μ``, ``‖r_p‖∞`` and the relative ``‖r_d‖∞``
+    are below ``tol``. Returns ``(w, μ_rows, λ, converged [n], iterations [n])``."""
+    n, K = vf.shape
+    m = A.shape[1]
+    w = 0.9 * w0 + 0.05 * (lo + hi)  # strictly inside the box
+    g = values(w, params)
+    c = g.shape[-1]
+    p = 2 * K + m + c
+    s_r = torch.clamp_min(b - (A * w[:, None, :]).sum(-1), 1.0)
+    s_g = torch.clamp_min(-g, 1.0)
+    z_lo, z_hi, z_r, z_g = (torch.ones_like(x) for x in (w, w, s_r, s_g))
+    nu = vf.new_zeros(n, 1)
+    lv = vf.log() if metric == "kl" else None
+    done = torch.zeros(n, dtype=torch.bool, device=vf.device)
+    iters = torch.zeros(n, dtype=torch.long, device=vf.device)
+    for _ in range(max_iter):
+        grad_g, Hg = _curvature(values, w, params, z_g)
+        s_lo, s_hi = w - lo, hi - w
+        df = w - vf if metric == "euclidean" else w.log() + 1 - lv
+        Jt = lambda x_lo, x_hi, x_r, x_g: (x_hi - x_lo + (x_r[..., None] * A).sum(-2)  # noqa: E731
+                                           + (x_g[..., None] * grad_g).sum(-2))
+        r_d = df + Jt(z_lo, z_hi, z_r, z_g) + nu
+        r_r = (A * w[:, None, :]).sum(-1) - b + s_r
+        r_g = g + s_g
+        r_e = w.sum(-1, keepdim=True) - 1
+        mu = (s_lo * z_lo + s_hi * z_hi).sum(-1) + (s_r * z_r).sum(-1) + (s_g * z_g).sum(-1)
+        mu = mu / p
+        err = r_e.abs()[:, 0]
+        for r in (r_r, r_g):
+            if r.shape[-1]:
+                err = torch.maximum(err, r.abs().amax(-1))
+        rel = r_d.abs().amax(-1) / (1 + df.abs().amax(-1))
+        done = done | ((mu <= tol) & (err <= tol) & (rel <= tol))
+        if bool(done.all()):
+            break
+        S_lo, S_hi, S_r, S_g = z_lo / s_lo, z_hi / s_hi, z_r / s_r, z_g / s_g
+        M = Hg + torch.diag_embed(S_lo + S_hi + (1 / w if metric == "kl" else torch.ones_like(w)))
+        if m:
+            M = M + (A.transpose(-1, -2) * S_r[:, None, :]) @ A
+        if c:
+            M = M + (grad_g.transpose(-1, -2) * S_g[:, None, :]) @ grad_g
+        one = torch.ones_like(w)
+        KKT = torch.cat([torch.cat([M, one[..., None]], -1), torch.cat([one, torch.zeros_like(nu)], -1)[:, None]], -2)
+        LU, piv, _ = torch.linalg.lu_factor_ex(KKT)
+
+        def direction(c_lo: Tensor, c_hi: Tensor, c_r: Tensor, c_g: Tensor) -> tuple[Tensor, ...]:
+            """Newton direction for the centrality residuals ``r_c`` (the box's r_p is 0)."""
+            rhs = -r_d - Jt(-c_lo / s_lo, -c_hi / s_hi, S_r * r_r - c_r / s_r, S_g * r_g - c_g / s_g)
+            sol = torch.linalg.lu_solve(LU, piv, torch.cat([rhs, -r_e], -1)[..., None])[..., 0]
+            dw, dnu = sol[:, :K], sol[:, K:]
+            Jr = (A * dw[:, None, :]).sum(-1)
+            Jg = (grad_g * dw[:, None, :]).sum(-1)
+            ds = (dw, -dw, -r_r - Jr, -r_g - Jg)
+            dz = (S_lo * -dw - c_lo / s_lo, S_hi * dw - c_hi / s_hi, S_r * (Jr + r_r) - c_r / s_r,
+                  S_g * (Jg + r_g) - c_g / s_g)
+            return dw, dnu, ds, dz
+
+        def step(x: tuple[Tensor, ...], dx: tuple[Tensor, ...]) -> Tensor:
+            """Largest α ≤ 1 keeping every ``x + α dx ≥ 0``."""
+            a = torch.ones_like(nu[:, 0])
+            for xi, dxi in zip(x, dx):
+                if xi.shape[-1]:
+                    a = torch.minimum(a, torch.where(dxi < 0, -xi / dxi, 1.0).amin(-1))
+            return a
+
+        s, z = (s_lo, s_hi, s_r, s_g), (z_lo, z_hi, z_r, z_g)
+        _, _, ds, dz = direction(*(si * zi for si, zi in zip(s, z)))
+        a = torch.minimum(step(s, ds), step(z, dz))[:, None]
+        mu_aff = sum(((si + a * dsi) * (zi + a * dzi)).sum(-1) for si, dsi, zi, dzi in zip(s, ds, z, dz)) / p
+        sigma = ((mu_aff / mu.clamp_min(1e-300)) ** 3).clamp_max(1)[:, None]
+        rc = tuple(si * zi + dsi * dzi - sigma * mu[:, None] for si, zi, dsi, dzi in zip(s, z, ds, dz))
+        dw, dnu, ds, dz = direction(*rc)
+        a = (0.99 * torch.minimum(step(s, ds), step(z, dz))).clamp_max(1)
+        a = torch.where(done | ~torch.isfinite(a), 0.0, a)[:, None]
+        ok = torch.isfinite(dw).all(-1, keepdim=True)
+        a = torch.where(ok, a, 0.0)
+        w = w + a * torch.nan_to_num(dw)
+        nu = nu + a * torch.nan_to_num(dnu)
+        s_r, s_g = s_r + a * torch.nan_to_num(ds[2]), s_g + a * torch.nan_to_num(ds[3])
+        z_lo, z_hi, z_r, z_g = (zi + a * torch.nan_to_num(dzi) for zi, dzi in zip(z, dz))
+        g = values(w, params)
+        iters = iters + (~done).long()
+    return w, z_r, z_g, done, iters
+
+
 def _polish(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, mu: Tensor, lam: Tensor,
             t: Tensor, ineq: Tensor, values: Values, params: Mapping[str, Tensor], metric: str,
             steps: int = 6) -> tuple[Tensor, Tensor, Tensor]:
@@ -427,6 +523,7 @@ def project_convex(
     on_all_empty: str = "raise",
     solver: str = "CLARABEL",
     solver_opts: dict | None = None,
+    interior_point: bool = True,
 ) -> Tensor | tuple[Tensor, ConvexProjectionResult]:
     """Projection of every row of ``v[..., K]`` onto ``fset`` ∩ {the constraints of ``extra``} (module docstring).
 
@@ -449,6 +546,9 @@ def project_convex(
         on_all_empty: ``"raise"`` (an :class:`~solvers.InfeasibleError` when every row had to be relaxed) or
             ``"relax"``.
         solver, solver_opts: the cvxpy solver and options (tight Clarabel tolerances by default).
+        interior_point: with smooth ``values`` and only inequalities in ``extra``, solve the rows first by the
+            batched torch interior point (:func:`_interior_point`); rows it does not solve and verify go to the
+            conic problem. ``False``: the conic problem for every row.
 
     Returns ``w`` (shape, dtype and device of ``v``), and with ``return_info`` a :class:`ConvexProjectionResult`.
 
@@ -475,7 +575,8 @@ def project_convex(
     batch = shape[:-1]
     N = math.prod(batch)
     shapes = _param_shapes(params, batch)
-    declared = len(_build(CHUNKS[0], K, m, metric, extra, shapes, phase1=False).extra)  # validates extra once
+    block0 = _build(CHUNKS[0], K, m, metric, extra, shapes, phase1=False)  # validates extra once
+    declared = len(block0.extra)
     # float64 throughout (the solver's precision); on the CPU where the device lacks it (MPS)
     dt, dev = torch.float64, (torch.device("cpu") if v.device.type == "mps" else v.device)
     e = fset.expand(batch).to(device=dev, dtype=dt)
@@ -514,8 +615,47 @@ def project_convex(
     kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, curved, rows_p, metric)
     hard = np.array(fset.hard_rows, dtype=bool)
     as_t = lambda x: torch.as_tensor(x, device=dev)  # noqa: E731
+
+    def polish(sel: Tensor) -> None:
+        """Newton on the active KKT equations of rows ``sel``; keeps whichever point verifies better."""
+        nonlocal w, mu, lam, g, kkt, grad_g, Hg
+        if curved is None or not sel.numel():
+            return
+        sub = lambda *xs: [x[sel] for x in xs]  # noqa: E731
+        p_i = {k: p[sel] for k, p in rows_p.items()}
+        w2, mu2, lam2 = _polish(*sub(vf, w, lo, hi, A, b, mu, lam, relax_extra), ineq, curved, p_i, metric)
+        g2 = _evaluate(extra, values, w2, p_i)
+        kkt2, gg2, H2 = _verify(*sub(vf), w2, *sub(lo, hi, A, b), mu2, lam2, g2, relax_extra[sel], ineq, curved,
+                                p_i, metric)
+        better = kkt2 < kkt[sel]
+        take = sel[better]
+        w, mu, lam, g, kkt, grad_g, Hg = (x.index_put((take,), y[better]) for x, y in zip(
+            (w, mu, lam, g, kkt, grad_g, Hg), (w2, mu2, lam2, g2, kkt2, gg2, H2)))
+
+    # 2a. smooth inequalities: the batched interior point in torch on the rows whose box has an interior and whose
+    # polyhedral part needed no relaxation; the rows it solves and verifies skip the conic problem
+    if curved is not None and interior_point and todo.numel() and all(p is not None for p in block0.relax):
+        lt, ht = lo[todo], hi[todo]
+        fit = ((ht - lt) > 1e-9).all(-1) & (lt.sum(-1) < 1) & (ht.sum(-1) > 1) & (relax_rows[todo] <= _tolerance(dt))
+        ip = todo[fit]
+        if ip.numel():
+            p_i = {k: p[ip] for k, p in rows_p.items()}
+            w_i, mu_i, lam_i, conv, it_i = _interior_point(vf[ip], w[ip], lo[ip], hi[ip], A[ip], b[ip], curved, p_i,
+                                                           metric)
+            iters[ip] += it_i
+            conic[ip] = True
+            sel = ip[conv]
+            w, lam = w.index_put((sel,), w_i[conv]), lam.index_put((sel,), lam_i[conv])
+            mu = mu.index_put((sel,), mu_i[conv])
+            g = g.index_put((sel,), _evaluate(extra, values, w[sel], {k: p[sel] for k, p in rows_p.items()}))
+            status = status.index_put((sel,), torch.full_like(sel, int(Status.OPTIMAL)))
+            kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, curved, rows_p, metric)
+            polish(sel)
+            passed = sel[kkt[sel] <= _KKT_TOL]
+            raw["interior_point"] = int(passed.numel())
+            todo = todo[~torch.isin(todo, passed)]
     for attempt, base in enumerate((_OPTS_FAST, _OPTS) if curved is not None else (_OPTS,)):
-        if attempt:
+        if attempt:  # rows solved (interior point or conic) that still fail verification
             todo = (conic & (kkt > _KKT_TOL)).nonzero()[:, 0]
         if not todo.numel():
             break
@@ -547,17 +687,7 @@ def project_convex(
         status = status.index_put((todo,), torch.full_like(todo, int(Status.NUMERICAL)))
         status = status.index_put((sel,), torch.full_like(sel, int(Status.OPTIMAL)))
         kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, curved, rows_p, metric)
-        if curved is not None and sel.numel():
-            sub = lambda *xs: [x[sel] for x in xs]  # noqa: E731
-            p_i = {k: p[sel] for k, p in rows_p.items()}
-            w2, mu2, lam2 = _polish(*sub(vf, w, lo, hi, A, b, mu, lam, relax_extra), ineq, curved, p_i, metric)
-            g2 = _evaluate(extra, values, w2, p_i)
-            kkt2, gg2, H2 = _verify(*sub(vf), w2, *sub(lo, hi, A, b), mu2, lam2, g2, relax_extra[sel], ineq, curved,
-                                    p_i, metric)
-            better = kkt2 < kkt[sel]
-            take = sel[better]
-            w, mu, lam, g, kkt, grad_g, Hg = (x.index_put((take,), y[better]) for x, y in zip(
-                (w, mu, lam, g, kkt, grad_g, Hg), (w2, mu2, lam2, g2, kkt2, gg2, H2)))
+        polish(sel)
     if unsolved := int((conic & (status == int(Status.NUMERICAL))).sum()):
         logger.warning("project_convex: %d row(s) not solved by %s (%s); kept the polyhedral point, status "
                        "NUMERICAL", unsolved, solver, raw)
