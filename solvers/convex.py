@@ -350,7 +350,7 @@ def _interior_point(vf: Tensor, w0: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b
     leaves the batch. Returns ``(w, μ_rows, λ, converged [n], iterations [n])``."""
     n, K = vf.shape
     m = A.shape[1]
-    w = 0.9 * w0 + 0.05 * (lo + hi)  # strictly inside the box
+    w = 0.9 * torch.minimum(torch.maximum(w0, lo), hi) + 0.05 * (lo + hi)  # strictly inside the box
     g = values(w, params)
     c = g.shape[-1]
     p = 2 * K + m + c
