@@ -7,7 +7,13 @@ constraints of shape ``(n,)`` (one value per row, e.g. ``cp.sum(cp.entr(w), axis
 
 * Fast path: the polyhedral projection (:func:`solvers.project`) first; rows where every user constraint
   holds there are done (the point is the projection onto a superset and lies in the subset).
-* The other rows go to ONE block-structured conic problem per chunk of rows, compiled once per
+* With smooth torch ``values`` (the constraints' twin) and only inequalities, the other rows are first solved
+  by a primal-dual interior point batched over rows in torch (:func:`_interior_point`: one dense (K+1)×(K+1)
+  Newton system per row and iteration, about 8 iterations), polished and verified as below; rows whose box has
+  no interior, whose polyhedral part was relaxed, or that it does not solve and verify go on to the conic problem.
+  Measured on a shared 2-core x86-64 CPU, one thread (1024 rows under an entropy floor, K = 8): 0.06 s instead
+  of 0.2 s through Clarabel.
+* The remaining rows go to ONE block-structured conic problem per chunk of rows, compiled once per
   ``(rows in the chunk, K, m, metric, extra, parameter shapes)`` with ``Parameter``s (DPP) and re-solved by
   assigning values. Chunks hold 4, 8, …, 256 rows (padded with copies of a row): measured on a 2-core x86-64
   CPU, one thread, cvxpy's compilation and Clarabel's solve grow faster than linearly beyond ~256 rows of K = 8.
@@ -70,8 +76,9 @@ class ConvexProjectionResult(ProjectionResult):
     """:class:`~solvers.results.ProjectionResult` plus the user constraints' per-row columns ``[..., c]``
     (one per returned cvxpy constraint, in order): ``extra_residual`` (signed g, ≤ 0 holds), ``extra_multipliers``
     (λ ≥ 0 for inequalities), ``extra_relaxation [...]`` (uniform t of their relaxation, 0 unless the row was
-    empty), ``conic [...]`` (rows solved by the conic problem; the others were certified at the polyhedral
-    projection) and ``raw_status`` (the solver's statuses, e.g. ``{'optimal': 3}``)."""
+    empty), ``conic [...]`` (rows that needed a solve, by the interior point or the conic problem; the others were
+    certified at the polyhedral projection) and ``raw_status`` (the solver's statuses, e.g. ``{'optimal': 3}``, and under ``'interior_point'``
+    the rows that the batched interior point solved and verified without a conic problem)."""
 
     extra_residual: Tensor
     extra_multipliers: Tensor
@@ -737,7 +744,8 @@ def project_convex(
     counts = {s.name: int((status == int(s)).sum()) for s in Status if bool((status == int(s)).any())}
     success = bool((status <= int(Status.RELAXED)).all())
     message = (f"convex projection {'succeeded' if success else 'has unverified rows'}; rows by status: "
-               f"{counts or {'OPTIMAL': 0}}; {int(conic.sum())} of {N} row(s) needed the conic solve")
+               f"{counts or {'OPTIMAL': 0}}; {int(conic.sum())} of {N} row(s) needed the conic solve"
+               f" ({raw.get('interior_point', 0)} of them solved by the batched interior point)")
     def rs(x: Tensor, *tail: int) -> Tensor:  # back to v's device (and dtype for values), batch shape
         return x.to(v.device, v.dtype if x.is_floating_point() else x.dtype).reshape(*batch, *tail)
 

@@ -201,7 +201,8 @@ def test_interior_point_equals_the_conic_path_and_hands_over_an_empty_row():
     h2 = h.clone()
     h2[3] = math.log(K) + 0.1
     w, info = project_convex(v, fs, entropy_floor, {"h": h2}, values=entropy_floor_t, return_info=True)
-    assert info.status[3].item() == int(Status.RELAXED) and info.raw_status["interior_point"] == int(info.conic.sum()) - 1
+    assert info.status[3].item() == int(Status.RELAXED)
+    assert info.raw_status["interior_point"] == int(info.conic.sum()) - 1
     assert info.extra_relaxation[3].item() == pytest.approx(0.1, abs=1e-6)
 
 
