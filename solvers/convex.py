@@ -290,10 +290,10 @@ def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np
     return W, MU, LAM, t_rows, t_extra, solved, iters, raw, np.array([p is not None for p in block.relax], dtype=bool)
 
 
-def _curvature(values: Values | None, w: Tensor, params: Mapping[str, Tensor], lam: Tensor
-               ) -> tuple[Tensor, Tensor]:
+def _curvature(values: Values | None, w: Tensor, params: Mapping[str, Tensor], lam: Tensor,
+               hessian: bool = True) -> tuple[Tensor, Tensor]:
     """``(∇g [n, c, K], Σ_j λ_j ∇²g_j [n, K, K])`` by autograd (``g`` acts row by row); zeros without
-    ``values``."""
+    ``values`` (and for the second without ``hessian``)."""
     n, K = w.shape
     c = lam.shape[-1]
     if values is None or c == 0 or n == 0:
@@ -301,10 +301,12 @@ def _curvature(values: Values | None, w: Tensor, params: Mapping[str, Tensor], l
     with torch.enable_grad():
         x = w.detach().clone().requires_grad_(True)
         g = values(x, params)
-        grads = [torch.autograd.grad(g[:, j].sum(), x, create_graph=True)[0] for j in range(c)]
+        grads = [torch.autograd.grad(g[:, j].sum(), x, create_graph=hessian,
+                                     retain_graph=hessian or j + 1 < c)[0]
+                 for j in range(c)]
         s = sum(lam[:, j:j + 1] * grads[j] for j in range(c))
         H = w.new_zeros(n, K, K)
-        if s.requires_grad:
+        if hessian and s.requires_grad:
             try:  # the K Hessian-vector products ∂s/∂x · e_k in one vmapped backward pass
                 eye = torch.eye(K, dtype=w.dtype, device=w.device)[:, None, :].expand(K, n, K)
                 cols = torch.autograd.grad(s, x, grad_outputs=eye, retain_graph=True, allow_unused=True,
@@ -501,17 +503,48 @@ def _verify(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
     if values is not None:
         # coordinates within 1e-12 of a bound count as fixed there: where a log term's exact optimum underflows
         # (w_k = e^(−1000) at a tiny λ), ∇g at the clamped w would be wrong by λ·(1000 − 708)
-        near = (w - lo <= 1e-12) | (hi - w <= 1e-12)
-        lo, hi = torch.where(near, w, lo), torch.where(near, w, hi)
+        at_lo, at_hi = (w - lo <= 1e-12) & (lo < hi), (hi - w <= 1e-12) & (lo < hi)
+        at_hi = at_hi & ~at_lo
+        free = (lo < hi) & ~at_lo & ~at_hi
         shift = (mu[..., None] * A).sum(-2) + (lam[..., None] * grad_g).sum(-2)
+        lo_f, hi_f = torch.where(at_lo | at_hi, w, lo), torch.where(at_lo | at_hi, w, hi)
         if metric == "euclidean":
-            st = (_euclid_box_simplex(vf - shift, lo, hi) - w).abs().amax(-1)
-            st = st / torch.maximum(vf.abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)
+            scale = torch.maximum(vf.abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)
+            st = (_euclid_box_simplex(vf - shift, lo_f, hi_f) - w).abs().amax(-1) / scale
         else:
+            scale = shift.abs().amax(-1).clamp_min(1)
             y = vf.log() - shift
-            st = (_kl_box_simplex((y - y.amax(-1, keepdim=True)).exp(), lo, hi) - w).abs().amax(-1)
+            st = (_kl_box_simplex((y - y.amax(-1, keepdim=True)).exp(), lo_f, hi_f) - w).abs().amax(-1)
         kkt = torch.maximum(kkt, st)
+        if bool((at_lo | at_hi).any()):
+            kkt = torch.maximum(kkt, _bound_signs(vf, w, lo, hi, at_lo, at_hi, free, shift, mu, lam, A, values,
+                                                  params, metric) / scale)
     return kkt, grad_g, Hg
+
+
+def _bound_signs(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, at_lo: Tensor, at_hi: Tensor, free: Tensor,
+                 shift: Tensor, mu: Tensor, lam: Tensor, A: Tensor, values: Values, params: Mapping[str, Tensor],
+                 metric: str) -> Tensor:
+    """Sign of the bound multipliers of the coordinates held at a bound (the stationarity check fixes them):
+    with ``r = ∇f + Aᵀμ + Σλ∇g`` (KL: ``log w − log v + …``), stationarity reads ``r_k + ν = z_lo,k − z_hi,k``,
+    0 on the free coordinates (which give ν, their mean), ≥ 0 at a lower and ≤ 0 at an upper bound (without free
+    coordinates: some ν between the bounds' limits). ``r`` of a held coordinate is taken 1e-9 inside its bound (at
+    most half the box): the certificate then reads "the coordinate's optimum is within 1e-9 of the bound", which
+    holds where a log term's optimum underflows and fails where a coordinate was wrongly held. Returns the
+    largest violation per row."""
+    step = torch.minimum(torch.full_like(w, 1e-9), (hi - lo) / 2)
+    inside = torch.where(at_lo, lo + step, torch.where(at_hi, hi - step, w))
+    tiny = torch.finfo(w.dtype).tiny
+    df = lambda x: x - vf if metric == "euclidean" else x.clamp_min(tiny).log() - vf.log()  # noqa: E731
+    grad_in, _ = _curvature(values, inside, params, lam, hessian=False)
+    r_in = df(inside) + (mu[..., None] * A).sum(-2) + (lam[..., None] * grad_in).sum(-2)
+    r = df(w) + shift
+    n_free = free.sum(-1)
+    nu = -(r * free).sum(-1) / n_free.clamp_min(1)
+    low = torch.where(at_lo, -r_in, -math.inf).amax(-1)  # ν ≥ −r_k at a lower bound
+    high = torch.where(at_hi, -r_in, math.inf).amin(-1)  # ν ≤ −r_k at an upper bound
+    viol = torch.where(n_free > 0, torch.maximum(low - nu, nu - high), (low - high) / 2)
+    return torch.nan_to_num(viol, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
 
 
 class _ConvexFn(torch.autograd.Function):

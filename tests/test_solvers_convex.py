@@ -237,3 +237,23 @@ def test_batch_dims_and_dtype_are_kept():
     assert torch.allclose(w.reshape(10, 3).double(), flat, atol=1e-6)
     w0, info0 = project_convex(torch.zeros(0, 3), fs, entropy_floor, {"h": torch.zeros(0)}, return_info=True)
     assert w0.shape == (0, 3) and info0.success
+
+
+def test_a_coordinate_wrongly_held_at_a_bound_fails_verification():
+    # on these rows the conic path's polish once held coordinates at 0 that are free at the optimum, and the check
+    # (which fixes coordinates within 1e-12 of a bound) passed them at 2e-16, 4e-2 away from the optimum: the held
+    # coordinates' bound multipliers must have the right sign
+    rng = np.random.default_rng(106)
+    K, N = int(rng.integers(3, 11)), 40
+    a = torch.tensor(rng.uniform(0, 1, (N, K)))
+    fs = FeasibleSet.simplex(K, dtype=F64).cap(0, float(rng.uniform(0.3, 0.8))).halfspace(
+        a, float(rng.uniform(0.5, 1.0)), name="row")
+    v = torch.tensor(rng.normal(size=(N, K)) * rng.uniform(0.5, 3))
+    r = torch.softmax(torch.tensor(rng.normal(size=(N, K))), -1)
+    radius = torch.tensor(rng.uniform(0.01, 0.5, N))
+    wr = _per_row(v, fs, lambda i: (lambda x: [cp.sum(cp.kl_div(x, r[i].numpy())) <= float(radius[i])]))
+    for interior_point in (False, True):
+        w, info = project_convex(v, fs, kl_ball, {"logr": r.log(), "r": radius}, values=kl_ball_t, return_info=True,
+                                 interior_point=interior_point)
+        assert info.success, info.message
+        assert torch.allclose(w, wr, atol=1e-6, rtol=0), (interior_point, (w - wr).abs().max())
