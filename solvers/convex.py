@@ -77,8 +77,9 @@ class ConvexProjectionResult(ProjectionResult):
     (one per returned cvxpy constraint, in order): ``extra_residual`` (signed g, ≤ 0 holds), ``extra_multipliers``
     (λ ≥ 0 for inequalities), ``extra_relaxation [...]`` (uniform t of their relaxation, 0 unless the row was
     empty), ``conic [...]`` (rows that needed a solve, by the interior point or the conic problem; the others were
-    certified at the polyhedral projection) and ``raw_status`` (the solver's statuses, e.g. ``{'optimal': 3}``, and under ``'interior_point'``
-    the rows that the batched interior point solved and verified without a conic problem)."""
+    certified at the polyhedral projection) and ``raw_status`` (the solver's statuses, e.g. ``{'optimal': 3}``,
+    and under ``'interior_point'`` the rows that the batched interior point solved and verified without a conic
+    problem)."""
 
     extra_residual: Tensor
     extra_multipliers: Tensor
