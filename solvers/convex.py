@@ -11,8 +11,8 @@ constraints of shape ``(n,)`` (one value per row, e.g. ``cp.sum(cp.entr(w), axis
   by a primal-dual interior point batched over rows in torch (:func:`_interior_point`: one dense (K+1)×(K+1)
   Newton system per row and iteration, about 8 iterations), polished and verified as below; rows whose box has
   no interior, whose polyhedral part was relaxed, or that it does not solve and verify go on to the conic problem.
-  Measured on a shared 2-core x86-64 CPU, one thread (1024 rows under an entropy floor, K = 8): 0.06 s instead
-  of 0.2 s through Clarabel.
+  Measured on a shared 2-core x86-64 CPU, one thread (1024 rows under an entropy floor, K = 8): 0.08 s instead
+  of 0.18 s through Clarabel; at 64 rows a few milliseconds slower (fixed costs of ~10 iterations).
 * The remaining rows go to ONE block-structured conic problem per chunk of rows, compiled once per
   ``(rows in the chunk, K, m, metric, extra, parameter shapes)`` with ``Parameter``s (DPP) and re-solved by
   assigning values. Chunks hold 4, 8, …, 256 rows (padded with copies of a row): measured on a 2-core x86-64
