@@ -1,10 +1,13 @@
 """Convex projection benchmark: the batched path (solvers.convex) vs a per-row cvxpy loop, and a token step.
 
 1. Rows that need the conic solve (an entropy floor of 0.9·log K above nearly every row's polyhedral
-   projection, a cap and one per-row halfspace): ``project_convex`` (one compiled block problem per chunk of
-   ≤ 256 rows, Newton polish) vs the same problem compiled once for ONE row (DPP) and re-solved row by row
-   (Clarabel at the tight tolerances that ``project_convex`` uses without a polish). Compilation is timed apart (once per problem structure); the ratio compares warm solves, alternated, medians.
-2. Clarabel's ``warm_start=True`` vs the default on the batched path (same rows, perturbed values).
+   projection, a cap and one per-row halfspace): ``project_convex`` (the batched torch interior point, Newton
+   polish, KKT verification) vs the same problem compiled once for ONE row (DPP) and re-solved row by row
+   (Clarabel at the tight tolerances that ``project_convex`` uses without a polish). Compilation is timed apart
+   (once per problem structure); the ratio compares warm solves, alternated, medians. Also timed:
+   ``project_convex(..., interior_point=False)``, the block conic problems (one per chunk of ≤ 256 rows, Clarabel
+   at loose tolerances, polish).
+2. Clarabel's ``warm_start=True`` vs the default on the conic path (same rows, perturbed values).
 3. A token-level distillation step (bench_step.py's setting) with ``min_entropy`` vs without, alternating steps.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/bench_convex.py`` (or ``bench_projection.py --convex``); writes
@@ -75,23 +78,32 @@ def bench_rows(K: int, N: int, repeat: int) -> dict:
     t0 = time.perf_counter()
     w, info = SC.project_convex(v, fs, entropy_floor, {"h": h}, values=entropy_floor_t, return_info=True)
     first = time.perf_counter() - t0
-    batched, loop = [], []
-    for _ in range(repeat):  # alternating: machine load affects both alike
+    w_c, info_c = SC.project_convex(v, fs, entropy_floor, {"h": h}, values=entropy_floor_t, return_info=True,
+                                    interior_point=False)  # compiles the block conic problems
+    batched, conic, loop = [], [], []
+    for _ in range(repeat):  # alternating: machine load affects all alike
         t0 = time.perf_counter()
         SC.project_convex(v, fs, entropy_floor, {"h": h}, values=entropy_floor_t)
         batched.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        SC.project_convex(v, fs, entropy_floor, {"h": h}, values=entropy_floor_t, interior_point=False)
+        conic.append(time.perf_counter() - t0)
         w_loop, loop_compile, t_loop = per_row_loop(v, a, h)
         loop.append(t_loop)
-    b, lp = statistics.median(batched), statistics.median(loop)
+    b, bc, lp = statistics.median(batched), statistics.median(conic), statistics.median(loop)
     return {"K": K, "rows": N, "conic_rows": int(info.conic.sum()), "statuses": info.message,
             "batched_s": b, "batched_first_call_s": first, "loop_s": lp, "loop_compile_s": loop_compile,
             "ratio": lp / b, "max_abs_diff_vs_loop": float(np.abs(w.numpy() - w_loop).max()),
-            "max_kkt_residual": float(info.kkt_residual.max())}
+            "max_kkt_residual": float(info.kkt_residual.max()),
+            "batched_conic_only_s": bc, "ratio_conic_only": lp / bc,
+            "max_abs_diff_vs_conic_only": float((w - w_c).abs().max()),
+            "max_kkt_residual_conic_only": float(info_c.kkt_residual.max())}
 
 
 def bench_warm_start(K: int, N: int, repeat: int) -> dict:
     v, fs, a, h = _rows(K, N)
-    SC.project_convex(v, fs, entropy_floor, {"h": h}, values=entropy_floor_t)  # compiled
+    # Clarabel's option: the conic path (the interior point starts from each step's polyhedral projection)
+    SC.project_convex(v, fs, entropy_floor, {"h": h}, values=entropy_floor_t, interior_point=False)  # compiled
     out = {}
     for ws in (False, True):
         times, ok = [], True
@@ -99,7 +111,7 @@ def bench_warm_start(K: int, N: int, repeat: int) -> dict:
             v2 = (v + 0.01 * r * torch.rand(v.shape, generator=torch.Generator().manual_seed(r))).clamp_min(0)
             t0 = time.perf_counter()
             _, info = SC.project_convex(v2, fs, entropy_floor, {"h": h}, values=entropy_floor_t, return_info=True,
-                                        solver_opts={"warm_start": ws})
+                                        solver_opts={"warm_start": ws}, interior_point=False)
             times.append(time.perf_counter() - t0)
             ok &= info.success
         out[f"warm_start={ws}"] = {"s": statistics.median(times), "all_rows_verified": ok}
@@ -157,13 +169,14 @@ def main(argv: list[str] | None = None) -> None:
            "torch": torch.__version__, "cvxpy": cp.__version__, "load_average_1m": [os.getloadavg()[0]],
            "rows": [], "warm_start": None, "step": None}
     print(f"{'K':>3} {'rows':>5} {'conic':>5} {'batched s':>9} {'loop s':>8} {'ratio':>6} {'max|diff|':>9} "
-          f"{'first call s':>12}")
+          f"{'first call s':>12} {'conic-only s':>12} {'ratio':>6}")
     for K in args.K:
         for N in args.rows:
             r = bench_rows(K, N, args.repeat)
             out["rows"].append(r)
             print(f"{K:>3} {N:>5} {r['conic_rows']:>5} {r['batched_s']:>9.3f} {r['loop_s']:>8.3f} "
-                  f"{r['ratio']:>5.1f}x {r['max_abs_diff_vs_loop']:>9.1e} {r['batched_first_call_s']:>12.2f}")
+                  f"{r['ratio']:>5.1f}x {r['max_abs_diff_vs_loop']:>9.1e} {r['batched_first_call_s']:>12.2f} "
+                  f"{r['batched_conic_only_s']:>12.3f} {r['ratio_conic_only']:>5.1f}x")
     out["warm_start"] = bench_warm_start(max(args.K), max(args.rows), args.repeat)
     print("warm start:", {k: v for k, v in out["warm_start"].items() if k.startswith("warm")})
     out["step"] = bench_step(args.steps, args.floor)

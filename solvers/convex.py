@@ -7,7 +7,13 @@ constraints of shape ``(n,)`` (one value per row, e.g. ``cp.sum(cp.entr(w), axis
 
 * Fast path: the polyhedral projection (:func:`solvers.project`) first; rows where every user constraint
   holds there are done (the point is the projection onto a superset and lies in the subset).
-* The other rows go to ONE block-structured conic problem per chunk of rows, compiled once per
+* With smooth torch ``values`` (the constraints' twin) and only inequalities, the other rows are first solved
+  by a primal-dual interior point batched over rows in torch (:func:`_interior_point`: one dense (K+1)×(K+1)
+  Newton system per row and iteration, about 8 iterations), polished and verified as below; rows whose box has
+  no interior, whose polyhedral part was relaxed, or that it does not solve and verify go on to the conic problem.
+  Measured on a shared 2-core x86-64 CPU, one thread (1024 rows under an entropy floor, K = 8): 0.08 s instead
+  of 0.18 s through Clarabel; at 64 rows a few milliseconds slower (fixed costs of ~10 iterations).
+* The remaining rows go to ONE block-structured conic problem per chunk of rows, compiled once per
   ``(rows in the chunk, K, m, metric, extra, parameter shapes)`` with ``Parameter``s (DPP) and re-solved by
   assigning values. Chunks hold 4, 8, …, 256 rows (padded with copies of a row): measured on a 2-core x86-64
   CPU, one thread, cvxpy's compilation and Clarabel's solve grow faster than linearly beyond ~256 rows of K = 8.
@@ -70,8 +76,10 @@ class ConvexProjectionResult(ProjectionResult):
     """:class:`~solvers.results.ProjectionResult` plus the user constraints' per-row columns ``[..., c]``
     (one per returned cvxpy constraint, in order): ``extra_residual`` (signed g, ≤ 0 holds), ``extra_multipliers``
     (λ ≥ 0 for inequalities), ``extra_relaxation [...]`` (uniform t of their relaxation, 0 unless the row was
-    empty), ``conic [...]`` (rows solved by the conic problem; the others were certified at the polyhedral
-    projection) and ``raw_status`` (the solver's statuses, e.g. ``{'optimal': 3}``)."""
+    empty), ``conic [...]`` (rows that needed a solve, by the interior point or the conic problem; the others were
+    certified at the polyhedral projection) and ``raw_status`` (the solver's statuses, e.g. ``{'optimal': 3}``,
+    and under ``'interior_point'`` the rows that the batched interior point solved and verified without a conic
+    problem)."""
 
     extra_residual: Tensor
     extra_multipliers: Tensor
@@ -283,10 +291,10 @@ def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np
     return W, MU, LAM, t_rows, t_extra, solved, iters, raw, np.array([p is not None for p in block.relax], dtype=bool)
 
 
-def _curvature(values: Values | None, w: Tensor, params: Mapping[str, Tensor], lam: Tensor
-               ) -> tuple[Tensor, Tensor]:
+def _curvature(values: Values | None, w: Tensor, params: Mapping[str, Tensor], lam: Tensor,
+               hessian: bool = True) -> tuple[Tensor, Tensor]:
     """``(∇g [n, c, K], Σ_j λ_j ∇²g_j [n, K, K])`` by autograd (``g`` acts row by row); zeros without
-    ``values``."""
+    ``values`` (and for the second without ``hessian``)."""
     n, K = w.shape
     c = lam.shape[-1]
     if values is None or c == 0 or n == 0:
@@ -294,14 +302,23 @@ def _curvature(values: Values | None, w: Tensor, params: Mapping[str, Tensor], l
     with torch.enable_grad():
         x = w.detach().clone().requires_grad_(True)
         g = values(x, params)
-        grads = [torch.autograd.grad(g[:, j].sum(), x, create_graph=True)[0] for j in range(c)]
+        grads = [torch.autograd.grad(g[:, j].sum(), x, create_graph=hessian,
+                                     retain_graph=hessian or j + 1 < c)[0]
+                 for j in range(c)]
         s = sum(lam[:, j:j + 1] * grads[j] for j in range(c))
         H = w.new_zeros(n, K, K)
-        if s.requires_grad:
-            for k in range(K):
-                col = torch.autograd.grad(s[:, k].sum(), x, retain_graph=True, allow_unused=True)[0]
-                if col is not None:
-                    H[:, :, k] = col
+        if hessian and s.requires_grad:
+            try:  # the K Hessian-vector products ∂s/∂x · e_k in one vmapped backward pass
+                eye = torch.eye(K, dtype=w.dtype, device=w.device)[:, None, :].expand(K, n, K)
+                cols = torch.autograd.grad(s, x, grad_outputs=eye, retain_graph=True, allow_unused=True,
+                                           is_grads_batched=True)[0]
+                if cols is not None:
+                    H = cols.permute(1, 2, 0)
+            except RuntimeError:  # an operation of values without a batching rule: one pass per coordinate
+                for k in range(K):
+                    col = torch.autograd.grad(s[:, k].sum(), x, retain_graph=True, allow_unused=True)[0]
+                    if col is not None:
+                        H[:, :, k] = col
     return torch.stack([gr.detach() for gr in grads], dim=1), H.detach()
 
 
@@ -327,12 +344,105 @@ def _kkt_solve(M: Tensor, rhs: Tensor) -> Tensor:
     return x
 
 
+def _interior_point(vf: Tensor, w0: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, values: Values,
+                    params: Mapping[str, Tensor], metric: str, max_iter: int = 40, tol: float = 1e-10
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Primal-dual interior point (Mehrotra predictor-corrector), batched over rows in torch, for
+    ``min f(w) s.t. Σw = 1, G(w) = (lo − w, w − hi, Aw − b, g(w)) ≤ 0`` with smooth convex ``g = values`` (all
+    inequalities); ``f = ½‖w‖² − vᵀw`` (Euclidean) or ``Σ w log(w/v)`` (KL). With slacks ``G(w) + s = 0, s > 0``,
+    duals ``z > 0`` and ``J = ∂G/∂w = (−I, I, A, ∇g)``, each step solves, per row, the bordered system
+    ``[∇²f + Σz_g∇²g + JᵀΣJ, 1; 1ᵀ, 0] [Δw; Δν] = [−r_d − Jᵀ(Σ r_p − S⁻¹r_c); 1 − Σw]`` (``Σ = Z S⁻¹``,
+    ``r_d = ∇f + Jᵀz + ν1``, ``r_p = G + s``, ``r_c = s∘z − σμ``, ``μ = sᵀz / p``), then ``Δz = Σ(JΔw + r_p) −
+    S⁻¹r_c``, ``Δs = −r_p − JΔw``, and steps 99% of the way to the boundary of ``s, z ≥ 0``; the predictor has
+    ``σ = 0``, the corrector ``σ = (μ_aff/μ)³`` and adds ``Δs_aff∘Δz_aff`` to ``r_c``. The box slacks are
+    ``w − lo``, ``hi − w`` themselves (w stays strictly inside the box, where ``g`` and the KL objective are
+    defined; rows need ``lo < hi``); rows and ``g`` start infeasible where ``w0`` violates them. A row stops when
+    ``μ`` and ``‖r_p‖∞`` are below ``tol`` and the relative ``‖r_d‖∞`` below ``100·tol``, and leaves the batch
+    (so does a row whose step fails, unconverged). Returns ``(w, μ_rows, λ, converged [n], iterations [n])``."""
+    n, K = vf.shape
+    m = A.shape[1]
+    w = 0.9 * torch.minimum(torch.maximum(w0, lo), hi) + 0.05 * (lo + hi)  # strictly inside the box
+    g = values(w, params)
+    c = g.shape[-1]
+    p = 2 * K + m + c
+    W, Z = w.clone(), vf.new_zeros(n, p)
+    done = torch.zeros(n, dtype=torch.bool, device=vf.device)
+    iters = torch.zeros(n, dtype=torch.long, device=vf.device)
+    G = lambda w, g: torch.cat([lo - w, w - hi, (A * w[:, None, :]).sum(-1) - b, g], -1)  # noqa: E731
+    s = torch.cat([w - lo, hi - w, (-G(w, g)[:, 2 * K:]).clamp_min(1.0)], -1)
+    z = torch.ones_like(s)
+    nu = vf.new_zeros(n, 1)
+    lv = vf.log() if metric == "kl" else vf
+    eye = torch.eye(K, dtype=vf.dtype, device=vf.device)
+    idx = torch.arange(n, device=vf.device)  # the rows still iterating
+    stuck = torch.zeros(n, dtype=torch.bool, device=vf.device)
+    for _ in range(max_iter):
+        grad_g, Hg = _curvature(values, w, params, z[:, 2 * K + m:])
+        J = torch.cat([-eye.expand(w.shape[0], K, K), eye.expand(w.shape[0], K, K), A, grad_g], 1)  # [n, p, K]
+        df = w - vf if metric == "euclidean" else w.log() + 1 - lv
+        r_d = df + (z[..., None] * J).sum(1) + nu
+        r_p = G(w, g) + s
+        r_p[:, :2 * K] = 0  # the box slacks are exact
+        r_e = w.sum(-1, keepdim=True) - 1
+        mu = (s * z).sum(-1) / p
+        err = torch.maximum(r_p.abs().amax(-1), r_e.abs()[:, 0])
+        # the dual residual to 100·tol: where an entropy term's optimum nearly underflows (w_k ~ 1e-25, ∇²g ~ 1e25)
+        # it stalls near 1e-9; the polish and the verification finish
+        conv = (mu <= tol) & (err <= tol) & (r_d.abs().amax(-1) <= 100 * tol * (1 + df.abs().amax(-1)))
+        if bool((conv | stuck).any()):  # converged rows leave the batch, and so do stuck ones (unconverged)
+            leave = conv | stuck
+            out = idx[leave]
+            W[out], Z[out], done[out] = w[leave], z[leave], conv[leave]
+            keep = ~leave
+            idx, vf, lv, lo, hi, A, b, w, g, nu, s, z, grad_g, Hg, J, df, r_d, r_p, r_e, mu = (x[keep] for x in (
+                idx, vf, lv, lo, hi, A, b, w, g, nu, s, z, grad_g, Hg, J, df, r_d, r_p, r_e, mu))
+            if not idx.numel():
+                break
+            params = {k: x[keep] for k, x in params.items()}
+        iters[idx] += 1
+        S = z / s
+        Jt = J.transpose(-1, -2)
+        M = Hg + (Jt * S[:, None, :]) @ J + torch.diag_embed(1 / w if metric == "kl" else torch.ones_like(w))
+        one = torch.ones_like(w)
+        KKT = torch.cat([torch.cat([M, one[..., None]], -1), torch.cat([one, torch.zeros_like(nu)], -1)[:, None]], -2)
+        LU, piv, _ = torch.linalg.lu_factor_ex(KKT)
+
+        def direction(rc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            """Newton direction ``(Δw, Δν, Δs, Δz)`` for the centrality residuals ``r_c``."""
+            rhs = -r_d - (Jt @ (S * r_p - rc / s)[..., None])[..., 0]
+            sol = torch.linalg.lu_solve(LU, piv, torch.cat([rhs, -r_e], -1)[..., None])[..., 0]
+            dw = sol[:, :K]
+            Jdw = (J @ dw[..., None])[..., 0]
+            return dw, sol[:, K:], -r_p - Jdw, S * (Jdw + r_p) - rc / s
+
+        def step(ds: Tensor, dz: Tensor) -> Tensor:
+            """Largest α ≤ 1 keeping ``s + α Δs ≥ 0`` and ``z + α Δz ≥ 0``."""
+            x, dx = torch.cat([s, z], -1), torch.cat([ds, dz], -1)
+            return torch.where(dx < 0, -x / dx, 1.0).amin(-1).clamp_max(1)
+
+        _, _, ds, dz = direction(s * z)
+        a = step(ds, dz)[:, None]
+        mu_aff = ((s + a * ds) * (z + a * dz)).sum(-1) / p
+        sigma = ((mu_aff / mu.clamp_min(1e-300)) ** 3).clamp_max(1)[:, None]
+        dw, dnu, ds, dz = direction(s * z + ds * dz - sigma * mu[:, None])
+        a = 0.99 * step(ds, dz)
+        stuck = ~(torch.isfinite(a) & torch.isfinite(dw).all(-1) & (a > 0))  # a failed solve or no step
+        a = torch.where(stuck, 0.0, a)[:, None]
+        w = w + a * torch.nan_to_num(dw)
+        nu = nu + a * torch.nan_to_num(dnu)
+        s = torch.cat([w - lo, hi - w, s[:, 2 * K:] + a * torch.nan_to_num(ds[:, 2 * K:])], -1)
+        z = z + a * torch.nan_to_num(dz)
+        g = values(w, params)
+    W[idx], Z[idx] = w, z  # the last iterate of the rows that ran out of iterations
+    return W, Z[:, 2 * K:2 * K + m], Z[:, 2 * K + m:], done, iters
+
 def _polish(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, mu: Tensor, lam: Tensor,
             t: Tensor, ineq: Tensor, values: Values, params: Mapping[str, Tensor], metric: str,
             steps: int = 6) -> tuple[Tensor, Tensor, Tensor]:
     """Newton's method on the KKT equations of the active set read off the interior-point solution (bounds within
     1e-9 of ``w``, rows and user inequalities with multipliers > 1e-6, user equalities): ``[Q + Σλ∇²g, Eᵀ; E, 0]
-    [Δw; y] = −[∇f(w) − ∇f(v); E-residuals]`` on the free coordinates, y = (ν, μ_R, λ_J) updated whole.
+    [Δw; y] = −[∇f(w) − ∇f(v); E-residuals]`` on the free coordinates, y = (ν, μ_R, λ_J) updated whole; stops
+    after ``steps`` or once the largest step ``|Δw|`` is ≤ 1e-12 (quadratic convergence: the next is ~1e-24).
     Returns ``(w, μ, λ)``; the caller keeps whichever of the two points verifies better."""
     n, K = w.shape
     at_lo, at_hi = w - lo <= 1e-9, hi - w <= 1e-9  # interior-point accuracy (an error ≤ 1e-9 in w)
@@ -360,6 +470,8 @@ def _polish(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
         y = sol[:, K:]
         m = A.shape[1]
         mu, lam = y[:, 1:1 + m] * R, y[:, 1 + m:] * J
+        if not n or float((sol[:, :K] * free).abs().amax()) <= 1e-12:  # converged: the next step is ~1e-24
+            break
     return w, mu, lam
 
 
@@ -381,17 +493,48 @@ def _verify(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
     if values is not None:
         # coordinates within 1e-12 of a bound count as fixed there: where a log term's exact optimum underflows
         # (w_k = e^(−1000) at a tiny λ), ∇g at the clamped w would be wrong by λ·(1000 − 708)
-        near = (w - lo <= 1e-12) | (hi - w <= 1e-12)
-        lo, hi = torch.where(near, w, lo), torch.where(near, w, hi)
+        at_lo, at_hi = (w - lo <= 1e-12) & (lo < hi), (hi - w <= 1e-12) & (lo < hi)
+        at_hi = at_hi & ~at_lo
+        free = (lo < hi) & ~at_lo & ~at_hi
         shift = (mu[..., None] * A).sum(-2) + (lam[..., None] * grad_g).sum(-2)
+        lo_f, hi_f = torch.where(at_lo | at_hi, w, lo), torch.where(at_lo | at_hi, w, hi)
         if metric == "euclidean":
-            st = (_euclid_box_simplex(vf - shift, lo, hi) - w).abs().amax(-1)
-            st = st / torch.maximum(vf.abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)
+            scale = torch.maximum(vf.abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)
+            st = (_euclid_box_simplex(vf - shift, lo_f, hi_f) - w).abs().amax(-1) / scale
         else:
+            scale = shift.abs().amax(-1).clamp_min(1)
             y = vf.log() - shift
-            st = (_kl_box_simplex((y - y.amax(-1, keepdim=True)).exp(), lo, hi) - w).abs().amax(-1)
+            st = (_kl_box_simplex((y - y.amax(-1, keepdim=True)).exp(), lo_f, hi_f) - w).abs().amax(-1)
         kkt = torch.maximum(kkt, st)
+        if bool((at_lo | at_hi).any()):
+            kkt = torch.maximum(kkt, _bound_signs(vf, w, lo, hi, at_lo, at_hi, free, shift, mu, lam, A, values,
+                                                  params, metric) / scale)
     return kkt, grad_g, Hg
+
+
+def _bound_signs(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, at_lo: Tensor, at_hi: Tensor, free: Tensor,
+                 shift: Tensor, mu: Tensor, lam: Tensor, A: Tensor, values: Values, params: Mapping[str, Tensor],
+                 metric: str) -> Tensor:
+    """Sign of the bound multipliers of the coordinates held at a bound (the stationarity check fixes them):
+    with ``r = ∇f + Aᵀμ + Σλ∇g`` (KL: ``log w − log v + …``), stationarity reads ``r_k + ν = z_lo,k − z_hi,k``,
+    0 on the free coordinates (which give ν, their mean), ≥ 0 at a lower and ≤ 0 at an upper bound (without free
+    coordinates: some ν between the bounds' limits). ``r`` of a held coordinate is taken 1e-9 inside its bound (at
+    most half the box): the certificate then reads "the coordinate's optimum is within 1e-9 of the bound", which
+    holds where a log term's optimum underflows and fails where a coordinate was wrongly held. Returns the
+    largest violation per row."""
+    step = torch.minimum(torch.full_like(w, 1e-9), (hi - lo) / 2)
+    inside = torch.where(at_lo, lo + step, torch.where(at_hi, hi - step, w))
+    tiny = torch.finfo(w.dtype).tiny
+    df = lambda x: x - vf if metric == "euclidean" else x.clamp_min(tiny).log() - vf.log()  # noqa: E731
+    grad_in, _ = _curvature(values, inside, params, lam, hessian=False)
+    r_in = df(inside) + (mu[..., None] * A).sum(-2) + (lam[..., None] * grad_in).sum(-2)
+    r = df(w) + shift
+    n_free = free.sum(-1)
+    nu = -(r * free).sum(-1) / n_free.clamp_min(1)
+    low = torch.where(at_lo, -r_in, -math.inf).amax(-1)  # ν ≥ −r_k at a lower bound
+    high = torch.where(at_hi, -r_in, math.inf).amin(-1)  # ν ≤ −r_k at an upper bound
+    viol = torch.where(n_free > 0, torch.maximum(low - nu, nu - high), (low - high) / 2)
+    return torch.nan_to_num(viol, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
 
 
 class _ConvexFn(torch.autograd.Function):
@@ -427,6 +570,7 @@ def project_convex(
     on_all_empty: str = "raise",
     solver: str = "CLARABEL",
     solver_opts: dict | None = None,
+    interior_point: bool = True,
 ) -> Tensor | tuple[Tensor, ConvexProjectionResult]:
     """Projection of every row of ``v[..., K]`` onto ``fset`` ∩ {the constraints of ``extra``} (module docstring).
 
@@ -449,6 +593,9 @@ def project_convex(
         on_all_empty: ``"raise"`` (an :class:`~solvers.InfeasibleError` when every row had to be relaxed) or
             ``"relax"``.
         solver, solver_opts: the cvxpy solver and options (tight Clarabel tolerances by default).
+        interior_point: with smooth ``values`` and only inequalities in ``extra``, solve the rows first by the
+            batched torch interior point (:func:`_interior_point`); rows it does not solve and verify go to the
+            conic problem. ``False``: the conic problem for every row.
 
     Returns ``w`` (shape, dtype and device of ``v``), and with ``return_info`` a :class:`ConvexProjectionResult`.
 
@@ -475,7 +622,8 @@ def project_convex(
     batch = shape[:-1]
     N = math.prod(batch)
     shapes = _param_shapes(params, batch)
-    declared = len(_build(CHUNKS[0], K, m, metric, extra, shapes, phase1=False).extra)  # validates extra once
+    block0 = _build(CHUNKS[0], K, m, metric, extra, shapes, phase1=False)  # validates extra once
+    declared = len(block0.extra)
     # float64 throughout (the solver's precision); on the CPU where the device lacks it (MPS)
     dt, dev = torch.float64, (torch.device("cpu") if v.device.type == "mps" else v.device)
     e = fset.expand(batch).to(device=dev, dtype=dt)
@@ -514,8 +662,50 @@ def project_convex(
     kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, curved, rows_p, metric)
     hard = np.array(fset.hard_rows, dtype=bool)
     as_t = lambda x: torch.as_tensor(x, device=dev)  # noqa: E731
+
+    def polish(sel: Tensor) -> None:
+        """Newton on the active KKT equations of rows ``sel``; keeps whichever point verifies better."""
+        nonlocal w, mu, lam, g, kkt, grad_g, Hg
+        if curved is None or not sel.numel():
+            return
+        sub = lambda *xs: [x[sel] for x in xs]  # noqa: E731
+        p_i = {k: p[sel] for k, p in rows_p.items()}
+        w2, mu2, lam2 = _polish(*sub(vf, w, lo, hi, A, b, mu, lam, relax_extra), ineq, curved, p_i, metric)
+        g2 = _evaluate(extra, values, w2, p_i)
+        kkt2, gg2, H2 = _verify(*sub(vf), w2, *sub(lo, hi, A, b), mu2, lam2, g2, relax_extra[sel], ineq, curved,
+                                p_i, metric)
+        better = kkt2 < kkt[sel]
+        take = sel[better]
+        w, mu, lam, g, kkt, grad_g, Hg = (x.index_put((take,), y[better]) for x, y in zip(
+            (w, mu, lam, g, kkt, grad_g, Hg), (w2, mu2, lam2, g2, kkt2, gg2, H2)))
+
+    # 2a. smooth inequalities: the batched interior point in torch on the rows whose box has an interior and whose
+    # polyhedral part needed no relaxation; the rows it solves and verifies skip the conic problem
+    if curved is not None and interior_point and todo.numel() and all(p is not None for p in block0.relax):
+        lt, ht = lo[todo], hi[todo]
+        fit = ((ht - lt) > 1e-9).all(-1) & (lt.sum(-1) < 1) & (ht.sum(-1) > 1) & (relax_rows[todo] <= _tolerance(dt))
+        ip = todo[fit]
+        if ip.numel():
+            p_i = {k: p[ip] for k, p in rows_p.items()}
+            w_i, mu_i, lam_i, _, it_i = _interior_point(vf[ip], w[ip], lo[ip], hi[ip], A[ip], b[ip], curved, p_i,
+                                                        metric)
+            iters[ip] += it_i
+            conic[ip] = True
+            # every row's last iterate is polished and verified (one that stalled short of the tolerances, e.g. at
+            # w_k ~ 1e-14 under an entropy term, often verifies); rows that fail go back to the polyhedral point
+            before = (w, mu, lam, g, status)
+            w, lam, mu = w.index_put((ip,), w_i), lam.index_put((ip,), lam_i), mu.index_put((ip,), mu_i)
+            g = g.index_put((ip,), _evaluate(extra, values, w_i, p_i))
+            status = status.index_put((ip,), torch.full_like(ip, int(Status.OPTIMAL)))
+            kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, curved, rows_p, metric)
+            polish(ip)
+            ok = kkt[ip] <= _KKT_TOL
+            failed = ip[~ok]
+            w, mu, lam, g, status = (x.index_put((failed,), y[failed]) for x, y in zip((w, mu, lam, g, status), before))
+            raw["interior_point"] = int(ok.sum())
+            todo = todo[~torch.isin(todo, ip[ok])]
     for attempt, base in enumerate((_OPTS_FAST, _OPTS) if curved is not None else (_OPTS,)):
-        if attempt:
+        if attempt:  # rows solved (interior point or conic) that still fail verification
             todo = (conic & (kkt > _KKT_TOL)).nonzero()[:, 0]
         if not todo.numel():
             break
@@ -547,17 +737,7 @@ def project_convex(
         status = status.index_put((todo,), torch.full_like(todo, int(Status.NUMERICAL)))
         status = status.index_put((sel,), torch.full_like(sel, int(Status.OPTIMAL)))
         kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, curved, rows_p, metric)
-        if curved is not None and sel.numel():
-            sub = lambda *xs: [x[sel] for x in xs]  # noqa: E731
-            p_i = {k: p[sel] for k, p in rows_p.items()}
-            w2, mu2, lam2 = _polish(*sub(vf, w, lo, hi, A, b, mu, lam, relax_extra), ineq, curved, p_i, metric)
-            g2 = _evaluate(extra, values, w2, p_i)
-            kkt2, gg2, H2 = _verify(*sub(vf), w2, *sub(lo, hi, A, b), mu2, lam2, g2, relax_extra[sel], ineq, curved,
-                                    p_i, metric)
-            better = kkt2 < kkt[sel]
-            take = sel[better]
-            w, mu, lam, g, kkt, grad_g, Hg = (x.index_put((take,), y[better]) for x, y in zip(
-                (w, mu, lam, g, kkt, grad_g, Hg), (w2, mu2, lam2, g2, kkt2, gg2, H2)))
+        polish(sel)
     if unsolved := int((conic & (status == int(Status.NUMERICAL))).sum()):
         logger.warning("project_convex: %d row(s) not solved by %s (%s); kept the polyhedral point, status "
                        "NUMERICAL", unsolved, solver, raw)
@@ -590,7 +770,8 @@ def project_convex(
     counts = {s.name: int((status == int(s)).sum()) for s in Status if bool((status == int(s)).any())}
     success = bool((status <= int(Status.RELAXED)).all())
     message = (f"convex projection {'succeeded' if success else 'has unverified rows'}; rows by status: "
-               f"{counts or {'OPTIMAL': 0}}; {int(conic.sum())} of {N} row(s) needed the conic solve")
+               f"{counts or {'OPTIMAL': 0}}; {int(conic.sum())} of {N} row(s) needed the conic solve"
+               f" ({raw.get('interior_point', 0)} of them solved by the batched interior point)")
     def rs(x: Tensor, *tail: int) -> Tensor:  # back to v's device (and dtype for values), batch shape
         return x.to(v.device, v.dtype if x.is_floating_point() else x.dtype).reshape(*batch, *tail)
 

@@ -160,16 +160,50 @@ def test_compiled_once_per_chunk_and_chunks_agree():
     v = torch.tensor(rng.normal(size=(20, K)))
     h = torch.full((20,), 1.1, dtype=F64)
     SC._CACHE.clear()
-    w, info = project_convex(v, fs, entropy_floor, {"h": h}, values=entropy_floor_t, return_info=True)
+    w, info = project_convex(v, fs, entropy_floor, {"h": h}, values=entropy_floor_t, return_info=True,
+                           interior_point=False)
     n_conic = int(info.conic.sum())
     assert n_conic > 16  # one 32-row problem (padded)
     compiled = len(SC._CACHE)
-    w2 = project_convex(v + 0.01, fs, entropy_floor, {"h": h * 0.9}, values=entropy_floor_t)  # new values only
+    w2 = project_convex(v + 0.01, fs, entropy_floor, {"h": h * 0.9}, values=entropy_floor_t,
+                        interior_point=False)  # new values only
     assert len(SC._CACHE) == compiled
-    parts = torch.cat([project_convex(v[i:i + 5], fs, entropy_floor, {"h": h[i:i + 5]}, values=entropy_floor_t)
+    parts = torch.cat([project_convex(v[i:i + 5], fs, entropy_floor, {"h": h[i:i + 5]}, values=entropy_floor_t,
+                                      interior_point=False)
                        for i in range(0, 20, 5)])
     assert torch.allclose(w, parts, atol=1e-9)
     assert not torch.allclose(w, w2)
+
+
+def test_interior_point_equals_the_conic_path_and_hands_over_an_empty_row():
+    rng = np.random.default_rng(7)
+    N, K = 24, 5
+    fs = _rows_set(rng, K, N)
+    v = torch.tensor(rng.normal(size=(N, K)))
+    vk = torch.softmax(torch.tensor(rng.normal(size=(N, K)) * 2), -1)
+    h = torch.tensor(rng.uniform(0.5, 0.95, N) * math.log(K))
+    r = torch.softmax(torch.tensor(rng.normal(size=(N, K))), -1)
+    p = {"logr": r.log(), "r": torch.full((N,), 0.1, dtype=F64)}
+    for x, extra, values, params, metric in [(v, entropy_floor, entropy_floor_t, {"h": h}, "euclidean"),
+                                             (vk, entropy_floor, entropy_floor_t, {"h": h}, "kl"),
+                                             (v, kl_ball, kl_ball_t, p, "euclidean")]:
+        w, info = project_convex(x, fs, extra, params, values=values, metric=metric, return_info=True)
+        w0, info0 = project_convex(x, fs, extra, params, values=values, metric=metric, return_info=True,
+                                   interior_point=False)
+        assert info.success and info0.success, (info.message, info0.message)
+        # every row that needed a solve was solved and verified by the interior point, none by Clarabel
+        assert info.raw_status == {"interior_point": int(info.conic.sum())} and "interior_point" not in info0.raw_status
+        assert bool((info.kkt_residual <= 1e-9).all())
+        # 1e-7: the conic path fixes coordinates within 1e-9 of a bound there (an optimum of 1.6e-9 read as 0, the
+        # other coordinates then 8e-9 off); the interior point keeps them free
+        assert torch.allclose(w, w0, atol=1e-7, rtol=0), (extra.__name__, metric, (w - w0).abs().max())
+    # an empty row (entropy floor above log K) is not solved by the interior point: the conic path relaxes it
+    h2 = h.clone()
+    h2[3] = math.log(K) + 0.1
+    w, info = project_convex(v, fs, entropy_floor, {"h": h2}, values=entropy_floor_t, return_info=True)
+    assert info.status[3].item() == int(Status.RELAXED)
+    assert info.raw_status["interior_point"] == int(info.conic.sum()) - 1
+    assert info.extra_relaxation[3].item() == pytest.approx(0.1, abs=1e-6)
 
 
 def test_bad_input_names_the_culprit():
@@ -203,3 +237,23 @@ def test_batch_dims_and_dtype_are_kept():
     assert torch.allclose(w.reshape(10, 3).double(), flat, atol=1e-6)
     w0, info0 = project_convex(torch.zeros(0, 3), fs, entropy_floor, {"h": torch.zeros(0)}, return_info=True)
     assert w0.shape == (0, 3) and info0.success
+
+
+def test_a_coordinate_wrongly_held_at_a_bound_fails_verification():
+    # on these rows the conic path's polish once held coordinates at 0 that are free at the optimum, and the check
+    # (which fixes coordinates within 1e-12 of a bound) passed them at 2e-16, 4e-2 away from the optimum: the held
+    # coordinates' bound multipliers must have the right sign
+    rng = np.random.default_rng(106)
+    K, N = int(rng.integers(3, 11)), 40
+    a = torch.tensor(rng.uniform(0, 1, (N, K)))
+    fs = FeasibleSet.simplex(K, dtype=F64).cap(0, float(rng.uniform(0.3, 0.8))).halfspace(
+        a, float(rng.uniform(0.5, 1.0)), name="row")
+    v = torch.tensor(rng.normal(size=(N, K)) * rng.uniform(0.5, 3))
+    r = torch.softmax(torch.tensor(rng.normal(size=(N, K))), -1)
+    radius = torch.tensor(rng.uniform(0.01, 0.5, N))
+    wr = _per_row(v, fs, lambda i: (lambda x: [cp.sum(cp.kl_div(x, r[i].numpy())) <= float(radius[i])]))
+    for interior_point in (False, True):
+        w, info = project_convex(v, fs, kl_ball, {"logr": r.log(), "r": radius}, values=kl_ball_t, return_info=True,
+                                 interior_point=interior_point)
+        assert info.success, info.message
+        assert torch.allclose(w, wr, atol=1e-6, rtol=0), (interior_point, (w - wr).abs().max())
