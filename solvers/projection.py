@@ -600,6 +600,8 @@ def project(
             it = it.index_put((rest,), it[rest] + long.path_steps)
             rest = rest[~long.certified]
         w, info_mu = w.to(v.dtype).clamp(lo, hi), info_mu.to(v.dtype)
+        if not rest.numel() and not return_info and not (v.requires_grad and torch.is_grad_enabled()):
+            return w.reshape(shape)  # every row carries its kernel certificate (KKT residual ≤ tol): done
         if rest.numel():
             w_r, lo_r, hi_r, b_r, relax_r, status_r, it_r, mu_r, stat_r = _solve_general(
                 vf[rest], lo[rest], hi[rest], A[rest], b[rest], fset, batch, metric, tol, max_iter, False)
