@@ -51,7 +51,7 @@ from solvers.reference import _solve
 from solvers.results import ProjectionResult, Status
 from solvers.sets import FeasibleSet
 
-__all__ = ["project_convex", "constraint_residuals", "ConvexProjectionResult", "CHUNKS"]
+__all__ = ["project_convex", "constraint_residuals", "inequality_mask", "ConvexProjectionResult", "CHUNKS"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,17 @@ def _evaluate(extra: Extra, values: Values | None, w: Tensor, params: Mapping[st
         raise ValueError(f"values(w, params) must return a tensor [n={w.shape[0]}, c], got "
                          f"{tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__}")
     return g.to(w.dtype)
+
+
+def inequality_mask(extra: Extra, K: int, params: Mapping[str, Tensor]) -> Tensor:
+    """``[c]`` bool: which constraints of ``extra`` are inequalities (g ≤ 0 holds); the others are (affine)
+    equalities, whose violation is ``|g|``. ``params`` ``{name: [n, *s]}`` as for :func:`project_convex`."""
+    shapes = {k: tuple(p.shape[1:]) for k, p in params.items()}
+    return _inequalities(_build(CHUNKS[0], K, 0, "euclidean", extra, shapes, phase1=False))
+
+
+def _inequalities(block: _Block) -> Tensor:
+    return torch.tensor([isinstance(c, cp.constraints.Inequality) for c in block.extra], dtype=torch.bool)
 
 
 def constraint_residuals(extra: Extra, w: Tensor, params: Mapping[str, Tensor]) -> Tensor:
@@ -583,8 +594,8 @@ def project_convex(
         params: ``{name: Tensor [..., *s]}`` values of the parameters, row by row (batch dims of ``v`` first,
             broadcast allowed).
         values: torch twin of ``extra``: ``values(w [n, K], params) -> g [n, c]``, the signed residuals
-            (``lhs − rhs`` of ``lhs <= rhs``, ``rhs − lhs`` of ``lhs >= rhs``), one column per constraint of
-            ``extra`` in order, acting row by row. Used to
+            (``lhs − rhs`` of ``lhs <= rhs``, ``rhs − lhs`` of ``lhs >= rhs``, ``lhs − rhs`` of an (affine)
+            ``lhs == rhs``), one column per constraint of ``extra`` in order, acting row by row. Used to
             certify rows, verify stationarity and differentiate; without it rows are certified through cvxpy and
             the result is not differentiable.
         smooth: whether ``values`` is differentiable at the solutions (entropy, KL: yes; an ℓ1 ball: no, kinks).
@@ -631,6 +642,8 @@ def project_convex(
     A, b = e.A.reshape(N, m, K), e.b.reshape(N, m)
     rows_p = {k: p.expand(*batch, *s).reshape(N, *s).to(dev, dt) for (k, p), s in zip(params.items(), shapes.values())}
     vf = v.detach().reshape(N, K).to(dev, dt)
+    # which user constraints are inequalities (g ≤ 0 holds) and which equalities (g = 0: |g| measures the violation)
+    ineq = _inequalities(block0).to(dev)
 
     # 1. polyhedral fast path (Euclidean, or KL on box∩simplex); certify rows where the user constraints hold
     if metric == "euclidean" or m == 0:
@@ -638,17 +651,19 @@ def project_convex(
                                      on_all_empty=on_all_empty)
         w, kkt_fast = w.reshape(N, K), info.kkt_residual.reshape(N)
         mu, status, relax_rows = info.multipliers.reshape(N, m), info.status.reshape(N), info.relaxation.reshape(N)
-        g = _evaluate(extra, values, w, rows_p)
-        todo = (g > _tolerance(dt)).any(-1).nonzero()[:, 0]
     else:  # KL with rows: no polyhedral fast path
         w, mu = vf.clone(), vf.new_zeros(N, m)
         status, relax_rows = torch.zeros(N, dtype=torch.long, device=dev), vf.new_zeros(N)
-        g = _evaluate(extra, values, w, rows_p)
-        todo, kkt_fast = torch.arange(N, device=dev), vf.new_zeros(N)
+        kkt_fast = vf.new_zeros(N)
+    g = _evaluate(extra, values, w, rows_p)
     c = g.shape[-1]
     if c != declared:
         raise ValueError(f"values(w, params) returns {c} column(s) but extra declares {declared} constraint(s); "
                          "give one column per constraint, in order")
+    if metric == "euclidean" or m == 0:  # rows where the user constraints hold at the polyhedral point are done
+        todo = (torch.where(ineq, g, g.abs()) > _tolerance(dt)).any(-1).nonzero()[:, 0]
+    else:
+        todo = torch.arange(N, device=dev)
     lam, relax_extra = vf.new_zeros(N, c), vf.new_zeros(N, c)
     iters = torch.zeros(N, dtype=torch.long, device=dev)
     conic = torch.zeros(N, dtype=torch.bool, device=dev)
@@ -658,7 +673,6 @@ def project_convex(
     # smooth values the first pass runs Clarabel at loose tolerances (the polish does the rest); rows that still
     # fail verification are solved again at tight tolerances
     curved = values if smooth else None  # ∇g, ∇²g only where g is smooth
-    ineq = torch.ones(c, dtype=torch.bool, device=dev)
     kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, curved, rows_p, metric)
     hard = np.array(fset.hard_rows, dtype=bool)
     as_t = lambda x: torch.as_tensor(x, device=dev)  # noqa: E731

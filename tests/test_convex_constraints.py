@@ -228,3 +228,11 @@ def test_stability_means_are_global_under_ddp(tmp_path):
         assert sorted(s["stability(task)"]) == [0, 1]
         for k, m in single.convex_state["stability(task)"].items():
             assert torch.allclose(s["stability(task)"][k], m, atol=1e-6)
+
+
+def test_convex_constraint_with_an_equality_measures_both_sides():
+    """``values`` gives an equality's signed residual lhs − rhs; the measurement reads |lhs − rhs|."""
+    c = C.convex(lambda w, p: [w[:, 0] - 2 * w[:, 1] == 0], name="ratio",
+                 values=lambda w, p: (w[:, 0] - 2 * w[:, 1])[:, None])
+    w = torch.tensor([[0.2, 0.3, 0.5], [0.4, 0.2, 0.4], [0.5, 0.1, 0.4]], dtype=torch.float64)
+    assert torch.allclose(c.value(w, {}), torch.tensor([0.4, 0.0, 0.3], dtype=torch.float64))

@@ -257,3 +257,25 @@ def test_a_coordinate_wrongly_held_at_a_bound_fails_verification():
                                  interior_point=interior_point)
         assert info.success, info.message
         assert torch.allclose(w, wr, atol=1e-6, rtol=0), (interior_point, (w - wr).abs().max())
+
+
+def test_smooth_values_with_an_equality_match_per_row_cvxpy():
+    """An (affine) equality next to an entropy floor, with torch values: the equality's column is its signed residual
+    lhs − rhs; rows off it are never certified at the polyhedral point, and every row equals the per-row oracle."""
+    rng = np.random.default_rng(3)
+    K, N = 5, 16
+    fs = _rows_set(rng, K, N)
+    v = torch.tensor(rng.normal(size=(N, K)))
+    h = torch.tensor(rng.uniform(0.2, 0.6, N) * math.log(K))
+
+    def extra(w, p):
+        return [cp.sum(cp.entr(w), axis=1) >= p["h"], w[:, 0] - 2 * w[:, 1] == 0]
+
+    def values(w, p):
+        return torch.stack([p["h"] + (w * w.clamp_min(1e-300).log()).sum(-1), w[:, 0] - 2 * w[:, 1]], -1)
+
+    w, info = project_convex(v, fs, extra, {"h": h}, values=values, return_info=True)
+    assert info.success and bool((info.status == int(Status.OPTIMAL)).all()), info.message
+    assert float((w[:, 0] - 2 * w[:, 1]).abs().max()) <= 1e-9
+    ref = _per_row(v, fs, lambda i: (lambda wv: [cp.sum(cp.entr(wv)) >= float(h[i]), wv[0] - 2 * wv[1] == 0]))
+    assert float((w - ref).abs().max()) <= 1e-6

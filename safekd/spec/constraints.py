@@ -957,7 +957,8 @@ class Stability(ConvexWeightConstraint):
 class Convex(ConvexWeightConstraint):
     """A user constraint ``fn(w, p) -> [cvxpy constraints]`` (``w`` the ``(n, K)`` variable, row-wise: each
     constraint of shape ``(n,)``; ``p`` the ``params`` as ``cp.Parameter``s ``(n, *s)``), with an optional torch
-    twin ``values(w, p) -> g [n, c]`` (signed residuals, ≤ 0 holds, one column per constraint of ``fn`` in order;
+    twin ``values(w, p) -> g [n, c]`` (signed residuals, ≤ 0 holds; ``lhs − rhs`` of an affine equality; one column
+    per constraint of ``fn`` in order;
     needed for the polish, the stationarity check and the gradient, else measured through cvxpy). Measured as
     max_j g_j ≤ 0; ``smooth=False`` for constraints with kinks (an ℓ1 norm): ``values`` then only measure. In spec
     files ``fn`` and ``values`` are registered names and ``params`` lists of numbers (shared by every token)."""
@@ -994,7 +995,10 @@ class Convex(ConvexWeightConstraint):
 
     def value(self, w: Tensor, p: Mapping[str, Tensor]) -> Tensor:
         if self.values is not None:
-            return self.values(w, p).amax(-1)
+            from solvers.convex import inequality_mask
+
+            g = self.values(w, p)  # an equality's column is its signed residual: |g| is its violation
+            return torch.where(inequality_mask(self.fn, w.shape[-1], p).to(g.device), g, g.abs()).amax(-1)
         from solvers.convex import constraint_residuals
 
         return constraint_residuals(self.fn, w, p).amax(-1)
