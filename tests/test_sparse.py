@@ -193,3 +193,11 @@ def test_audit_of_a_sparse_cache_reads_buckets_and_equals_the_dense_audit_when_k
     t = d.targets(_sparse(batch, logits, 4), expand=False)
     assert t.sparse is not None and t.teacher_logp.shape[-1] == t.sparse.buckets.teacher_logp.shape[-1]
     assert t.target_logp.shape[-1] == 12  # target_agreement reads the dense target: expanded for it alone
+    # at k < V the bucket view's pooled-target unsafe mass is the dense view's: the worst token in the report
+    sp = _sparse(batch, logits, 4)
+    d, student = _distiller()  # no constraint reads the dense target: the audit keeps the bucket view
+    report = audit(student, sp, d.spec, seed=0, distiller=d)
+    assert d.targets(sp, expand=False).target_logp.shape[-1] != 12
+    dense_t = d.targets(sp)  # expand=True: the dense [..., V] view
+    q_u = UnsafeSet(U).mass(dense_t.target_logp)[dense_t.mask]
+    assert report.constraint("unsafe_mass").estimate == pytest.approx(float(q_u.max()), abs=1e-9)

@@ -191,7 +191,8 @@ def _weight_residuals(c: C.TeacherWeightConstraint, t: Targets, spec: Spec, batc
     if isinstance(c, C.UnsafeMass):  # on the pooled target, after any correction: what the student is trained on
         u = c.unsafe if c.unsafe is not None else spec.unsafe
         assert u is not None
-        return (u.mass(t.target_logp, batch) - c.threshold)[mask]
+        q_u = u.mass(t.target_logp, batch) if t.sparse is None else t.sparse.unsafe_mass(u, batch)  # bucket view
+        return (q_u - c.threshold)[mask]
     w = t.weights[mask]
     if t.feasible_set is None:  # no unmasked token in this batch
         return w.new_full(w.shape[:1], -math.inf)

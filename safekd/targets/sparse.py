@@ -328,6 +328,15 @@ class SparseTargets:
         return sparse_divergence(fn, self.buckets, self.target_logp, student_logits, mask, temperature,
                                  student_logp=student_logp)
 
+    def unsafe_mass(self, u: UnsafeSet, batch: Mapping[str, Any] | None = None) -> Tensor:
+        """q_t(U) of the pooled target ``[...]``: summed over the buckets inside U when U is the unsafe set the
+        buckets were built with (exact: a bucket lies wholly inside or outside it), else on the dense view."""
+        b = self.buckets
+        if u.ids is not None and b.unsafe_ids is not None and torch.equal(u.ids.to(b.unsafe_ids.device),
+                                                                          b.unsafe_ids):
+            return torch.logsumexp(self.target_logp.masked_fill(~b.in_unsafe, _NEG_INF), dim=-1).exp()
+        return u.mass(b.expand(self.target_logp), batch)
+
 
 def sparse_divergence(fn: Callable[..., Any], buckets: Buckets, target_logp: Tensor, student_logits: Tensor | None,
                       mask: Tensor | None = None, temperature: float = 1.0, *,
