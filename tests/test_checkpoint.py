@@ -1,5 +1,6 @@
 """Checkpoints: atomic write, weights_only load, and bit-identical resume."""
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +90,31 @@ def test_checkpoint_is_weights_only_and_checked(tmp_path):
     s = Student()
     with pytest.raises(ValueError, match="checkpoint constraints"):
         load_checkpoint(path, SafeDistiller(s, None, torch.optim.SGD(s.parameters(), 0.1), other))
+
+
+FLAT_LAYOUT_FIXTURE = Path(__file__).parent / "data" / "checkpoint_v2_flat_layout.pt"
+
+
+@pytest.mark.filterwarnings("ignore::safekd.distiller.MultiplierAlarm")
+def test_checkpoint_written_with_the_flat_layout_loads():
+    """A format-2 checkpoint written by the flat layout (``safekd.distiller``, before the layered packages): three
+    steps of this file's SPEC and batches with an ``Embedding → Tanh → Linear`` student, ConfidenceSoftmax(β=2) and
+    TaskQuality weighting, Adam(1e-2), seeds 123 then 0. It loads into today's modules and training goes on."""
+    from safekd.training.checkpoint import FORMAT_VERSION, read_checkpoint
+
+    payload = read_checkpoint(FLAT_LAYOUT_FIXTURE)
+    assert payload["format_version"] == FORMAT_VERSION == 2
+    assert payload["extra"]["written_by"].endswith("(before issue 18)")
+    torch.manual_seed(7)
+    student = torch.nn.Sequential(torch.nn.Embedding(V, 12), torch.nn.Tanh(), torch.nn.Linear(12, V))
+    task = TaskQuality(num_tasks=2, num_teachers=K)
+    task.update(torch.tensor([0, 1]), torch.rand(2, K))
+    d = SafeDistiller(student, None, torch.optim.Adam(student.parameters(), 1e-2), SPEC,
+                      weighting={"token": ConfidenceSoftmax(beta=2.0), "task": task})
+    load_checkpoint(FLAT_LAYOUT_FIXTURE, d)
+    assert d.step_count == 3
+    for key, value in d.student.state_dict().items():
+        assert torch.equal(value, payload["distiller"]["student"][key]), key
+    for i in range(3, 5):
+        d.step(_batch(i))
+    assert d.step_count == 5 and all(torch.isfinite(p).all() for p in d.student.parameters())

@@ -1,6 +1,6 @@
 """The public API survives the layout (issue 18): every exported and every documented name imports, the flat
 module paths are the same module objects as the layered ones, the layers import only downwards, there is no
-import circle inside ``safekd.training``, and a checkpoint written before the move loads."""
+import circle inside ``safekd.training`` (a checkpoint written before the move: test_checkpoint)."""
 from __future__ import annotations
 
 import ast
@@ -226,74 +226,3 @@ def test_installed_packages_cover_the_layers():
     for directory in (ROOT / "safekd").rglob("*"):
         if directory.is_dir() and any(directory.glob("*.py")):
             assert (directory / "__init__.py").exists(), directory
-
-
-# --- a checkpoint written before the move --------------------------------------------------------------------
-
-FIXTURE = Path(__file__).parent / "data" / "checkpoint_v2_flat_layout.pt"
-V, K, B, T = 16, 3, 2, 5
-
-
-def _spec():
-    from safekd import constraints as C
-    from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
-
-    return Spec(teachers=[TeacherSpec("a", 0.9), TeacherSpec("b", 0.5), TeacherSpec("c", 0.1)],
-                constraints=[C.cap("c", 0.3), C.unsafe_mass(0.2), C.unsafe_rate(0.02), C.retain("accuracy", 0.3)],
-                unsafe=[0, 1], dual=DualSpec(rule="nupi", lr=0.2, kp=0.5, ema_nu=0.3, every=2),
-                checks=ChecksSpec(reference_every=0, alarm_window=3))
-
-
-def _batch(i):
-    import torch
-
-    g = torch.Generator().manual_seed(1000 + i)
-    return {"inputs": torch.randint(0, V, (B, T), generator=g), "teacher_logits": 2 * torch.randn(B, T, K, V, generator=g),
-            "labels": torch.randint(0, V, (B, T), generator=g), "task_ids": torch.tensor([0, 1])}
-
-
-def _fresh(seed=0):
-    """The distiller of the fixture (the same code wrote it with the flat layout: see ``_write_fixture``)."""
-    import torch
-
-    from safekd.distiller import SafeDistiller
-    from safekd.weighting import ConfidenceSoftmax, TaskQuality
-
-    torch.manual_seed(seed)
-    student = torch.nn.Sequential(torch.nn.Embedding(V, 12), torch.nn.Tanh(), torch.nn.Linear(12, V))
-    task = TaskQuality(num_tasks=2, num_teachers=K)
-    task.update(torch.tensor([0, 1]), torch.rand(2, K))
-    weighting = {"token": ConfidenceSoftmax(beta=2.0), "task": task}
-    return SafeDistiller(student, None, torch.optim.Adam(student.parameters(), 1e-2), _spec(), weighting=weighting)
-
-
-def _write_fixture(path):  # pragma: no cover - run once with the flat layout (main before issue 18)
-    import torch
-
-    torch.manual_seed(123)
-    d = _fresh()
-    for i in range(3):
-        d.step(_batch(i))
-    from safekd.checkpoint import save_checkpoint
-
-    save_checkpoint(path, d, extra={"written_by": "safekd 0.1.0, flat layout (before issue 18)"})
-
-
-@pytest.mark.filterwarnings("ignore::safekd.distiller.MultiplierAlarm")
-def test_checkpoint_written_before_the_move_loads():
-    import torch
-
-    from safekd.training.checkpoint import FORMAT_VERSION, load_checkpoint, read_checkpoint
-
-    payload = read_checkpoint(FIXTURE)
-    assert payload["format_version"] == FORMAT_VERSION == 2
-    assert payload["extra"]["written_by"].endswith("(before issue 18)")
-    d = _fresh(seed=7)
-    load_checkpoint(FIXTURE, d)
-    assert d.step_count == 3
-    for key, value in d.student.state_dict().items():
-        assert torch.equal(value, payload["distiller"]["student"][key]), key
-    for i in range(3, 5):
-        d.step(_batch(i))
-    assert d.step_count == 5
-    assert all(torch.isfinite(p).all() for p in d.student.parameters())
