@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from solvers.active_set import solve_active_set
-from solvers.errors import InfeasibleError
+from solvers.errors import InfeasibleError, holds
 from solvers.isotonic import block_means, isotonic_decreasing
 from solvers.ordered import project_ordered_halfspace
 from solvers.parametric import FixedShapeResult, project_box_halfspace
@@ -510,15 +510,6 @@ class _KLFn(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------- public entry
-def _require(ok: Tensor, message: str) -> None:
-    """``ValueError(message)`` unless ``ok`` (a bool scalar tensor); inside a compiled graph a device-side
-    ``torch._assert_async`` instead (no host synchronisation; the error surfaces when the graph runs)."""
-    if torch.compiler.is_compiling():
-        torch._assert_async(ok, message)
-    elif not bool(ok):
-        raise ValueError(message)
-
-
 def _validate(v: Tensor, fset: FeasibleSet, metric: str, allow_rows_kl: bool = False) -> FeasibleSet:
     if not isinstance(fset, FeasibleSet):
         raise TypeError(f"fset must be a solvers.FeasibleSet, got {type(fset).__name__}")
@@ -530,7 +521,8 @@ def _validate(v: Tensor, fset: FeasibleSet, metric: str, allow_rows_kl: bool = F
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     if v.dim() < 1 or v.shape[-1] != fset.K:
         raise ValueError(f"v must have shape [..., K={fset.K}], got {tuple(v.shape)}")
-    _require(torch.isfinite(v).all(), "v contains NaN or inf")
+    if not holds(torch.isfinite(v).all(), "v contains NaN or inf"):
+        raise ValueError("v contains NaN or inf")
     try:
         ok = torch.broadcast_shapes(v.shape[:-1], fset.batch_shape) == v.shape[:-1]
     except RuntimeError:
@@ -540,7 +532,8 @@ def _validate(v: Tensor, fset: FeasibleSet, metric: str, allow_rows_kl: bool = F
     if metric == "kl":
         if fset.num_rows and not allow_rows_kl:
             raise ValueError("metric='kl' supports box∩simplex sets only (fset has rows); use solvers.reference.project")
-        _require((v > 0).all(), "v must be strictly positive probabilities for metric='kl'")
+        if not holds((v > 0).all(), "v must be strictly positive probabilities for metric='kl'"):
+            raise ValueError("v must be strictly positive probabilities for metric='kl'")
     if fset.dtype != v.dtype or fset.device != v.device:
         fset = fset.to(device=v.device, dtype=v.dtype)
     return fset
