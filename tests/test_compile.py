@@ -55,6 +55,18 @@ def test_project_has_no_graph_break_and_matches_eager(K):
     torch.testing.assert_close(_compiled(_project_info)(v, box)[0], _project_info(v, box)[0], rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_project_with_inductor_matches_eager():
+    """The default backend (inductor: ~55 s to compile the unrolled kernel steps on one shared CPU core)."""
+    rng = np.random.default_rng(4)
+    v = torch.softmax(torch.tensor(rng.normal(size=(32, 4)) * 1.5), -1)
+    fs = _rows(rng, 32, 4)
+    w, info = _compiled(_project_info, backend="inductor")(v, fs)
+    w_e, info_e = _project_info(v, fs)
+    torch.testing.assert_close(w, w_e, rtol=0, atol=1e-12)
+    assert torch.equal(info.status, info_e.status)
+
+
 def test_project_gradient_traces_and_matches_eager():
     rng = np.random.default_rng(5)
     v0 = torch.softmax(torch.tensor(rng.normal(size=(16, 4)) * 1.5), -1)
