@@ -557,6 +557,9 @@ def project(
     Box∩simplex with one row (no chain) takes the fixed-shape path of :mod:`solvers.parametric` first; only its
     uncertified rows reach the general path (one host synchronisation: their count). ``max_iter`` bounds
     the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference (``MAX_ITER``).
+    Inside ``torch.compile`` (box∩simplex with at most one row, no chain, Euclidean) it runs without a host
+    synchronisation or a data-dependent shape: see :func:`_solve_in_graph` (rows it cannot certify are flagged
+    ``NUMERICAL``; data checks are device-side asserts).
     """
     if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16):  # half precision cannot meet the
         out = project(v.float(), fset, metric, return_info, max_iter, on_all_empty)  # tolerance: solved in float32

@@ -65,6 +65,8 @@ class Targets:
     ``[..., K]``; ``feasible_set`` holds the unmasked tokens' sets W_t ``[N, K]`` in the projection dtype (None
     without teacher-weight constraints or unmasked tokens; unbatched when every token shares the static set);
     ``relaxed``/``corrected`` are ``[...]`` bool (empty W_t solved on the least-relaxed set / target corrected);
+    computed in a ``torch.compile`` graph, ``feasible_set`` holds every token's set, ``relaxed`` includes the tokens
+    the projection could not certify there, and ``projection`` holds 0-d tensors (:func:`projection_stats`);
     ``target_logp`` is the pooled, corrected target log q ``[..., V]``; ``projection`` the stats of
     :attr:`StepRecord.projection <safekd.distiller.StepRecord.projection>`; ``context`` the constraint
     :class:`~safekd.constraints.MeasureContext`.

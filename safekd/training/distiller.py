@@ -49,7 +49,8 @@ class StepRecord:
     threshold − u for ``>=``; 0 unless ``on_alarm: relax`` engaged it)};
     ``weights[scale][teacher]`` = mean weight over unmasked tokens for each scale, ``composed`` and ``projected``;
     ``projection`` = {tokens (unmasked), projected_tokens (outside their set, sent to the solver), active (per
-    constraint name), relaxed_tokens, corrected_tokens, max_kkt_residual};
+    constraint name), relaxed_tokens, uncertified_tokens (targets computed in a compiled graph only: tokens the
+    fixed-shape projection could not certify, counted among the relaxed ones), corrected_tokens, max_kkt_residual};
     ``alarms`` = [{constraint, message}]; ``reference_check`` = {rows, max_abs_diff} or, when the reference solver
     failed, {rows: 0, error} (re-checked on the next step)."""
 
