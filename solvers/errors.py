@@ -3,10 +3,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:  # pragma: no cover - import for annotations only
     from solvers.results import DiagnosisResult
 
-__all__ = ["SolverError", "InfeasibleError"]
+__all__ = ["SolverError", "InfeasibleError", "holds"]
+
+
+def holds(ok: "torch.Tensor", graph_message: str) -> bool:
+    """Whether the bool scalar tensor ``ok`` (a check of tensor data) is true, for ``if not holds(...): raise``:
+    ``bool(ok)`` (one host synchronisation); inside a ``torch.compile`` graph ``True`` after a device-side
+    ``torch._assert_async(ok, graph_message)`` instead (no synchronisation: a failure surfaces as a RuntimeError
+    naming ``graph_message`` when the graph runs, and the caller's detailed message is not built)."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, graph_message)
+        return True
+    return bool(ok)
 
 
 class SolverError(RuntimeError):

@@ -41,11 +41,11 @@ import torch
 from torch import Tensor
 
 from solvers.active_set import solve_active_set
-from solvers.errors import InfeasibleError
+from solvers.errors import InfeasibleError, holds
 from solvers.isotonic import block_means, isotonic_decreasing
 from solvers.ordered import project_ordered_halfspace
-from solvers.parametric import project_box_halfspace
-from solvers.results import ProjectionResult, Status
+from solvers.parametric import FixedShapeResult, project_box_halfspace
+from solvers.results import ProjectionResult, Status, projection_message
 from solvers.sets import FeasibleSet
 
 __all__ = ["project"]
@@ -128,9 +128,10 @@ def _relax_box(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     t = torch.zeros_like(lo[..., 0])
     over = lo.sum(-1) > 1
     under = hi.sum(-1) < 1
-    if bool(over.any()):
+    compiling = torch.compiler.is_compiling()  # in a graph: both closed forms on every row (fixed shape, no sync)
+    if compiling or bool(over.any()):
         t = torch.where(over, -_box_simplex(lo, None, zero, one)[1][..., 0], t)
-    if bool(under.any()):
+    if compiling or bool(under.any()):
         t = torch.maximum(t, torch.where(under, _box_simplex(hi, None, zero, one)[1][..., 0], t))
     t = t.clamp_min(0)
     return (lo - t[:, None]).clamp_min(0), (hi + t[:, None]).clamp_max(1), t
@@ -520,7 +521,7 @@ def _validate(v: Tensor, fset: FeasibleSet, metric: str, allow_rows_kl: bool = F
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     if v.dim() < 1 or v.shape[-1] != fset.K:
         raise ValueError(f"v must have shape [..., K={fset.K}], got {tuple(v.shape)}")
-    if not bool(torch.isfinite(v).all()):
+    if not holds(torch.isfinite(v).all(), "v contains NaN or inf"):
         raise ValueError("v contains NaN or inf")
     try:
         ok = torch.broadcast_shapes(v.shape[:-1], fset.batch_shape) == v.shape[:-1]
@@ -531,7 +532,7 @@ def _validate(v: Tensor, fset: FeasibleSet, metric: str, allow_rows_kl: bool = F
     if metric == "kl":
         if fset.num_rows and not allow_rows_kl:
             raise ValueError("metric='kl' supports box∩simplex sets only (fset has rows); use solvers.reference.project")
-        if not bool((v > 0).all()):
+        if not holds((v > 0).all(), "v must be strictly positive probabilities for metric='kl'"):
             raise ValueError("v must be strictly positive probabilities for metric='kl'")
     if fset.dtype != v.dtype or fset.device != v.device:
         fset = fset.to(device=v.device, dtype=v.dtype)
@@ -556,6 +557,9 @@ def project(
     Box∩simplex with one row (no chain) takes the fixed-shape path of :mod:`solvers.parametric` first; only its
     uncertified rows reach the general path (one host synchronisation: their count). ``max_iter`` bounds
     the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference (``MAX_ITER``).
+    Inside ``torch.compile`` (box∩simplex with at most one row, no chain, Euclidean) it runs without a host
+    synchronisation or a data-dependent shape: see :func:`_solve_in_graph` (rows it cannot certify are flagged
+    ``NUMERICAL``; data checks are device-side asserts).
     """
     if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16):  # half precision cannot meet the
         out = project(v.float(), fset, metric, return_info, max_iter, on_all_empty)  # tolerance: solved in float32
@@ -582,20 +586,21 @@ def project(
     relax, stat = zero, zero
     it = torch.zeros(N, dtype=torch.long, device=v.device)
     info_mu = vf.new_zeros(N, m)
-    if N == 0:
+    if N and torch.compiler.is_compiling():  # inside a graph: fixed shapes, no host synchronisation
+        w, lo, hi, b, relax, status, it, info_mu, stat = _solve_in_graph(vf, lo, hi, A, b, fset, metric, tol,
+                                                                         check_empty)
+        if not return_info and not (v.requires_grad and torch.is_grad_enabled()):
+            return w.reshape(shape)
+    elif N == 0:
         w = v.detach().clone()
     elif metric == "euclidean" and m == 1 and fset.chain is None:  # fixed shape, then the general path on the rest
         # in float64 (as the active set): float32 round-off moves ill-conditioned rows by far more than the tolerance
         data = tuple(t.double() for t in (vf, lo, hi, A[:, 0], b[:, 0]))
-        steps = next(st for k_max, st in _FIXED_STEPS if K <= k_max)
-        fast = project_box_halfspace(*data, tol=_tolerance(torch.float64), newton_steps=steps[0], path_steps=steps[1],
-                                     newton_polish=steps[2])
+        fast = _fixed_shape(data, K)
         w, info_mu, it = fast.w, fast.mu[:, None], fast.path_steps
         rest = (~fast.certified).nonzero()[:, 0]  # the host synchronisation of this path (CPU: free)
         if rest.numel():  # the same kernel with more steps, on those rows only
-            long = project_box_halfspace(*(t[rest] for t in data), tol=_tolerance(torch.float64),
-                                         newton_steps=_FIXED_STEPS_RETRY[0], path_steps=_FIXED_STEPS_RETRY[1],
-                                         newton_polish=_FIXED_STEPS_RETRY[2])
+            long = _fixed_shape(tuple(t[rest] for t in data), K, retry=True)
             w, info_mu = w.index_put((rest,), long.w), info_mu.index_put((rest,), long.mu[:, None])
             it = it.index_put((rest,), it[rest] + long.path_steps)
             rest = rest[~long.certified]
@@ -622,9 +627,9 @@ def project(
     if m:
         kkt = torch.maximum(kkt, torch.minimum(info_mu, b - (A * w[:, None, :]).sum(-1)).abs().amax(-1))
     bad = ~(kkt <= 10 * tol) & (status != int(Status.MAX_ITER))
-    if bool(bad.any()):
+    status = torch.where(bad, int(Status.NUMERICAL), status)
+    if not torch.compiler.is_compiling() and bool(bad.any()):
         logger.warning("project: %d row(s) failed KKT verification (tol %.1e)", int(bad.sum()), 10 * tol)
-        status = torch.where(bad, int(Status.NUMERICAL), status)
     if v.requires_grad and torch.is_grad_enabled():
         if metric == "kl":
             w = _KLFn.apply(v.reshape(N, K), w, free)
@@ -633,15 +638,72 @@ def project(
     out = w.reshape(shape)
     if not return_info:
         return out
-    counts = {s.name: int((status == int(s)).sum()) for s in Status if bool((status == int(s)).any())}
-    success = bool((status <= int(Status.RELAXED)).all())
-    message = "projection " + ("succeeded" if success else "has unverified rows") + f"; rows by status: {counts or {'OPTIMAL': 0}}"
+    # success and message are read from status (a synchronisation): inside a graph, when the caller reads them
+    lazy = torch.compiler.is_compiling()
     info = ProjectionResult(
-        success=success, status=status.reshape(batch), message=message, kkt_residual=kkt.reshape(batch),
+        success=None if lazy else bool((status <= int(Status.RELAXED)).all()), status=status.reshape(batch),
+        message=None if lazy else projection_message(status), kkt_residual=kkt.reshape(batch),
         active=active.reshape(*batch, m), active_lower=active_lower.reshape(shape), active_upper=active_upper.reshape(shape),
         iterations=it.reshape(batch), relaxation=relax.reshape(batch), multipliers=info_mu.reshape(*batch, m),
     )
     return out, info
+
+
+def _fixed_shape(data: tuple[Tensor, ...], K: int, retry: bool = False) -> FixedShapeResult:
+    """:func:`~solvers.parametric.project_box_halfspace` on ``data = (v, lo, hi, a, b)`` (float64) with the steps
+    of ``_FIXED_STEPS`` for ``K`` (``retry``: ``_FIXED_STEPS_RETRY``)."""
+    steps = _FIXED_STEPS_RETRY if retry else next(st for k_max, st in _FIXED_STEPS if K <= k_max)
+    return project_box_halfspace(*data, tol=_tolerance(torch.float64), newton_steps=steps[0], path_steps=steps[1],
+                                 newton_polish=steps[2])
+
+
+def _solve_in_graph(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fset: FeasibleSet, metric: str,
+                    tol: float, check_empty: bool) -> tuple[Tensor, ...]:
+    """:func:`project` inside a ``torch.compile`` graph, for box∩simplex with at most one row (no chain,
+    Euclidean): fixed shapes, no host synchronisation. The box is relaxed where ``Σ lower > 1`` or ``Σ upper < 1``
+    (both closed forms of :func:`_relax_box` on every row); a soft row by the least ``t = max(0, min_{w∈box∩Δ} a·w
+    − b)`` (the greedy fill of :func:`_argmin_linear`, exact with one row: the relaxed set is the face of box∩Δ
+    minimising ``a·w``), so emptiness is decided without a synchronisation (``RELAXED``, ``relaxation = t``).
+    Without a row, ``w`` is the exact breakpoint search; with one, the fixed-shape kernel with the steps of
+    ``_FIXED_STEPS``, and with those of ``_FIXED_STEPS_RETRY`` on every row, taken where the first is uncertified.
+    Rows still uncertified cannot reach the active set inside a graph: they keep the kernel's best iterate and are
+    flagged ``NUMERICAL`` (their kernel KKT residual is the stationarity part); count them after the graph from
+    ``ProjectionResult.status``. A set empty in every row (``check_empty``) fails a device-side assert.
+    Returns what :func:`_solve_general` returns."""
+    if metric != "euclidean" or A.shape[-2] > 1 or fset.chain is not None:
+        raise NotImplementedError("inside torch.compile, solvers.project solves box∩simplex with at most one row, no "
+                                  "chain, metric='euclidean'; call it outside the compiled region for this set")
+    N, K = vf.shape
+    status = torch.zeros(N, dtype=torch.long, device=vf.device)
+    lo, hi, relax = _relax_box(lo, hi)
+    if A.shape[-2] == 0:
+        w, mu, it, stat = _euclid_box_simplex(vf, lo, hi), vf.new_zeros(N, 0), torch.zeros_like(status), vf.new_zeros(N)
+    else:
+        a = A[:, 0]
+        vertex = torch.zeros_like(status, dtype=torch.bool)
+        if not fset.hard_rows[0]:  # a hard row is kept: an empty row stays uncertified (NUMERICAL)
+            w_min = _argmin_linear(a[:, None, :], lo, hi)[:, 0]
+            t = ((a * w_min).sum(-1) - b[:, 0]).clamp_min(0)
+            b, relax = b + t[:, None], torch.maximum(relax, t)
+            # the relaxed set is the face argmin_{box∩Δ} a·w: the greedy point alone unless mass can move between
+            # two coordinates of equal a (one above its lower bound, the other below its upper bound); then the
+            # point is the projection (μ large enough puts every other coordinate at its bound)
+            movable = (a[:, :, None] == a[:, None, :]) & (w_min > lo)[:, :, None] & (w_min < hi)[:, None, :]
+            vertex = (t > 0) & ~(movable & ~torch.eye(K, dtype=torch.bool, device=a.device)).flatten(1).any(-1)
+        data = tuple(x.double() for x in (vf, lo, hi, a, b[:, 0]))
+        fast, long = _fixed_shape(data, K), _fixed_shape(data, K, retry=True)
+        again = ~fast.certified
+        w = torch.where(again[:, None], long.w, fast.w).to(vf.dtype).clamp(lo, hi)
+        w = torch.where((vertex & again & ~long.certified)[:, None], w_min, w) if not fset.hard_rows[0] else w
+        mu = torch.where(again, long.mu, fast.mu)[:, None].to(vf.dtype)
+        it = fast.path_steps + torch.where(again, long.path_steps, 0)
+        certified = fast.certified | long.certified | vertex
+        status = torch.where(certified, status, int(Status.NUMERICAL))
+        stat = torch.where(certified, 0.0, torch.where(again, long.kkt_residual, fast.kkt_residual)).to(vf.dtype)
+    if check_empty:
+        torch._assert_async(~(relax > tol).all(), "the feasible set is empty in every row (solvers.diagnose names "
+                                                  "the conflict); pass on_all_empty='relax' to relax it")
+    return w, lo, hi, b, relax, status, it, mu, stat
 
 
 def _solve_general(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fset: FeasibleSet, batch: torch.Size,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 from torch import Tensor
 
-__all__ = ["Status", "ProjectionResult", "DiagnosisResult"]
+__all__ = ["Status", "ProjectionResult", "DiagnosisResult", "projection_message"]
 
 
 class Status(enum.IntEnum):
@@ -31,6 +31,40 @@ def _short(value: object) -> str:
     return repr(value)
 
 
+def rows_by_status(status: Tensor) -> dict[str, int]:
+    """``{status name: row count}`` of the statuses present in ``status`` (a host read)."""
+    return {s.name: int((status == int(s)).sum()) for s in Status if bool((status == int(s)).any())}
+
+
+def projection_message(status: Tensor) -> str:
+    """The message of :func:`solvers.project` for the per-row ``status``: success and the rows by status."""
+    success = bool((status <= int(Status.RELAXED)).all())
+    return ("projection " + ("succeeded" if success else "has unverified rows")
+            + f"; rows by status: {rows_by_status(status) or {'OPTIMAL': 0}}")
+
+
+class _FromStatus:
+    """A field that may be given as ``None`` (inside a compiled graph, where reading it would synchronise) and is
+    then computed from ``status`` when read, after the graph: ``success`` = every row ``OPTIMAL``/``RELAXED``,
+    ``message`` = :func:`projection_message`. The dataclasses' descriptor-typed field: no default (``__get__``
+    on the class raises ``AttributeError``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, "_" + name
+
+    def __get__(self, obj: object, owner: type | None = None) -> object:
+        if obj is None:
+            raise AttributeError(self.name)
+        value = obj.__dict__[self.slot]
+        if value is None:
+            status = obj.status  # type: ignore[attr-defined]
+            value = bool((status <= int(Status.RELAXED)).all()) if self.name == "success" else projection_message(status)
+        return value
+
+    def __set__(self, obj: object, value: object) -> None:
+        obj.__dict__[self.slot] = value
+
+
 class _ReprMixin:
     def __repr__(self) -> str:
         body = ",\n  ".join(f"{f.name}={_short(getattr(self, f.name))}" for f in fields(self))  # type: ignore[arg-type]
@@ -43,11 +77,12 @@ class ProjectionResult(_ReprMixin):
 
     ``kkt_residual`` = max(|Σw−1|, bound violation, max_r |min(μ_r, b_r − a_r·w)|, relative stationarity
     error ‖P_box∩Δ(v − Aᵀμ) − w‖∞ / max(1, ‖v‖∞, ‖Aᵀμ‖∞)) on the (relaxed) set.
+    ``success`` and ``message`` built inside a ``torch.compile`` graph are computed from ``status`` when read.
     """
 
-    success: bool
+    success: bool = _FromStatus()  # type: ignore[assignment]  # None when built in a compiled graph: from status
     status: Tensor  #: LongTensor[...] of Status values
-    message: str
+    message: str = _FromStatus()  # type: ignore[assignment]
     kkt_residual: Tensor  #: [...]
     active: Tensor  #: BoolTensor[..., m]  rows with positive multiplier
     active_lower: Tensor  #: BoolTensor[..., K]

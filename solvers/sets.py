@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
+from solvers.errors import holds
+
 if TYPE_CHECKING:  # pragma: no cover
     from solvers.results import ProjectionResult
 
@@ -25,7 +27,7 @@ Scalar = float | int | Tensor
 
 
 def _check_finite(name: str, t: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not holds(torch.isfinite(t).all(), f"{name} contains NaN or inf"):
         raise ValueError(f"{name} contains NaN or inf")
 
 
@@ -127,7 +129,7 @@ class FeasibleSet:
         if len(ln) != K or len(un) != K:
             raise ValueError(f"lower_names/upper_names must have length K={K}")
         bad = lower > upper
-        if bool(bad.any()):
+        if not holds(~bad.any(), "lower > upper at some coordinate"):
             i = int(bad.reshape(-1, K).any(0).nonzero()[0])
             raise ValueError(
                 f"lower > upper at coordinate {i}: lower bound {ln[i] or 'lower'} exceeds upper bound {un[i] or 'upper'}"

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from solvers.errors import holds
+
 __all__ = ["UnsafeSet", "cap_unsafe_mass"]
 
 MaskFn = Callable[[Mapping[str, Any] | None, int], Tensor]
@@ -56,7 +58,8 @@ class UnsafeSet:
 
     def _check_ids(self, vocab_size: int) -> None:
         assert self.ids is not None
-        if int(self.ids[-1]) >= vocab_size:
+        if not holds(self.ids[-1] < vocab_size, f"UnsafeSet: a token id is out of range for vocabulary size "
+                                                  f"{vocab_size}"):
             raise ValueError(f"UnsafeSet: token id {int(self.ids[-1])} is out of range for vocabulary size {vocab_size}")
 
     def mask(self, vocab_size: int, batch: Mapping[str, Any] | None = None, *,

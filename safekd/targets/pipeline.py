@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import EllipsisType
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 import solvers
 from safekd.spec import constraints as C
 from safekd.spec.unsafe import cap_unsafe_mass
+from solvers.errors import holds
 from safekd.common.batches import IGNORE_INDEX
 from safekd.common.distributed import get_world_size
 from safekd.targets.signals import Signals, all_finite
@@ -63,6 +65,8 @@ class Targets:
     ``[..., K]``; ``feasible_set`` holds the unmasked tokens' sets W_t ``[N, K]`` in the projection dtype (None
     without teacher-weight constraints or unmasked tokens; unbatched when every token shares the static set);
     ``relaxed``/``corrected`` are ``[...]`` bool (empty W_t solved on the least-relaxed set / target corrected);
+    computed in a ``torch.compile`` graph, ``feasible_set`` holds every token's set, ``relaxed`` includes the tokens
+    the projection could not certify there, and ``projection`` holds 0-d tensors (:func:`projection_stats`);
     ``target_logp`` is the pooled, corrected target log q ``[..., V]``; ``projection`` the stats of
     :attr:`StepRecord.projection <safekd.distiller.StepRecord.projection>`; ``context`` the constraint
     :class:`~safekd.constraints.MeasureContext`.
@@ -112,7 +116,7 @@ def _check_labels(batch: Batch, V: int) -> None:
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"batch['labels'] must be integer class/token ids, got {labels.dtype}")
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
+    if not holds(~bad.any(), f"batch['labels'] must be in [0, V={V}) or {IGNORE_INDEX}"):
         at = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"batch['labels'] holds {int(labels[at])} at index {at}: labels must be in [0, V={V}) "
                          f"(the student's output size) or {IGNORE_INDEX} for a position that does not count")
@@ -278,14 +282,15 @@ class TargetPipeline:
                      for s, op in self.weighting.items()}
         return per_scale, compose(**per_scale).weights
 
-    def _token_set(self, ctx: C.MeasureContext, sel: Tensor, dtype: torch.dtype) -> solvers.FeasibleSet:
-        """The feasible sets of the selected tokens: the static set plus per-token rows (batch shape ``[n]``)."""
+    def _token_set(self, ctx: C.MeasureContext, sel: Tensor | EllipsisType, dtype: torch.dtype) -> solvers.FeasibleSet:
+        """The feasible sets of the selected tokens (``sel``: a mask, or ``...`` for every token): the static set
+        plus per-token rows (batch shape ``[n]``)."""
         fs = self._static_set(dtype, ctx.device)
         if not self.token_constraints:
             return fs
         for c in self.token_constraints:
             a, b = token_rows(c, ctx, sel)
-            fs = fs.halfspace(a.to(dtype), b.to(dtype), name=c.name)
+            fs = fs.halfspace(a.reshape(-1, self.K).to(dtype), b.reshape(-1).to(dtype), name=c.name)
         return fs
 
     def _project(self, composed: Tensor, ctx: C.MeasureContext, mask: Tensor
@@ -293,10 +298,12 @@ class TargetPipeline:
         """w_t = Π_{W_t}(w̄_t) on the unmasked tokens; returns (weights [..., K], the unmasked tokens' sets
         [N, K] (None without teacher-weight constraints or tokens), relaxed mask [...], projection stats)."""
         stats: dict[str, Any] = {"tokens": 0, "projected_tokens": 0, "active": {}, "relaxed_tokens": 0,
-                                 "max_kkt_residual": 0.0}
+                                 "uncertified_tokens": 0, "max_kkt_residual": 0.0}  # uncertified: in a graph only
         none_relaxed = torch.zeros_like(mask)
         if not (self.static_constraints or self.token_constraints):
             return composed, None, none_relaxed, stats
+        if torch.compiler.is_compiling():
+            return self._project_in_graph(composed, ctx, mask)
         all_tokens = bool(mask.all())
         v = composed.reshape(-1, self.K) if all_tokens else composed[mask]
         v = v.to(_projection_dtype(v))
@@ -335,6 +342,39 @@ class TargetPipeline:
         if all_tokens:
             return w.reshape(composed.shape), fs, relaxed.reshape(mask.shape), stats
         return composed.index_put((mask,), w), fs, none_relaxed.index_put((mask,), relaxed), stats
+
+    def _project_in_graph(self, composed: Tensor, ctx: C.MeasureContext, mask: Tensor
+                          ) -> tuple[Tensor, solvers.FeasibleSet, Tensor, dict[str, Any]]:
+        """:meth:`_project` inside a ``torch.compile`` graph (fixed shapes, no host synchronisation): every token is
+        projected (masked ones too; their weights stay ``w̄_t``), tokens inside their set keep ``w̄_t`` as in the
+        eager path, and the tokens :func:`solvers.project` could not certify in the graph (``NUMERICAL``: no active
+        set inside a graph) count as relaxed, so that their pooled target is corrected to ``q(U) ≤ ε`` like that of
+        an empty set. The statistics are 0-d tensors (``active`` per name, zero counts included), converted by
+        :func:`projection_stats` after the graph; the sets are every token's ``[N, K]``."""
+        K, dtype = self.K, _projection_dtype(composed)
+        v = composed.reshape(-1, K).to(dtype)
+        keep = mask.reshape(-1)
+        fs = self._token_set(ctx, ..., dtype)
+        w, info = solvers.project(v, fs, return_info=True, on_all_empty="relax")
+        w = w.clamp_min(0)
+        inside = fs.contains(v, tol=0.0)
+        w = torch.where(inside[:, None], v, w / w.sum(-1, keepdim=True))
+        uncertified = keep & ~inside & (info.status == int(solvers.Status.NUMERICAL))
+        relaxed = keep & ~inside & ((info.status == int(solvers.Status.RELAXED)) | (info.relaxation > 1e-12))
+        relaxed = relaxed | uncertified
+        todo = keep & ~inside
+        active = {name: (info.active[:, r] & todo).sum() for r, name in enumerate(fs.row_names)}
+        for names, act in ((fs.lower_names, info.active_lower), (fs.upper_names, info.active_upper)):
+            for i, name in enumerate(names):
+                if name is not None:
+                    cnt = (act[:, i] & todo).sum()
+                    active[name] = active[name] + cnt if name in active else cnt
+        ok = todo & ~relaxed
+        stats = {"tokens": keep.sum(), "projected_tokens": todo.sum(), "active": active,
+                 "relaxed_tokens": relaxed.sum(), "uncertified_tokens": uncertified.sum(),
+                 "max_kkt_residual": torch.where(ok, info.kkt_residual, 0.0).amax()}
+        w = torch.where(keep[:, None], w.to(composed.dtype), composed.reshape(-1, K))
+        return w.reshape(composed.shape), fs, relaxed.reshape(mask.shape), stats
 
     def _project_convex(self, composed: Tensor, weights: Tensor, fset: solvers.FeasibleSet | None,
                         ctx: C.MeasureContext, mask: Tensor, stats: dict[str, Any]) -> dict[str, Tensor]:
@@ -410,6 +450,16 @@ class TargetPipeline:
     def _correct(self, target: Tensor, relaxed: Tensor, batch: Batch) -> tuple[Tensor, Tensor, int]:
         """On relaxed tokens with q(U) > ε: q(v) ← q(v)·ε/q(U) on U and q(v)·(1−ε)/(1−q(U)) off U (uniform over the
         safe tokens when q(U) = 1). Returns the target, the corrected-token mask and its count."""
+        if self.unsafe_mass_constraints and torch.compiler.is_compiling():  # every row, taken where relaxed
+            corrected = torch.zeros_like(relaxed)
+            for c in self.unsafe_mass_constraints:
+                u = c.unsafe if c.unsafe is not None else self.spec.unsafe
+                assert u is not None
+                capped, need = cap_unsafe_mass(target, u.mask(target.shape[-1], batch, device=target.device),
+                                               c.threshold)
+                target = torch.where(relaxed[..., None], capped, target)
+                corrected = corrected | (need & relaxed)
+            return target, corrected, corrected.sum()
         if not self.unsafe_mass_constraints or not bool(relaxed.any()):
             return target, torch.zeros_like(relaxed), 0
         rows = relaxed.nonzero(as_tuple=True)
@@ -496,6 +546,18 @@ class TargetPipeline:
         self.recheck_reference = bool(state.get("recheck_reference", False))
         for n, d in state["convex_state"].items():
             self.convex_state[n] = {int(k): m.to(torch.float64) for k, m in d.items()}
+
+
+def projection_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """``Targets.projection`` as Python numbers: the 0-d tensors of a compiled :class:`TargetPipeline` (read here,
+    after the graph: one host synchronisation each) become ints (counts) or floats; ``active`` keeps the names
+    with a nonzero count, as the eager path does. Eager statistics are returned as they are (a copy)."""
+    def py(x: Any) -> Any:
+        return (float(x) if x.is_floating_point() else int(x)) if isinstance(x, Tensor) else x
+    out = {k: py(x) for k, x in stats.items()}
+    if "active" in out:
+        out["active"] = {k: py(n) for k, n in out["active"].items() if py(n)}
+    return out
 
 
 def weight_report(t: Targets, teacher_names: tuple[str, ...]) -> dict[str, dict[str, float]]:

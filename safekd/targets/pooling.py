@@ -92,6 +92,8 @@ def _linear_pool_probs(teacher_logp: Tensor, w: Tensor) -> Tensor:
     info = torch.finfo(q.dtype)
     small = q < info.tiny / info.eps
     out = q.log_()
+    if torch.compiler.is_compiling():  # inside a graph: the log-space pool on every entry, taken where q is small
+        return torch.where(small, torch.logsumexp(torch.log(w).unsqueeze(-1) + teacher_logp, dim=-2), out)
     if bool(small.any()):
         idx = small.nonzero(as_tuple=True)
         lead = idx[:-1]

@@ -18,6 +18,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from solvers.errors import holds
+
 __all__ = ["Signals", "MissingSignalError", "SIGNAL_FIELDS", "TEACHER_FIELDS", "SCALE_FIELDS", "all_finite",
            "no_nan_or_posinf"]
 
@@ -54,6 +56,8 @@ def all_finite(t: Tensor) -> bool:
     sum of finite entries overflows; only then the exact elementwise scan runs. Non-float tensors are finite."""
     if not (t.is_floating_point() or t.is_complex()):
         return True
+    if torch.compiler.is_compiling():  # inside a graph: a device-side assert (solvers.errors.holds)
+        return holds(torch.isfinite(t).all(), "NaN or inf in a tensor checked inside a compiled graph")
     return bool(torch.isfinite(_fused_sum(t))) or bool(torch.isfinite(t).all())
 
 
@@ -63,6 +67,9 @@ def no_nan_or_posinf(t: Tensor) -> bool:
     runs. Non-float tensors pass."""
     if not t.is_floating_point():
         return True
+    if torch.compiler.is_compiling():  # as in all_finite
+        return holds(~(torch.isnan(t) | (t == math.inf)).any(), "NaN or +inf in a tensor checked inside a compiled "
+                     "graph")
     s = _fused_sum(t)
     return not (bool(torch.isnan(s)) or bool(s == math.inf)) or not bool((torch.isnan(t) | (t == math.inf)).any())
 

@@ -36,7 +36,7 @@ from safekd.targets.signals import all_finite
 from safekd.targets.sparse import SparseTeachers
 from safekd.spec.document import Spec
 from safekd.targets.pipeline import (Batch, NonFiniteError, ProjectionCheckError, TargetPipeline, Targets, TeacherFn,
-                            require_finite, weight_report)
+                                     projection_stats, require_finite, weight_report)
 
 __all__ = ["SafeDistiller", "StepRecord", "Targets", "PendingStep", "NonFiniteError", "ProjectionCheckError",
            "MultiplierAlarm", "MultiplierAlarmError"]
@@ -49,7 +49,8 @@ class StepRecord:
     threshold − u for ``>=``; 0 unless ``on_alarm: relax`` engaged it)};
     ``weights[scale][teacher]`` = mean weight over unmasked tokens for each scale, ``composed`` and ``projected``;
     ``projection`` = {tokens (unmasked), projected_tokens (outside their set, sent to the solver), active (per
-    constraint name), relaxed_tokens, corrected_tokens, max_kkt_residual};
+    constraint name), relaxed_tokens, uncertified_tokens (targets computed in a compiled graph only: tokens the
+    fixed-shape projection could not certify, counted among the relaxed ones), corrected_tokens, max_kkt_residual};
     ``alarms`` = [{constraint, message}]; ``reference_check`` = {rows, max_abs_diff} or, when the reference solver
     failed, {rows: 0, error} (re-checked on the next step)."""
 
@@ -266,13 +267,14 @@ class SafeDistiller:
         if dual_updated:
             raised = self.dual.raise_alarms()
         self.step_count += 1
-        self.events["relaxed_tokens"] += t.projection["relaxed_tokens"]
-        self.events["corrected_tokens"] += t.projection["corrected_tokens"]
+        projection = projection_stats(t.projection)  # a compiled pipeline's tensors are read here, after the graph
+        self.events["relaxed_tokens"] += projection["relaxed_tokens"]
+        self.events["corrected_tokens"] += projection["corrected_tokens"]
         record = StepRecord(step=self.step_count, loss=float(pending.kd_loss + pending.penalty),
                             kd_loss=float(pending.kd_loss), penalty=float(pending.penalty),
                             constraints=self.dual.report(states), dual_updated=dual_updated,
                             weights=weight_report(t, self.teacher_names),
-                            projection=dict(t.projection), reference_check=pending.reference_check)
+                            projection=projection, reference_check=pending.reference_check)
         for name, change in self.pipeline.update_stability(t).items():  # measured step-to-step ℓ1 change of the means
             record.projection["convex"][name]["step_change"] = change
         record.alarms = self.dual.standing_alarms()

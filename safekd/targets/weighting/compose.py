@@ -7,6 +7,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from solvers.errors import holds
+
 __all__ = ["Composition", "compose", "SCALES"]
 
 SCALES: tuple[str, ...] = ("token", "task", "context")
@@ -47,7 +49,7 @@ def compose(token: Tensor | None = None, task: Tensor | None = None, context: Te
                          ", ".join(f"{n}: {w.shape[-1]}" for n, w in factors.items()))
     if validate_args:
         for name, w in factors.items():
-            if bool(torch.isnan(w).any()) or bool((w < 0).any()):
+            if not holds(~(torch.isnan(w) | (w < 0)).any(), f"{name} weights contain NaN or negative entries"):
                 raise ValueError(f"{name} weights contain NaN or negative entries")
     total = None
     for name in SCALES:
@@ -58,7 +60,8 @@ def compose(token: Tensor | None = None, task: Tensor | None = None, context: Te
         term = torch.where(lw > -torch.inf, lam[name] * lw, lw) if lam[name] else torch.zeros_like(lw)
         total = term if total is None else total + term
     norm = torch.logsumexp(total, dim=-1, keepdim=True)
-    if validate_args and bool(torch.isneginf(norm).any()):
+    if validate_args and not holds(~torch.isneginf(norm).any(), "the factors have disjoint supports at some "
+                                                                 "position"):
         raise ValueError("the factors have disjoint supports at some position (every teacher gets weight 0 "
                          "from some scale); the normalised product is undefined there")
     log_w = total - norm
