@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import solvers
+from solvers.errors import holds
 from safekd.spec import constraints as C
 from safekd.spec.unsafe import cap_unsafe_mass
-from solvers.errors import holds
 from safekd.common.batches import IGNORE_INDEX
 from safekd.common.distributed import get_world_size
 from safekd.targets.signals import Signals, all_finite
