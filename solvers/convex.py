@@ -286,8 +286,11 @@ def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np
                 t_extra[idx] = t[:, None] * np.array([p is not None for p in block.relax])
                 _set_values(block, data, user, t_extra, pad)
                 status = _solve_block(block, solver, opts)
-        if status == cp.OPTIMAL_INACCURATE and idx.size > CHUNKS[0]:  # smaller blocks solve more accurately
-            queue.extend(np.array_split(idx, 4))
+        # an inaccurate or failed chunk is split in four down to single rows: smaller blocks solve more accurately,
+        # and one hard row (e.g. an empty one, on which Clarabel can stop with an error instead of a certificate of
+        # infeasibility) no longer takes the rows sharing its block down with it
+        if (status == cp.OPTIMAL_INACCURATE or status not in _SOLVED) and idx.size > 1:
+            queue.extend(np.array_split(idx, min(4, idx.size)))
             continue
         raw[status] = raw.get(status, 0) + idx.size
         if status in _SOLVED and block.w.value is not None:
@@ -514,8 +517,15 @@ def _verify(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
             st = (_euclid_box_simplex(vf - shift, lo_f, hi_f) - w).abs().amax(-1) / scale
         else:
             scale = shift.abs().amax(-1).clamp_min(1)
+            # y = log v − shift is shifted by its max over the coordinates left free (lo_f < hi_f); a held one is
+            # pinned whatever its y, so its exponent is set to 0. Shifting by the max over every coordinate, a held
+            # coordinate far above the free ones (λ ~ 500 on a relaxed, nearly one-point set: a gap of ~450) left
+            # the free ones at e^(−450) and the box-simplex search wrong by O(1) at an exact optimum
             y = vf.log() - shift
-            st = (_kl_box_simplex((y - y.amax(-1, keepdim=True)).exp(), lo_f, hi_f) - w).abs().amax(-1)
+            pinned = lo_f >= hi_f
+            top = torch.where(pinned, -math.inf, y).amax(-1, keepdim=True)
+            y = torch.where(pinned, 0.0, y - torch.where(torch.isfinite(top), top, 0.0))
+            st = (_kl_box_simplex(y.exp(), lo_f, hi_f) - w).abs().amax(-1)
         kkt = torch.maximum(kkt, st)
         if bool((at_lo | at_hi).any()):
             kkt = torch.maximum(kkt, _bound_signs(vf, w, lo, hi, at_lo, at_hi, free, shift, mu, lam, A, values,
