@@ -17,14 +17,18 @@ constraints of shape ``(n,)`` (one value per row, e.g. ``cp.sum(cp.entr(w), axis
   ``(rows in the chunk, K, m, metric, extra, parameter shapes)`` with ``Parameter``s (DPP) and re-solved by
   assigning values. Chunks hold 4, 8, …, 256 rows (padded with copies of a row): measured on a 2-core x86-64
   CPU, one thread, cvxpy's compilation and Clarabel's solve grow faster than linearly beyond ~256 rows of K = 8.
-  A chunk Clarabel reports inaccurate is split in four and re-solved.
+  A chunk Clarabel reports inaccurate or fails on (an error, no point: e.g. one empty row under a KL ball) is split
+  in four and re-solved, down to single rows.
 * Empty rows follow the polyhedral path's rules (box first, then the soft rows by the least uniform ``t``);
   where the user constraints still cannot hold, their inequalities are relaxed by the least uniform ``t``
   (``g ≤ t``, a phase-1 conic problem), equalities are kept. Both are flagged ``RELAXED``.
 * With smooth torch ``values`` (the constraints' twin) Clarabel runs at loose tolerances and Newton's method on
   each row's active KKT equations finishes the solve (to ~1e-15); rows it cannot verify are solved again at tight
-  tolerances. Every solved row is verified (feasibility, complementarity and, with ``values``, stationarity
-  ``w = P(v − Aᵀμ − Σ λ_j ∇g_j(w))``); rows that fail are ``NUMERICAL``.
+  tolerances, then one row per problem at the reference's (1e-12); a re-solve is kept where it verifies better.
+  Every solved row is verified: feasibility, complementarity and stationarity, ``w = P(v − Aᵀμ − Σ λ_j ∇g_j(w))``
+  with smooth ``values``, otherwise by subgradient intervals (:func:`_interval_stationarity`: the gradient by
+  autograd or cvxpy's ``grad``, one-sided differences at kinks such as an ℓ1 ball's); rows that fail are
+  ``NUMERICAL``.
 * Differentiable in ``v`` through the KKT system of the solution (``values`` needed: ``∇g`` and ``∇²g`` by
   autograd); the user constraints must be smooth at the solution (not the ℓ1 ball at a kink).
 """
