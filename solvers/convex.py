@@ -17,14 +17,19 @@ constraints of shape ``(n,)`` (one value per row, e.g. ``cp.sum(cp.entr(w), axis
   ``(rows in the chunk, K, m, metric, extra, parameter shapes)`` with ``Parameter``s (DPP) and re-solved by
   assigning values. Chunks hold 4, 8, …, 256 rows (padded with copies of a row): measured on a 2-core x86-64
   CPU, one thread, cvxpy's compilation and Clarabel's solve grow faster than linearly beyond ~256 rows of K = 8.
-  A chunk Clarabel reports inaccurate is split in four and re-solved.
+  A chunk Clarabel reports inaccurate or fails on (an error, no point: e.g. one empty row under a KL ball) is split
+  in four and re-solved, down to single rows.
 * Empty rows follow the polyhedral path's rules (box first, then the soft rows by the least uniform ``t``);
   where the user constraints still cannot hold, their inequalities are relaxed by the least uniform ``t``
   (``g ≤ t``, a phase-1 conic problem), equalities are kept. Both are flagged ``RELAXED``.
 * With smooth torch ``values`` (the constraints' twin) Clarabel runs at loose tolerances and Newton's method on
   each row's active KKT equations finishes the solve (to ~1e-15); rows it cannot verify are solved again at tight
-  tolerances. Every solved row is verified (feasibility, complementarity and, with ``values``, stationarity
-  ``w = P(v − Aᵀμ − Σ λ_j ∇g_j(w))``); rows that fail are ``NUMERICAL``.
+  tolerances, then one row per problem at the reference's (1e-12), last with Clarabel's static regularisation at
+  1e-12 instead of 1e-8; a re-solve is kept where it verifies better.
+  Every solved row is verified: feasibility, complementarity and stationarity, ``w = P(v − Aᵀμ − Σ λ_j ∇g_j(w))``
+  with smooth ``values``, otherwise by subgradient intervals (:func:`_interval_stationarity`: the gradient by
+  autograd or cvxpy's ``grad``, one-sided differences at kinks such as an ℓ1 ball's); rows that fail are
+  ``NUMERICAL``.
 * Differentiable in ``v`` through the KKT system of the solution (``values`` needed: ``∇g`` and ``∇²g`` by
   autograd); the user constraints must be smooth at the solution (not the ℓ1 ball at a kink).
 """
@@ -47,6 +52,7 @@ from solvers.errors import InfeasibleError, SolverError
 from solvers.projection import (_euclid_box_simplex, _kl_box_simplex, _relax_box, _relax_rows_lp, _tolerance,
                                 _validate)
 from solvers.projection import project as project_polyhedral
+from solvers.reference import _DEFAULT_OPTS as _OPTS_TIGHT
 from solvers.reference import _solve
 from solvers.results import ProjectionResult, Status
 from solvers.sets import FeasibleSet
@@ -64,9 +70,14 @@ _OPTS = {"CLARABEL": {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e
 # 1024 rows, entropy floor: 10 instead of 36 at K = 8; ~3% of the rows at K = 4 were solved again with _OPTS;
 # looser tolerances sent more rows back and took longer)
 _OPTS_FAST = {"CLARABEL": {"tol_gap_abs": 1e-5, "tol_gap_rel": 1e-5, "tol_feas": 1e-5, "tol_ktratio": 1e-5}}
+# last pass, one row per problem, for rows the tight pass leaves unverified: Clarabel's static regularisation
+# (default 1e-8) bounds its accuracy on exponential cones (a KL-metric row: KKT 2.4e-7 and "inaccurate" by default,
+# 3e-9 and optimal at 1e-12)
+_OPTS_REG = {"CLARABEL": {**_OPTS_TIGHT["CLARABEL"], "static_regularization_constant": 1e-12}}
 _SOLVED = {cp.OPTIMAL, cp.OPTIMAL_INACCURATE}
 _KKT_TOL = 1e-7  # conic rows: verified KKT residual (interior-point accuracy at the tolerances above)
 _ACTIVE = 1e-9  # multipliers above this mark an active constraint (implicit Jacobian)
+_FD_STEP = 1e-7  # largest step of the one-sided differences of the user constraints (certificate without smooth values)
 _CACHE: "OrderedDict[tuple, _Block]" = OrderedDict()
 _CACHE_SIZE = 64
 
@@ -213,6 +224,14 @@ def _inequalities(block: _Block) -> Tensor:
 def constraint_residuals(extra: Extra, w: Tensor, params: Mapping[str, Tensor]) -> Tensor:
     """The constraints of ``extra`` evaluated by cvxpy at ``w [n, K]`` (``params`` ``{name: [n, *s]}``): signed
     residuals ``[n, c]`` (``lhs − rhs`` of ``lhs <= rhs``, ``|lhs − rhs|`` of an equality; ≤ 0 holds)."""
+    return _residuals(extra, w, params, signed=False)
+
+
+def _residuals(extra: Extra, w: Tensor, params: Mapping[str, Tensor], signed: bool, gradient: bool = False
+               ) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`constraint_residuals`; ``signed``: an equality's ``lhs − rhs`` instead of ``|lhs − rhs|``;
+    ``gradient``: also ``∂g/∂w [n, c, K]`` by cvxpy's ``grad`` (a subgradient at a kink; NaN where cvxpy gives
+    none, e.g. ``entr`` at a zero coordinate)."""
     n, K = w.shape
     var = cp.Variable((n, K))
     var.value = w.detach().cpu().numpy()
@@ -221,8 +240,18 @@ def constraint_residuals(extra: Extra, w: Tensor, params: Mapping[str, Tensor]) 
         ps[k] = cp.Parameter(tuple(p.shape))
         ps[k].value = p.detach().cpu().double().numpy()
     cons = _check_constraints(extra(var, ps), n)
-    cols = [c.expr.value if isinstance(c, cp.constraints.Inequality) else np.abs(c.expr.value) for c in cons]
-    return torch.as_tensor(np.stack(cols, axis=-1) if cols else np.zeros((n, 0)), dtype=w.dtype, device=w.device)
+    cols = [c.expr.value if signed or isinstance(c, cp.constraints.Inequality) else np.abs(c.expr.value)
+            for c in cons]
+    g = torch.as_tensor(np.stack(cols, axis=-1) if cols else np.zeros((n, 0)), dtype=w.dtype, device=w.device)
+    if not gradient:
+        return g
+    G = np.full((n, len(cons), K), np.nan)
+    rows = np.arange(n)[:, None] + n * np.arange(K)[None, :]  # w[i, k] is entry i + n·k of the variable (column-major)
+    for j, c in enumerate(cons):
+        d = c.expr.grad.get(var) if c.expr.grad else None
+        if d is not None:
+            G[:, j] = np.asarray(d.tocsr()[rows.ravel(), np.repeat(np.arange(n), K)]).reshape(n, K)
+    return g, torch.as_tensor(G, dtype=w.dtype, device=w.device)
 
 
 def _set_values(block: _Block, data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], relax: np.ndarray,
@@ -253,9 +282,9 @@ def _solve_block(block: _Block, solver: str, opts: dict) -> str:
 
 
 def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np.ndarray, metric: str,
-           extra: Extra, shapes: Mapping[str, tuple[int, ...]], c: int, solver: str, opts: dict
-           ) -> tuple[np.ndarray, ...]:
-    """Solve the rows of ``data`` chunk by chunk; empty chunks are relaxed (polyhedral rows by LP, then the user
+           extra: Extra, shapes: Mapping[str, tuple[int, ...]], c: int, solver: str, opts: dict,
+           rows_max: int = CHUNKS[-1]) -> tuple[np.ndarray, ...]:
+    """Solve the rows of ``data`` chunk by chunk (at most ``rows_max`` rows); empty chunks are relaxed (polyhedral rows by LP, then the user
     inequalities by phase 1) and re-solved; inaccurate chunks are split in four and re-solved. Returns ``(w, μ, λ,
     t_rows, t_extra, solved, iterations, raw, inequality mask [c])``."""
     N, K = data["v"].shape
@@ -263,7 +292,7 @@ def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np
     W, MU, LAM = np.zeros((N, K)), np.zeros((N, m)), np.zeros((N, c))
     t_rows, t_extra = np.zeros(N), np.zeros((N, c))
     solved, iters, raw = np.zeros(N, dtype=bool), np.zeros(N, dtype=np.int64), {}
-    queue = [np.arange(s, min(s + CHUNKS[-1], N)) for s in range(0, N, CHUNKS[-1])]
+    queue = [np.arange(s, min(s + rows_max, N)) for s in range(0, N, rows_max)]
     while queue:
         idx = queue.pop(0)
         size = next(rows for rows in CHUNKS if rows >= idx.size)
@@ -286,8 +315,11 @@ def _conic(data: dict[str, np.ndarray], user: Mapping[str, np.ndarray], hard: np
                 t_extra[idx] = t[:, None] * np.array([p is not None for p in block.relax])
                 _set_values(block, data, user, t_extra, pad)
                 status = _solve_block(block, solver, opts)
-        if status == cp.OPTIMAL_INACCURATE and idx.size > CHUNKS[0]:  # smaller blocks solve more accurately
-            queue.extend(np.array_split(idx, 4))
+        # an inaccurate or failed chunk is split in four down to single rows: smaller blocks solve more accurately,
+        # and one hard row (e.g. an empty one, on which Clarabel can stop with an error instead of a certificate of
+        # infeasibility) no longer takes the rows sharing its block down with it
+        if (status == cp.OPTIMAL_INACCURATE or status not in _SOLVED) and idx.size > 1:
+            queue.extend(np.array_split(idx, min(4, idx.size)))
             continue
         raw[status] = raw.get(status, 0) + idx.size
         if status in _SOLVED and block.w.value is not None:
@@ -487,12 +519,14 @@ def _polish(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
 
 
 def _verify(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, mu: Tensor, lam: Tensor,
-            g: Tensor, t: Tensor, ineq: Tensor, values: Values | None, params: Mapping[str, Tensor], metric: str
+            g: Tensor, t: Tensor, ineq: Tensor, values: Values | None, params: Mapping[str, Tensor], metric: str,
+            evaluate: tuple[Values, Callable[[Tensor, Mapping[str, Tensor]], Tensor]] | None = None
             ) -> tuple[Tensor, Tensor, Tensor]:
     """KKT residual per row: max of primal violation (Σw = 1, bounds, rows, ``g ≤ t``), complementarity
-    ``|min(μ, slack)|``, ``|min(λ, t − g)|`` and, with ``values``, the relative stationarity error
-    ``‖P(v − Aᵀμ − Σλ∇g) − w‖∞`` (P: the box∩simplex projection of the metric).
-    Returns ``(kkt, ∇g, Σλ∇²g)``."""
+    ``|min(μ, slack)|``, ``|min(λ, t − g)|`` and, with smooth ``values``, the relative stationarity error
+    ``‖P(v − Aᵀμ − Σλ∇g) − w‖∞`` (P: the box∩simplex projection of the metric); without them, ``evaluate``
+    ``(signed residuals, their gradient [n, c, K])`` (non-smooth torch values, or cvxpy) gives the subgradient form
+    of stationarity (:func:`_interval_stationarity`). Returns ``(kkt, ∇g, Σλ∇²g)``."""
     kkt = torch.maximum((w.sum(-1) - 1).abs(), torch.maximum(lo - w, w - hi).amax(-1))
     if A.shape[1]:
         slack = b - (A * w[:, None, :]).sum(-1)
@@ -501,6 +535,9 @@ def _verify(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
         gap = torch.where(ineq, torch.minimum(lam, t - g).abs(), (g - t).abs())
         kkt = torch.maximum(kkt, torch.maximum((g - t).amax(-1), gap.amax(-1)))
     grad_g, Hg = _curvature(values, w, params, lam)
+    if values is None and evaluate is not None and g.shape[-1] and w.shape[0]:
+        left, right, curv = _subgradients(*evaluate, w, lo, params)
+        kkt = torch.maximum(kkt, _interval_stationarity(vf, w, lo, hi, A, mu, lam, left, right, curv, metric))
     if values is not None:
         # coordinates within 1e-12 of a bound count as fixed there: where a log term's exact optimum underflows
         # (w_k = e^(−1000) at a tiny λ), ∇g at the clamped w would be wrong by λ·(1000 − 708)
@@ -514,13 +551,107 @@ def _verify(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor,
             st = (_euclid_box_simplex(vf - shift, lo_f, hi_f) - w).abs().amax(-1) / scale
         else:
             scale = shift.abs().amax(-1).clamp_min(1)
+            # y = log v − shift is shifted by its max over the coordinates left free (lo_f < hi_f); a held one is
+            # pinned whatever its y, so its exponent is set to 0. Shifting by the max over every coordinate, a held
+            # coordinate far above the free ones (λ ~ 500 on a relaxed, nearly one-point set: a gap of ~450) left
+            # the free ones at e^(−450) and the box-simplex search wrong by O(1) at an exact optimum
             y = vf.log() - shift
-            st = (_kl_box_simplex((y - y.amax(-1, keepdim=True)).exp(), lo_f, hi_f) - w).abs().amax(-1)
+            pinned = lo_f >= hi_f
+            top = torch.where(pinned, -math.inf, y).amax(-1, keepdim=True)
+            y = torch.where(pinned, 0.0, y - torch.where(torch.isfinite(top), top, 0.0))
+            st = (_kl_box_simplex(y.exp(), lo_f, hi_f) - w).abs().amax(-1)
         kkt = torch.maximum(kkt, st)
         if bool((at_lo | at_hi).any()):
             kkt = torch.maximum(kkt, _bound_signs(vf, w, lo, hi, at_lo, at_hi, free, shift, mu, lam, A, values,
                                                   params, metric) / scale)
     return kkt, grad_g, Hg
+
+
+def _subgradients(evaluate: Callable[[Tensor, Mapping[str, Tensor]], Tensor],
+                  gradient: Callable[[Tensor, Mapping[str, Tensor]], Tensor], w: Tensor, lo: Tensor,
+                  params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Coordinate-wise bounds ``(left, right)`` ``[n, c, K]`` on the subgradients of the user constraints at ``w``,
+    and their curvatures. ``gradient`` (autograd or cvxpy's ``grad``: exact where ``g`` is smooth, one subgradient
+    at a kink; NaN where unknown) is taken where the one-sided partial derivatives agree, otherwise the interval
+    they span. The one-sided derivatives of the signed residuals (``evaluate``) are Richardson-extrapolated
+    differences, ``right_k = 2D(h) − D(2h)`` with ``D(h) = (g(w + h e_k) − g(w))/h`` (the O(h) term of a smooth
+    ``g`` cancels, an affine piece is exact) and ``left_k`` likewise with ``−h``, steps ``h_k = clip(1e-3·w_k,
+    1e-10, 1e-7)``; a kink (``w_k = p_k`` under an ℓ1 ball) is a jump ``right_k − left_k > 1e-3·(1 + |∇g_k|)``.
+    Where ``w_k − 2h_k`` leaves the box (``< lo_k``) the left derivative is the right one. The curvatures
+    ``∂²g/∂w_k²`` (0 at a kink) are ``(D(h) − D(−h))/h``, or ``2(D(2h) − D(h))/h`` near the lower bound: only
+    their order of magnitude matters (they weigh the stationarity residual), e.g. ~1e10 for an entropy term at
+    ``w_k`` = 6e-13 where ``1/w_k`` is 2e12. All ``(4K+1)·n`` shifted rows go through one evaluation, the gradient
+    through one call at ``w``."""
+    n, K = w.shape
+    eye = torch.eye(K, dtype=w.dtype, device=w.device)
+
+    def shifted(steps: Tensor) -> Tensor:  # steps [s, n, K] -> rows w + steps[s, i, k]·e_k, [s·K·n, K]
+        st = steps.permute(0, 2, 1)[..., None]  # [s, K (coordinate), n, 1]
+        return (w[None, None] + st * eye[None, :, None, :]).reshape(-1, K)
+
+    rep = lambda r: {k: p.repeat(r, *([1] * (p.dim() - 1))) for k, p in params.items()}  # noqa: E731
+    h = (1e-3 * w).clamp(_FD_STEP * 1e-3, _FD_STEP)
+    hs = torch.stack([h, 2 * h, -h, -2 * h])
+    g = evaluate(torch.cat([w, shifted(hs)]), rep(4 * K + 1)).reshape(4 * K + 1, n, -1)
+    d = ((g[1:].reshape(4, K, n, -1) - g[0]) / hs.permute(0, 2, 1)[..., None]).permute(0, 2, 3, 1)  # [4, n, c, K]
+    right, left = 2 * d[0] - d[1], 2 * d[2] - d[3]
+    inside = (w - 2 * h >= lo)[:, None, :]
+    left = torch.where(inside, left, right)
+    grad = gradient(w, params)
+    known = torch.isfinite(grad)
+    kink = ~known | (right - left > 1e-3 * (1 + grad.abs()))
+    lo_s = torch.where(kink, torch.where(known, torch.minimum(left, grad), left), grad)
+    hi_s = torch.where(kink, torch.where(known, torch.maximum(right, grad), right), grad)
+    curv = torch.where(inside, d[0] - d[2], 2 * (d[1] - d[0])) / h[:, None, :]  # D(h) − D(−h), or forward
+    curv = torch.where(kink, 0.0, curv)
+    return lo_s, hi_s, torch.nan_to_num(curv, nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0)
+
+
+def _interval_stationarity(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, A: Tensor, mu: Tensor, lam: Tensor,
+                           left: Tensor, right: Tensor, curv: Tensor, metric: str) -> Tensor:
+    """Stationarity with subgradients, for user constraints without smooth ``values`` (non-smooth, or evaluated
+    by cvxpy): with ``r = ∇f(w) + Aᵀμ`` and ``λ_j s_j``, ``s_j ∈ ∂g_j(w)`` taken coordinate-wise in
+    ``λ_j·[left_jk, right_jk]`` (:func:`_subgradients`; an equality's λ has either sign), ``w`` is stationary iff
+    some ν has ``r_k + Σ_j λ_j s_jk + ν`` = 0 on the free coordinates, ≥ 0 at a lower and ≤ 0 at an upper bound,
+    i.e. ``ν ∈ [L_k, U_k]`` with ``L_k = −r_k − max_s`` (free, lower bound; −∞ at an upper bound) and
+    ``U_k = −r_k − min_s`` (free, upper bound; +∞ at a lower bound; within 1e-9 of a bound counts as held there,
+    the interior-point accuracy the polish also uses). Returns ``min_ν max_k c_k·dist(ν, [L_k,
+    U_k])`` (60 bisections on ν), in units of ``w``: ``c_k = 1/(∂²f_kk + Σ_j |λ_j| ∂²g_j,kk)`` (``curv``: the
+    coordinate's Newton step; under an entropy term 1/(1 + λ/w_k), as a coordinate of 1e-9 moved by 1e-13 changes
+    ``log w_k`` by 1e-4) with ``∂²f_kk = 1`` (Euclidean; then divided by ``max(|v|, |shift|, 1)`` like
+    :func:`_verify`) or ``1/w_k`` (KL). Coordinate-wise intervals are exact for separable kinks (ℓ1 balls) and a
+    relaxation otherwise."""
+    at_lo, at_hi = (w - lo <= 1e-9) & (lo < hi), (hi - w <= 1e-9) & (lo < hi)  # as the polish (unpolished here)
+    at_hi = at_hi & ~at_lo
+    fixed = lo >= hi
+    tiny = torch.finfo(w.dtype).tiny
+    a, b = lam[..., None] * left, lam[..., None] * right
+    s_lo, s_hi = torch.minimum(a, b).sum(-2), torch.maximum(a, b).sum(-2)
+    df = w - vf if metric == "euclidean" else w.clamp_min(tiny).log() - vf.log()
+    r = df + (mu[..., None] * A).sum(-2)
+    L = torch.where(at_hi | fixed, -math.inf, -r - s_hi)
+    U = torch.where(at_lo | fixed, math.inf, -r - s_lo)
+    q = torch.ones_like(w) if metric == "euclidean" else 1 / w.clamp_min(tiny)
+    c = torch.where(fixed, 0.0, 1 / (q + (lam.abs()[..., None] * curv).sum(-2)))
+    ends = torch.cat([L, U], -1)
+    a_ = torch.where(torch.isfinite(ends), ends, math.inf).amin(-1)
+    b_ = torch.where(torch.isfinite(ends), ends, -math.inf).amax(-1)
+    a_, b_ = torch.where(torch.isfinite(a_), a_, 0.0), torch.where(torch.isfinite(b_), b_, 0.0)
+
+    def sides(nu: Tensor) -> tuple[Tensor, Tensor]:
+        """The largest weighted distance below the intervals' lower ends and above their upper ends."""
+        return (c * (L - nu[:, None]).clamp_min(0)).amax(-1), (c * (nu[:, None] - U).clamp_min(0)).amax(-1)
+
+    for _ in range(60):
+        mid = (a_ + b_) / 2
+        below, above = sides(mid)
+        a_, b_ = torch.where(below > above, mid, a_), torch.where(below > above, b_, mid)
+    below, above = sides((a_ + b_) / 2)
+    viol = torch.maximum(below, above)
+    if metric == "euclidean":
+        shift = (mu[..., None] * A).sum(-2) + torch.maximum(s_lo.abs(), s_hi.abs())
+        viol = viol / torch.maximum(vf.abs().amax(-1), shift.abs().amax(-1)).clamp_min(1)
+    return viol
 
 
 def _bound_signs(vf: Tensor, w: Tensor, lo: Tensor, hi: Tensor, at_lo: Tensor, at_hi: Tensor, free: Tensor,
@@ -673,6 +804,10 @@ def project_convex(
     # smooth values the first pass runs Clarabel at loose tolerances (the polish does the rest); rows that still
     # fail verification are solved again at tight tolerances
     curved = values if smooth else None  # ∇g, ∇²g only where g is smooth
+    # otherwise stationarity is verified by one-sided differences of the signed residuals (torch or cvxpy)
+    kinked = None if curved is not None else (values, lambda x, p: _curvature(
+        values, x, p, x.new_zeros(x.shape[0], c), hessian=False)[0]) if values is not None else (
+        lambda x, p: _residuals(extra, x, p, signed=True), lambda x, p: _residuals(extra, x, p, True, True)[1])
     kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, curved, rows_p, metric)
     hard = np.array(fset.hard_rows, dtype=bool)
     as_t = lambda x: torch.as_tensor(x, device=dev)  # noqa: E731
@@ -718,11 +853,14 @@ def project_convex(
             w, mu, lam, g, status = (x.index_put((failed,), y[failed]) for x, y in zip((w, mu, lam, g, status), before))
             raw["interior_point"] = int(ok.sum())
             todo = todo[~torch.isin(todo, ip[ok])]
-    for attempt, base in enumerate((_OPTS_FAST, _OPTS) if curved is not None else (_OPTS,)):
+    passes = ((_OPTS_FAST, CHUNKS[-1]),) if curved is not None else ()
+    for attempt, (base, rows_max) in enumerate(passes + ((_OPTS, CHUNKS[-1]), (_OPTS_TIGHT, 1), (_OPTS_REG, 1))):
         if attempt:  # rows solved (interior point or conic) that still fail verification
             todo = (conic & (kkt > _KKT_TOL)).nonzero()[:, 0]
         if not todo.numel():
             break
+        # a re-solve keeps the rows where it verifies worse (a row already solved once)
+        kept = [x[todo] for x in (w, mu, lam, g, kkt, grad_g, Hg, status, b, lo, hi, relax_extra, relax_rows)]
         opts = dict(base.get(solver, {}), **(solver_opts or {}))
         lo_r, hi_r, t_box = _relax_box(lo[todo], hi[todo])
         data = {"v": (vf[todo].log() if metric == "kl" else vf[todo]).cpu().numpy(), "lower": lo_r.cpu().numpy(),
@@ -751,7 +889,17 @@ def project_convex(
         status = status.index_put((todo,), torch.full_like(todo, int(Status.NUMERICAL)))
         status = status.index_put((sel,), torch.full_like(sel, int(Status.OPTIMAL)))
         kkt, grad_g, Hg = _verify(vf, w, lo, hi, A, b, mu, lam, g, relax_extra, ineq, curved, rows_p, metric)
+        if kinked is not None and sel.numel():  # stationarity by subgradients (no smooth values)
+            kkt = kkt.index_put((sel,), _verify(vf[sel], w[sel], lo[sel], hi[sel], A[sel], b[sel], mu[sel], lam[sel],
+                                                g[sel], relax_extra[sel], ineq, None,
+                                                {k: p[sel] for k, p in rows_p.items()}, metric, kinked)[0])
         polish(sel)
+        if attempt:
+            worse = kkt[todo] > kept[4]
+            back = todo[worse]
+            w, mu, lam, g, kkt, grad_g, Hg, status, b, lo, hi, relax_extra, relax_rows = (
+                x.index_put((back,), y[worse]) for x, y in zip(
+                    (w, mu, lam, g, kkt, grad_g, Hg, status, b, lo, hi, relax_extra, relax_rows), kept))
     if unsolved := int((conic & (status == int(Status.NUMERICAL))).sum()):
         logger.warning("project_convex: %d row(s) not solved by %s (%s); kept the polyhedral point, status "
                        "NUMERICAL", unsolved, solver, raw)
