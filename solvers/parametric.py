@@ -53,7 +53,8 @@ def _float(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _newton_tau(v: Tensor, lo: Tensor, hi: Tensor, steps: int, ax: int) -> Tensor:
-    """``τ [n, 1]`` with ``Σ clamp(v − τ, lo, hi) = 1`` after ``steps`` safeguarded Newton steps (module doc)."""
+    """``τ`` (one per row: size 1 along the teacher axis ``ax``) with ``Σ clamp(v − τ, lo, hi) = 1`` after ``steps``
+    safeguarded Newton steps (module doc)."""
     t_lo, f_lo = (v - hi).amin(ax, keepdim=True), hi.sum(ax, keepdim=True) - 1  # f(t_lo) ≥ 0 ≥ f(t_hi)
     t_hi, f_hi = (v - lo).amax(ax, keepdim=True), lo.sum(ax, keepdim=True) - 1
     tau = (v.sum(ax, keepdim=True) - 1) / v.shape[ax]
@@ -64,7 +65,8 @@ def _newton_tau(v: Tensor, lo: Tensor, hi: Tensor, steps: int, ax: int) -> Tenso
         up = f > 0  # too much mass: τ increases
         t_lo, f_lo = torch.where(up, tau, t_lo), torch.where(up, f, f_lo)
         t_hi, f_hi = torch.where(up, t_hi, tau), torch.where(up, f_hi, f)
-        n = _float(w == u, v.dtype).sum(ax, keepdim=True)  # free coordinates (ties included: a shorter step, never a wrong one)
+        n = _float(w == u, v.dtype).sum(ax, keepdim=True)  # free coordinates (ties included: a shorter step, never
+        # a wrong one)
         newton = tau + f / n.clamp_min(1)
         falsi = t_lo + f_lo * (t_hi - t_lo) / torch.where(f_lo > f_hi, f_lo - f_hi, 1.0)
         tau = torch.where((n > 0) & (newton >= t_lo) & (newton <= t_hi), newton, falsi)
@@ -73,7 +75,7 @@ def _newton_tau(v: Tensor, lo: Tensor, hi: Tensor, steps: int, ax: int) -> Tenso
 
 def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, free: Tensor, low: Tensor,
                         upp: Tensor, active: Tensor, ax: int) -> tuple[Tensor, Tensor]:
-    """``(τ, μ) [n, 1]`` solving ``Σw = 1`` (and ``a·w = b`` where ``active``) with ``w_F = v_F − τ − μa_F``,
+    """``(τ, μ)`` (one per row, size 1 along ``ax``) solving ``Σw = 1`` (and ``a·w = b`` where ``active``) with ``w_F = v_F − τ − μa_F``,
     ``w_L = lo``, ``w_U = hi``: ``[[|F|, Σ_F a], [Σ_F a, Σ_F a²]] (τ, μ) = (p, q)`` (``μ = 0`` where inactive)."""
     F = _float(free, v.dtype)
     fixed = _float(low, v.dtype) * lo + _float(upp, v.dtype) * hi
@@ -91,8 +93,8 @@ def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor,
 
 def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor,
                     mu: Tensor, ax: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """At ``(τ, μ) [n, 1]``: ``w = clamp(v − τ − μa, lo, hi)`` (stationary by construction), its KKT residual
-    ``max(|Σw − 1|, max(g, 0), |min(μ, −g)|)`` (``g = a·w − b``), and the next semismooth Newton iterate: on the
+    """At ``(τ, μ)`` (one per row, size 1 along ``ax``): ``w = clamp(v − τ − μa, lo, hi)`` (stationary by
+    construction), its KKT residual ``max(|Σw − 1|, max(g, 0), |min(μ, −g)|)`` (``g = a·w − b``), and the next semismooth Newton iterate: on the
     free coordinates (``w = u``) ``Σw − 1 = r`` and ``g`` move by ``−[[|F|, Σ_F a], [Σ_F a, Σ_F a²]] (Δτ, Δμ)``;
     the row binds where ``μ > 0`` or ``g > 0`` (else ``μ → 0``), ``μ`` stays where the 2×2 system is singular.
     Returns ``(w, kkt, τ', μ')``."""
@@ -120,8 +122,10 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
     ``torch.compile(fullgraph=True)`` (no graph break, no host synchronisation). Every row carries its certificate
     (``certified``: KKT residual ≤ ``tol``); uncertified rows must be solved by an exact fallback.
     """
-    if v.shape[-1] <= _COLUMNS_MAX_K:  # [K, n]: a reduction over K adds K contiguous rows instead of reducing n
-        ax = 0                          # short ones (one CPU thread: the kernel 1.14–1.20× faster at K = 4–8, none at 16)
+    # [K, n] up to _COLUMNS_MAX_K: a reduction over K adds K contiguous rows instead of reducing n short ones (one
+    # CPU thread: the kernel 1.14–1.20× faster at K = 4–8, no gain at K = 16)
+    if v.shape[-1] <= _COLUMNS_MAX_K:
+        ax = 0
         v, lo, hi, a = (t.T.contiguous() for t in (v, lo, hi, a))
         b = b[None, :]
     else:
@@ -133,7 +137,8 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
     low, upp = u <= lo, u >= hi  # ties count as bound: the partition of the exact finish
     free = ~(low | upp)
     no_free = ~free.any(ax, keepdim=True)
-    tau = torch.where(no_free, tau, _exact_on_partition(v, lo, hi, a, b, free, low, upp, torch.zeros_like(no_free), ax)[0])
+    tau = torch.where(no_free, tau,
+                      _exact_on_partition(v, lo, hi, a, b, free, low, upp, torch.zeros_like(no_free), ax)[0])
     # nothing free (w at a vertex; τ anywhere in an interval): move τ to the interval's end where the coordinate
     # at its upper bound nearest to freeing sits exactly at it, and count that coordinate free (then |F| ≥ 1)
     u = v - tau
