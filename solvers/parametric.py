@@ -75,8 +75,8 @@ def _newton_tau(v: Tensor, lo: Tensor, hi: Tensor, steps: int, ax: int) -> Tenso
 
 def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, free: Tensor, low: Tensor,
                         upp: Tensor, active: Tensor, ax: int) -> tuple[Tensor, Tensor]:
-    """``(τ, μ)`` (one per row, size 1 along ``ax``) solving ``Σw = 1`` (and ``a·w = b`` where ``active``) with ``w_F = v_F − τ − μa_F``,
-    ``w_L = lo``, ``w_U = hi``: ``[[|F|, Σ_F a], [Σ_F a, Σ_F a²]] (τ, μ) = (p, q)`` (``μ = 0`` where inactive)."""
+    """``(τ, μ)`` (one per row, size 1 along ``ax``) solving ``Σw = 1`` (and ``a·w = b`` where ``active``) with
+    ``w_F = v_F − τ − μa_F``, ``w_L = lo``, ``w_U = hi``: ``[[|F|, Σ_F a], [Σ_F a, Σ_F a²]] (τ, μ) = (p, q)`` (``μ = 0`` where inactive)."""
     F = _float(free, v.dtype)
     fixed = _float(low, v.dtype) * lo + _float(upp, v.dtype) * hi
     Fa = F * a
