@@ -127,3 +127,31 @@ def test_validate_two_floors_exits_2_fast_naming_both_lines(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert "'floor(a)' (constraints[0], line 6), 'floor(b)' (constraints[2], line 8)" in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_validate_lists_every_error_of_the_file_one_line_each(tmp_path, capsys):
+    """Errors in several parts are reported together, in file order, one line each with its line number; the
+    first error's key and line stay on the exception, and each error is in ``errors``."""
+    path = tmp_path / "many.yaml"
+    path.write_text(HEAD + "constraints:\n"
+                    "  - {kind: cap, teacher: b, max: 1.5x}\n"        # line 6
+                    "  - {kind: floor, teacher: zz, min: 0.1}\n"       # line 7
+                    "  - {kind: nonsense}\n"                           # line 8
+                    "temperature: hot\n")                              # line 9
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert [e.line for e in exc.value.errors] == [6, 7, 8, 9]
+    assert (exc.value.key, exc.value.line) == ("constraints[0].max", 6)
+    assert main(["validate", "--spec", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "4 errors in the spec" in err and "unknown teacher 'zz'" in err and "'nonsense'" in err
+    assert err.count("\n") == 5 and "Traceback" not in err
+
+
+def test_a_teacher_error_is_not_repeated_by_the_constraints_naming_it(tmp_path):
+    path = tmp_path / "teachers.yaml"
+    path.write_text("teachers:\n  - {name: a, safety: high}\n  - {name: b}\n"
+                    "constraints:\n  - {kind: cap, teacher: a, max: 0.5}\ntemperature: hot\n")
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert [e.key for e in exc.value.errors] == ["teachers[0].safety", "temperature"]

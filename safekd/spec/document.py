@@ -48,8 +48,20 @@ class SpecError(ValueError):
 
     def __init__(self, key: str, message: str, line: int | None = None, source: str | None = None) -> None:
         self.key, self.line, self.source = key, line, source
+        self.errors: tuple[SpecError, ...] = (self,)
         where = (f"{source}:" if source else "") + (f"{line}: " if line is not None else (" " if source else ""))
         super().__init__(f"{where}{key}: {message}")
+
+    @classmethod
+    def many(cls, errors: list["SpecError"]) -> "SpecError":
+        """Several errors as one: the first's key and line, a message listing all of them (one line each, in
+        file order), and ``errors`` holding each."""
+        errors = sorted(errors, key=lambda e: (e.line is None, e.line or 0))
+        first = errors[0]
+        out = cls.__new__(cls)
+        out.key, out.line, out.source, out.errors = first.key, first.line, first.source, tuple(errors)
+        ValueError.__init__(out, f"{len(errors)} errors in the spec:\n" + "\n".join(str(e) for e in errors))
+        return out
 
 
 @dataclass(frozen=True)
@@ -428,28 +440,42 @@ class _Parser:
             raise self.error(key, str(exc)) from exc
 
     def spec(self, data: Mapping[str, Any]) -> Spec:
-        self.keys(data, "", _TOP, ("teachers",))
-        ts = data["teachers"]
-        if not isinstance(ts, list) or not ts:
-            raise self.error("teachers", "expected a non-empty list of teachers")
-        teachers = []
-        for i, t in enumerate(ts):
-            key = f"teachers[{i}]"
-            t = {"name": t} if isinstance(t, str) else t
-            self.keys(t, key, ("name", "safety", "temperature"), ("name",))
-            teachers.append(TeacherSpec(
-                name=self.string(t["name"], f"{key}.name"),
-                safety=self.number(t["safety"], f"{key}.safety") if "safety" in t else None,
-                temperature=self.number(t["temperature"], f"{key}.temperature") if "temperature" in t else None))
-        known = tuple(t.name for t in teachers)
+        """The spec of ``data``. Every part is parsed even after an error (each teacher; each constraint, once the
+        teachers it names are valid; ``unsafe``, ``temperature``, ``dual``, ``checks``), so that one
+        :class:`SpecError` lists every error found (one line each); the checks across parts (names, feasibility)
+        run once the parts are valid."""
+        errors: list[SpecError] = []
+
+        def attempt(fn: Callable[..., Any], *args: Any) -> Any:
+            try:
+                return fn(*args)
+            except SpecError as exc:
+                errors.append(exc)
+                return None
+
+        attempt(self.keys, data, "", _TOP, ("teachers",))
+        ts = data.get("teachers")
+        if "teachers" in data and (not isinstance(ts, list) or not ts):
+            errors.append(self.error("teachers", "expected a non-empty list of teachers"))
+        teachers = [attempt(self.teacher_spec, t, f"teachers[{i}]") for i, t in enumerate(ts or [])] \
+            if isinstance(ts, list) else []
+        teachers_ok = not errors
+        known = tuple(t.name for t in teachers if t is not None)
         cs = data.get("constraints", [])
         if not isinstance(cs, list):
-            raise self.error("constraints", f"expected a list of constraints, got {type(cs).__name__}")
-        constraints = tuple(self.constraint(c, f"constraints[{i}]", known) for i, c in enumerate(cs))
-        unsafe = self.unsafe(data["unsafe"], "unsafe") if "unsafe" in data else None
-        temperature = self.number(data.get("temperature", 1.0), "temperature")
-        dual = self.section(data.get("dual", {}), "dual", DualSpec)
-        checks = self.section(data.get("checks", {}), "checks", ChecksSpec)
+            errors.append(self.error("constraints", f"expected a list of constraints, got {type(cs).__name__}"))
+            cs = []
+        # constraints name teachers: they are parsed once every teacher parsed (else their errors would repeat the
+        # teachers' ones)
+        constraints = [attempt(self.constraint, c, f"constraints[{i}]", known) for i, c in enumerate(cs)] \
+            if teachers_ok else []
+        unsafe = attempt(self.unsafe, data["unsafe"], "unsafe") if "unsafe" in data else None
+        temperature = attempt(self.number, data.get("temperature", 1.0), "temperature")
+        dual = attempt(self.section, data.get("dual", {}), "dual", DualSpec)
+        checks = attempt(self.section, data.get("checks", {}), "checks", ChecksSpec)
+        if errors:
+            raise errors[0] if len(errors) == 1 else SpecError.many(errors)
+        constraints = tuple(constraints)
         spec = object.__new__(Spec)
         for name, value in (("teachers", tuple(teachers)), ("constraints", constraints), ("unsafe", unsafe),
                             ("temperature", temperature), ("dual", dual), ("checks", checks)):
@@ -457,6 +483,14 @@ class _Parser:
         _validate(spec, self.locate, self.source)
         _check_static_feasible(spec, self.locate, self.source)
         return spec
+
+    def teacher_spec(self, t: Any, key: str) -> TeacherSpec:
+        t = {"name": t} if isinstance(t, str) else t
+        self.keys(t, key, ("name", "safety", "temperature"), ("name",))
+        return TeacherSpec(
+            name=self.string(t["name"], f"{key}.name"),
+            safety=self.number(t["safety"], f"{key}.safety") if "safety" in t else None,
+            temperature=self.number(t["temperature"], f"{key}.temperature") if "temperature" in t else None)
 
     def section(self, d: Any, key: str, cls: type) -> Any:
         names = tuple(f.name for f in fields(cls))
