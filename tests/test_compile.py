@@ -14,6 +14,7 @@ from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
 from safekd.targets.pipeline import projection_stats
 from safekd.weighting import ConfidenceSoftmax, GoldLikelihood
 from solvers import FeasibleSet, Status, project
+from students import Student
 
 F64 = torch.float64
 NO_CHECKS = ChecksSpec(reference_every=0, alarm_window=0)
@@ -115,16 +116,6 @@ def test_all_empty_set_fails_a_device_side_assert():
 
 
 # ---------------------------------------------------------------------------------------------- SafeDistiller
-
-
-class Student(torch.nn.Module):
-    def __init__(self, V=12, d=8):
-        super().__init__()
-        self.emb = torch.nn.Embedding(V, d)
-        self.out = torch.nn.Linear(d, V)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.emb(x)))
 
 
 def _distiller(eps: float, weighting, V=12, B=2, T=16, device="cpu", dtype=F64):

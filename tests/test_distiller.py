@@ -16,18 +16,9 @@ from safekd.unsafe import UnsafeSet
 from safekd.weighting import ConfidenceSoftmax
 
 from constrained_toys import margin_problem
+from students import Student
 
 NO_CHECKS = ChecksSpec(reference_every=0, alarm_window=0)
-
-
-class Student(torch.nn.Module):
-    def __init__(self, V=12, d=8):
-        super().__init__()
-        self.emb = torch.nn.Embedding(V, d)
-        self.out = torch.nn.Linear(d, V)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.emb(x)))
 
 
 def _setup(constraints, V=12, K=3, B=2, T=6, seed=0, checks=NO_CHECKS, **kw):

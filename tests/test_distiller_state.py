@@ -9,18 +9,9 @@ from safekd import constraints as C
 from safekd.distiller import ProjectionCheckError, SafeDistiller
 from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
 from safekd.weighting import ConfidenceSoftmax
+from students import Student
 
 V, K = 12, 3
-
-
-class Student(torch.nn.Module):
-    def __init__(self, d=8):
-        super().__init__()
-        self.emb = torch.nn.Embedding(V, d)
-        self.out = torch.nn.Linear(d, V)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.emb(x)))
 
 
 def _make(checks=ChecksSpec(reference_every=0, alarm_window=0), d=8, seed=0):
@@ -28,7 +19,7 @@ def _make(checks=ChecksSpec(reference_every=0, alarm_window=0), d=8, seed=0):
                 constraints=[C.cap("risky", 0.2), C.unsafe_mass(0.3), C.unsafe_rate(0.05)], unsafe=[0, 1],
                 dual=DualSpec(rule="nupi", lr=0.1, kp=0.5), checks=checks)
     torch.manual_seed(seed)
-    student = Student(d)
+    student = Student(V, d)
     return SafeDistiller(student, None, torch.optim.Adam(student.parameters(), 1e-2), spec,
                          weighting=ConfidenceSoftmax(beta=3.0))
 

@@ -12,19 +12,10 @@ from safekd.sparse import SparseTeachers, topk_logprobs
 from safekd.spec import ChecksSpec, DualSpec, Spec, TeacherSpec
 from safekd.unsafe import UnsafeSet
 from safekd.weighting import GoldLikelihood
+from students import Student
 
 NO_CHECKS = ChecksSpec(reference_every=0, alarm_window=0)
 U = [0, 1, 5]
-
-
-class Student(torch.nn.Module):
-    def __init__(self, V: int, d: int = 8) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(V, d)
-        self.out = torch.nn.Linear(d, V)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.emb(x)))
 
 
 def _batch(B=2, T=6, K=3, V=12, seed=0):
