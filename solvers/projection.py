@@ -45,7 +45,7 @@ from solvers.errors import InfeasibleError, holds
 from solvers.isotonic import block_means, isotonic_decreasing
 from solvers.ordered import project_ordered_halfspace
 from solvers.parametric import FixedShapeResult, project_box_halfspace
-from solvers.results import ProjectionResult, Status, projection_message
+from solvers.results import ProjectionResult, Status, projection_message, projection_success
 from solvers.sets import FeasibleSet
 
 __all__ = ["project"]
@@ -577,6 +577,7 @@ def project(
     A, b = fset.A.expand(*batch, m, K).reshape(N, m, K), fset.b.expand(*batch, m).reshape(N, m)
     vf = v.detach().reshape(N, K)
     tol = _tolerance(v.dtype)
+    differentiate = v.requires_grad and torch.is_grad_enabled()
     if max_iter is None:
         max_iter = 4 * (2 * K + m + 1)
     elif not isinstance(max_iter, int) or max_iter < 1:
@@ -589,7 +590,7 @@ def project(
     if N and torch.compiler.is_compiling():  # inside a graph: fixed shapes, no host synchronisation
         w, lo, hi, b, relax, status, it, info_mu, stat = _solve_in_graph(vf, lo, hi, A, b, fset, metric, tol,
                                                                          check_empty)
-        if not return_info and not (v.requires_grad and torch.is_grad_enabled()):
+        if not (return_info or differentiate):
             return w.reshape(shape)
     elif N == 0:
         w = v.detach().clone()
@@ -605,7 +606,7 @@ def project(
             it = it.index_put((rest,), it[rest] + long.path_steps)
             rest = rest[~long.certified]
         w, info_mu = w.to(v.dtype).clamp(lo, hi), info_mu.to(v.dtype)
-        if not rest.numel() and not return_info and not (v.requires_grad and torch.is_grad_enabled()):
+        if not (rest.numel() or return_info or differentiate):
             return w.reshape(shape)  # every row carries its kernel certificate (KKT residual ≤ tol): done
         if rest.numel():
             w_r, lo_r, hi_r, b_r, relax_r, status_r, it_r, mu_r, stat_r = _solve_general(
@@ -630,7 +631,7 @@ def project(
     status = torch.where(bad, int(Status.NUMERICAL), status)
     if not torch.compiler.is_compiling() and bool(bad.any()):
         logger.warning("project: %d row(s) failed KKT verification (tol %.1e)", int(bad.sum()), 10 * tol)
-    if v.requires_grad and torch.is_grad_enabled():
+    if differentiate:
         if metric == "kl":
             w = _KLFn.apply(v.reshape(N, K), w, free)
         else:
@@ -641,7 +642,7 @@ def project(
     # success and message are read from status (a synchronisation): inside a graph, when the caller reads them
     lazy = torch.compiler.is_compiling()
     info = ProjectionResult(
-        success=None if lazy else bool((status <= int(Status.RELAXED)).all()), status=status.reshape(batch),
+        success=None if lazy else projection_success(status), status=status.reshape(batch),
         message=None if lazy else projection_message(status), kkt_residual=kkt.reshape(batch),
         active=active.reshape(*batch, m), active_lower=active_lower.reshape(shape), active_upper=active_upper.reshape(shape),
         iterations=it.reshape(batch), relaxation=relax.reshape(batch), multipliers=info_mu.reshape(*batch, m),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 from torch import Tensor
 
-__all__ = ["Status", "ProjectionResult", "DiagnosisResult", "projection_message"]
+__all__ = ["Status", "ProjectionResult", "DiagnosisResult", "projection_message", "projection_success"]
 
 
 class Status(enum.IntEnum):
@@ -36,10 +36,14 @@ def rows_by_status(status: Tensor) -> dict[str, int]:
     return {s.name: int((status == int(s)).sum()) for s in Status if bool((status == int(s)).any())}
 
 
+def projection_success(status: Tensor) -> bool:
+    """Whether every row of :func:`solvers.project` is ``OPTIMAL`` or ``RELAXED`` (a host read)."""
+    return bool((status <= int(Status.RELAXED)).all())
+
+
 def projection_message(status: Tensor) -> str:
     """The message of :func:`solvers.project` for the per-row ``status``: success and the rows by status."""
-    success = bool((status <= int(Status.RELAXED)).all())
-    return ("projection " + ("succeeded" if success else "has unverified rows")
+    return ("projection " + ("succeeded" if projection_success(status) else "has unverified rows")
             + f"; rows by status: {rows_by_status(status) or {'OPTIMAL': 0}}")
 
 
@@ -58,7 +62,7 @@ class _FromStatus:
         value = obj.__dict__[self.slot]
         if value is None:
             status = obj.status  # type: ignore[attr-defined]
-            value = bool((status <= int(Status.RELAXED)).all()) if self.name == "success" else projection_message(status)
+            value = projection_success(status) if self.name == "success" else projection_message(status)
         return value
 
     def __set__(self, obj: object, value: object) -> None:

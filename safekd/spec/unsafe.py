@@ -140,17 +140,20 @@ class UnsafeSet:
         return f"UnsafeSet(fn={self.name})"
 
 
-def cap_unsafe_mass(logq: Tensor, in_unsafe: Tensor, eps: float,
-                    log_count: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def cap_unsafe_mass(logq: Tensor, in_unsafe: Tensor, eps: float, log_count: Tensor | None = None,
+                    rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Distributions ``logq [..., M]`` (log-probabilities) whose unsafe mass q(U) exceeds ε, rescaled onto it:
     q ← q·ε/q(U) on U and q·(1−ε)/(1−q(U)) off U; where q(U) = 1 the safe mass 1 − ε is spread uniformly over the
     safe tokens (an entry standing for ``exp(log_count)`` tokens, e.g. a tail bucket, gets that many shares).
-    ``in_unsafe`` (bool) broadcasts to ``logq``. Returns ``(logq', need [...])``: ``logq'`` equals ``logq`` on the
-    rows with q(U) ≤ ε·(1 + 1e-6) (``need`` False)."""
+    ``in_unsafe`` (bool) broadcasts to ``logq``; ``rows`` (bool ``[...]``) limits the correction to those rows.
+    Returns ``(logq', need [...])``: ``logq'`` equals ``logq`` on the rows not corrected (``need`` False: outside
+    ``rows``, or q(U) ≤ ε·(1 + 1e-6))."""
     neg = logq.new_full((), -math.inf)
     log_u = torch.logsumexp(torch.where(in_unsafe, logq, neg), dim=-1, keepdim=True)
     log_s = torch.logsumexp(torch.where(in_unsafe, neg, logq), dim=-1, keepdim=True)
     need = log_u.squeeze(-1).exp() > eps * (1 + 1e-6)
+    if rows is not None:
+        need = need & rows
     count = torch.zeros_like(logq) if log_count is None else log_count.to(logq.dtype).expand_as(logq)
     log_n_safe = torch.logsumexp(torch.where(in_unsafe, neg, count), dim=-1, keepdim=True)
     safe = torch.where(log_s > neg, logq - log_s, count - log_n_safe) + math.log1p(-eps)

@@ -325,13 +325,8 @@ class TargetPipeline:
             w[todo] = w_sub / w_sub.sum(-1, keepdim=True)
             # a relaxed row may carry MAX_ITER when the solver's fallback finished it: read the relaxation itself
             relaxed[todo] = (info.status == int(solvers.Status.RELAXED)) | (info.relaxation > 1e-12)
-            active = {name: int(cnt) for name, cnt in zip(fs.row_names, info.active.sum(0).tolist()) if cnt}
-            for names, act in ((fs.lower_names, info.active_lower), (fs.upper_names, info.active_upper)):
-                for name, cnt in zip(names, act.sum(0).tolist()):
-                    if name is not None and cnt:
-                        active[name] = active.get(name, 0) + int(cnt)
             ok = ~relaxed[todo]
-            stats.update(active=active, max_kkt_residual=float(info.kkt_residual[ok].max()) if bool(ok.any())
+            stats.update(active=projection_stats({"active": _active_counts(fs, info)})["active"], max_kkt_residual=float(info.kkt_residual[ok].max()) if bool(ok.any())
                          else 0.0)
             bad = int((info.status == int(solvers.Status.NUMERICAL)).sum())
             if bad:
@@ -363,14 +358,8 @@ class TargetPipeline:
         relaxed = keep & ~inside & ((info.status == int(solvers.Status.RELAXED)) | (info.relaxation > 1e-12))
         relaxed = relaxed | uncertified
         todo = keep & ~inside
-        active = {name: (info.active[:, r] & todo).sum() for r, name in enumerate(fs.row_names)}
-        for names, act in ((fs.lower_names, info.active_lower), (fs.upper_names, info.active_upper)):
-            for i, name in enumerate(names):
-                if name is not None:
-                    cnt = (act[:, i] & todo).sum()
-                    active[name] = active[name] + cnt if name in active else cnt
         ok = todo & ~relaxed
-        stats = {"tokens": keep.sum(), "projected_tokens": todo.sum(), "active": active,
+        stats = {"tokens": keep.sum(), "projected_tokens": todo.sum(), "active": _active_counts(fs, info, todo),
                  "relaxed_tokens": relaxed.sum(), "uncertified_tokens": uncertified.sum(),
                  "max_kkt_residual": torch.where(ok, info.kkt_residual, 0.0).amax()}
         w = torch.where(keep[:, None], w.to(composed.dtype), composed.reshape(-1, K))
@@ -447,32 +436,17 @@ class TargetPipeline:
             out[c.name] = change
         return out
 
-    def _correct(self, target: Tensor, relaxed: Tensor, batch: Batch) -> tuple[Tensor, Tensor, int]:
+    def _correct(self, target: Tensor, relaxed: Tensor, batch: Batch) -> tuple[Tensor, Tensor, int | Tensor]:
         """On relaxed tokens with q(U) > ε: q(v) ← q(v)·ε/q(U) on U and q(v)·(1−ε)/(1−q(U)) off U (uniform over the
-        safe tokens when q(U) = 1). Returns the target, the corrected-token mask and its count."""
-        if self.unsafe_mass_constraints and torch.compiler.is_compiling():  # every row, taken where relaxed
-            corrected = torch.zeros_like(relaxed)
-            for c in self.unsafe_mass_constraints:
-                u = c.unsafe if c.unsafe is not None else self.spec.unsafe
-                assert u is not None
-                capped, need = cap_unsafe_mass(target, u.mask(target.shape[-1], batch, device=target.device),
-                                               c.threshold)
-                target = torch.where(relaxed[..., None], capped, target)
-                corrected = corrected | (need & relaxed)
+        safe tokens when q(U) = 1). Returns the target, the corrected-token mask and its count (inside a
+        ``torch.compile`` graph: a 0-d tensor, the correction computed on every row and kept on the relaxed ones)."""
+        if self.unsafe_mass_constraints and torch.compiler.is_compiling():  # fixed shape: every row, where relaxed
+            target, corrected = self._cap_unsafe(target, batch, relaxed)
             return target, corrected, corrected.sum()
         if not self.unsafe_mass_constraints or not bool(relaxed.any()):
             return target, torch.zeros_like(relaxed), 0
         rows = relaxed.nonzero(as_tuple=True)
-        sub = target[rows]  # [R, V]: only tokens whose teacher-weight set was empty
-        done = torch.zeros(sub.shape[0], dtype=torch.bool, device=sub.device)
-        for c in self.unsafe_mass_constraints:
-            u = c.unsafe if c.unsafe is not None else self.spec.unsafe
-            assert u is not None
-            in_u = u.mask(target.shape[-1], batch, device=target.device)
-            if in_u.dim() > 1:  # a per-position mask: the relaxed rows' masks; a vocabulary mask [V] broadcasts
-                in_u = in_u.expand_as(target)[rows]
-            sub, need = cap_unsafe_mass(sub, in_u, c.threshold)
-            done |= need
+        sub, done = self._cap_unsafe(target, batch, rows)  # [R, V]: only tokens whose teacher-weight set was empty
         if self.pool is self._builtin_pool:  # its fresh output: in place (no second [..., V] buffer)
             target[rows] = sub
         else:  # a user's pool may return a tensor it keeps
@@ -483,6 +457,22 @@ class TargetPipeline:
             logger.info("step %d: corrected the pooled target on %d token(s) with empty teacher-weight sets",
                         self.step_count + 1, count)
         return target, corrected, count
+
+    def _cap_unsafe(self, target: Tensor, batch: Batch, rows: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """:func:`~safekd.unsafe.cap_unsafe_mass` for each ``unsafe_mass`` constraint in turn, on the target rows
+        ``rows`` (an index tuple: those rows, ``[R, V]``) or on every row where ``rows`` (a bool mask) holds. Returns
+        the corrected rows and which of them changed."""
+        picked = isinstance(rows, tuple)
+        logq, done = (target[rows] if picked else target), None
+        for c in self.unsafe_mass_constraints:
+            u = c.unsafe if c.unsafe is not None else self.spec.unsafe
+            assert u is not None
+            in_u = u.mask(target.shape[-1], batch, device=target.device)
+            if picked and in_u.dim() > 1:  # a per-position mask: the picked rows' masks; a vocabulary mask broadcasts
+                in_u = in_u.expand_as(target)[rows]
+            logq, need = cap_unsafe_mass(logq, in_u, c.threshold, rows=None if picked else rows)
+            done = need if done is None else done | need
+        return logq, done
 
     def reference_due(self) -> bool:
         """Whether this step re-checks the projection (every ``checks.reference_every`` steps, or after a failure)."""
@@ -546,6 +536,20 @@ class TargetPipeline:
         self.recheck_reference = bool(state.get("recheck_reference", False))
         for n, d in state["convex_state"].items():
             self.convex_state[n] = {int(k): m.to(torch.float64) for k, m in d.items()}
+
+
+def _active_counts(fs: solvers.FeasibleSet, info: solvers.ProjectionResult, rows: Tensor | None = None
+                   ) -> dict[str, Tensor]:
+    """Per constraint name: in how many projected rows (those of ``rows`` where given) it is active, through its
+    row of ``fs`` or a bound it names (0-d tensors, zero counts included; :func:`projection_stats` reads them)."""
+    counts: dict[str, Tensor] = {}
+    for names, act in ((fs.row_names, info.active), (fs.lower_names, info.active_lower),
+                       (fs.upper_names, info.active_upper)):
+        per = (act if rows is None else act & rows[:, None]).sum(0)
+        for i, name in enumerate(names):
+            if name is not None:
+                counts[name] = counts[name] + per[i] if name in counts else per[i]
+    return counts
 
 
 def projection_stats(stats: Mapping[str, Any]) -> dict[str, Any]:

@@ -177,8 +177,7 @@ def _unsafe_ids(unsafe: UnsafeSet | None, vocab_size: int, device: torch.device)
     if unsafe.ids is None:
         raise ValueError(f"sparse teachers need an unsafe set given by token ids; {unsafe!r} is a mask callable "
                          "(cache dense teacher logits, or list the unsafe ids)")
-    if int(unsafe.ids[-1]) >= vocab_size:  # sorted ids on the host: no device sync
-        raise ValueError(f"UnsafeSet: token id {int(unsafe.ids[-1])} is out of range for vocabulary size {vocab_size}")
+    unsafe._check_ids(vocab_size)  # sorted ids on the host: no device sync
     return unsafe.ids.to(device)
 
 
@@ -377,9 +376,7 @@ def correct_unsafe(target: Tensor, buckets: Buckets, relaxed: Tensor, thresholds
     if not thresholds or not bool(relaxed.any()):
         return target, done
     for eps in thresholds:
-        fixed, need = cap_unsafe_mass(target, buckets.in_unsafe, eps, buckets.log_count)
-        need = need & relaxed
-        target = torch.where(need.unsqueeze(-1), fixed, target)
+        target, need = cap_unsafe_mass(target, buckets.in_unsafe, eps, buckets.log_count, rows=relaxed)
         done |= need
     return target, done
 
