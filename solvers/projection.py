@@ -44,7 +44,8 @@ from solvers.active_set import solve_active_set
 from solvers.errors import InfeasibleError, holds
 from solvers.isotonic import block_means, isotonic_decreasing
 from solvers.ordered import project_ordered_halfspace
-from solvers.parametric import FixedShapeResult, project_box_halfspace
+from solvers.parametric import (FixedShapeResult, _box_simplex, _euclid_box_simplex, _euclid_box_simplex_u,
+                                bracket_box_halfspace, project_box_halfspace)
 from solvers.results import ProjectionResult, Status, projection_message, projection_success
 from solvers.sets import FeasibleSet
 
@@ -54,10 +55,15 @@ logger = logging.getLogger(__name__)
 
 _METRICS = ("euclidean", "kl")
 # fixed-shape steps of solvers.parametric (τ₀ Newton, path in μ, semismooth Newton) by K: the fewest that certify
-# all but ≤ 0.2% of the all-outside benchmark rows (v on the simplex; measured, N = 4096; off-simplex points leave
-# 1–8% to the fallbacks); the path alone finishes small K, the Newton steps cross the many partition changes of large K
-_FIXED_STEPS = ((4, (3, 3, 0)), (8, (3, 5, 2)), (math.inf, (3, 3, 6)))
-_FIXED_STEPS_RETRY = (6, 6, 8)  # on the rows left: certifies all but ~3% of the off-simplex ones, at any K
+# all but ≤ 0.1% of the all-outside benchmark rows (v on the simplex; measured, N = 4096, 12 draws; off-simplex
+# points leave more to the retries); the path alone finishes small K, the Newton steps cross the many partition
+# changes of large K
+_FIXED_STEPS = ((4, (3, 4, 0)), (8, (3, 5, 2)), (16, (3, 0, 8)), (math.inf, (3, 0, 10)))
+_FIXED_STEPS_RETRY = (6, 6, 8)  # on the rows left when they are many: certifies all but ~3% of the off-simplex ones
+# the rows left, up to this many rows·K, go to the bracketing search of solvers.parametric (exact on all but a few in
+# 10⁴ off-simplex rows, but ~30× the kernel's work per row in ~250 tensor ops): beyond it the kernel with the retry
+# steps goes first (measured, one thread: ~2 ms either way on a few rows; the bracket costs ~0.2–0.5 ms per row)
+_BRACKET_MAX_ELEMENTS = 128
 # chain ∩ one active row: up to this K by enumerating the 2^K − 1 block structures (solvers.ordered), above it by
 # the Newton search on λ (measured, one thread, chain + cap + one row: enumeration 2.6× / 1.5× faster than Newton at
 # K = 4 for N = 1024 / 4096, even at K = 5, 1.1–1.7× slower at K = 6; Newton 1.2× faster than the warm-started
@@ -71,50 +77,6 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- box ∩ simplex
-def _box_simplex(alpha: Tensor, beta: Tensor | None, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Solve Σ_i clamp(α_i + β_i c, lo_i, hi_i) = 1 for c exactly; return (w, c[N,1]). β ≡ 1 when None.
-
-    f(c) is nondecreasing piecewise linear with breakpoints (lo−α)/β (coordinate becomes free, slope += β)
-    and (hi−α)/β (coordinate saturates, slope −= β); f(−∞) = Σ lo.
-    """
-    K = alpha.shape[-1]
-    if beta is None:
-        bp = torch.cat([lo - alpha, hi - alpha], dim=-1)
-    else:
-        bp = torch.cat([(lo - alpha) / beta, (hi - alpha) / beta], dim=-1)
-    bp_s, idx = bp.sort(dim=-1)
-    if beta is None:
-        step = torch.where(idx < K, 1.0, -1.0).to(alpha.dtype)
-    else:
-        step = torch.cat([beta, -beta], dim=-1).gather(-1, idx)
-    tri = torch.ones(2 * K, 2 * K, dtype=alpha.dtype, device=alpha.device).triu()  # x @ tri = cumsum (a GEMM: faster)
-    slope = step @ tri  # slope on (bp_j, bp_{j+1})
-    gain = (slope[..., :-1] * bp_s.diff(dim=-1)) @ tri[:-1, :-1]
-    f = torch.cat([torch.zeros_like(gain[..., :1]), gain], dim=-1) + lo.sum(-1, keepdim=True)
-    j = (f < 1).sum(-1, keepdim=True)  # first breakpoint with f ≥ 1
-    jm = (j - 1).clamp(0, 2 * K - 1)
-    s = slope.gather(-1, jm)
-    c = bp_s.gather(-1, jm) + (1 - f.gather(-1, jm)) / torch.where(s > 0, s, torch.ones_like(s))
-    c = torch.where(j == 0, bp_s[..., :1], c)
-    c = torch.where(j == 2 * K, bp_s[..., -1:], c)
-    w = (alpha + c if beta is None else alpha + beta * c).clamp(lo, hi)
-    # w = clamp(...) with lo ≤ hi elementwise: torch.clamp with tensor bounds applies max then min
-    return w, c
-
-
-def _euclid_box_simplex_u(v: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Euclidean projection onto {lo ≤ w ≤ hi, Σw = 1} (rows of v; invariant to v + const): ``(w, u)``, the
-    projection ``w = clamp(u, lo, hi)`` and its unclamped values ``u = v − τ``."""
-    alpha = v - v.amax(-1, keepdim=True)
-    w, c = _box_simplex(alpha, None, lo, hi)
-    return w, alpha + c
-
-
-def _euclid_box_simplex(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Euclidean projection onto {lo ≤ w ≤ hi, Σw = 1} (the ``w`` of :func:`_euclid_box_simplex_u`)."""
-    return _euclid_box_simplex_u(v, lo, hi)[0]
-
-
 def _kl_box_simplex(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """KL projection: w = clamp(v·c, lo, hi) with Σw = 1 (v > 0, rescaled by its max for range)."""
     return _box_simplex(torch.zeros_like(v), v / v.amax(-1, keepdim=True), lo, hi)[0]
@@ -600,11 +562,12 @@ def project(
         fast = _fixed_shape(data, K)
         w, info_mu, it = fast.w, fast.mu[:, None], fast.path_steps
         rest = (~fast.certified).nonzero()[:, 0]  # the host synchronisation of this path (CPU: free)
-        if rest.numel():  # the same kernel with more steps, on those rows only
-            long = _fixed_shape(tuple(t[rest] for t in data), K, retry=True)
-            w, info_mu = w.index_put((rest,), long.w), info_mu.index_put((rest,), long.mu[:, None])
-            it = it.index_put((rest,), it[rest] + long.path_steps)
-            rest = rest[~long.certified]
+        if rest.numel() * K > _BRACKET_MAX_ELEMENTS:  # many rows left: the kernel with more steps on them first
+            w, info_mu, it, rest = _retry(_fixed_shape(tuple(t[rest] for t in data), K, retry=True), rest, w,
+                                          info_mu, it)
+        if 0 < rest.numel() * K <= _BRACKET_MAX_ELEMENTS:  # a few: the bracketing search
+            w, info_mu, it, rest = _retry(bracket_box_halfspace(*(t[rest] for t in data), tol=_tolerance(torch.float64)),
+                                          rest, w, info_mu, it)
         w, info_mu = w.to(v.dtype).clamp(lo, hi), info_mu.to(v.dtype)
         if not (rest.numel() or return_info or differentiate):
             return w.reshape(shape)  # every row carries its kernel certificate (KKT residual ≤ tol): done
@@ -656,6 +619,14 @@ def _fixed_shape(data: tuple[Tensor, ...], K: int, retry: bool = False) -> Fixed
     steps = _FIXED_STEPS_RETRY if retry else next(st for k_max, st in _FIXED_STEPS if K <= k_max)
     return project_box_halfspace(*data, tol=_tolerance(torch.float64), newton_steps=steps[0], path_steps=steps[1],
                                  newton_polish=steps[2])
+
+
+def _retry(again: FixedShapeResult, rest: Tensor, w: Tensor, mu: Tensor,
+           it: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The rows ``rest`` solved again (``again``) written into ``(w, μ [N, 1], iterations)``; returns those and the
+    rows still uncertified."""
+    w, mu = w.index_put((rest,), again.w), mu.index_put((rest,), again.mu[:, None])
+    return w, mu, it.index_put((rest,), it[rest] + again.path_steps), rest[~again.certified]
 
 
 def _solve_in_graph(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fset: FeasibleSet, metric: str,

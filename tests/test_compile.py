@@ -158,9 +158,12 @@ def test_targets_have_no_graph_break_and_match_eager(weighting):
     assert torch.equal(t.relaxed, e.relaxed) and torch.equal(t.corrected, e.corrected)
     assert int(e.relaxed.sum()) > 0 and int(e.corrected.sum()) > 0
     stats = projection_stats(t.projection)  # counted after the graph, as the eager path counts
-    act, act_e = stats.pop("active"), dict(e.projection)
-    act_e = act_e.pop("active")
-    assert stats == {k: x for k, x in e.projection.items() if k != "active"}
+    act, eager = stats.pop("active"), dict(e.projection)
+    act_e = eager.pop("active")
+    # the graph retries every row with more kernel steps, eager only the rows left (by bracketing when few): their
+    # certified points agree within round-off
+    assert stats.pop("max_kkt_residual") <= 1e-12 and eager.pop("max_kkt_residual") <= 1e-12
+    assert stats == eager
     # bounds active at an empty row's vertex: the graph's point is exactly at them, the active set's within round-off
     assert all(abs(act.get(k, 0) - act_e.get(k, 0)) <= int(e.relaxed.sum()) for k in act | act_e)
     assert float(_unsafe_mass(t.target_logp)[t.relaxed].max()) <= 0.12 * (1 + 1e-6)

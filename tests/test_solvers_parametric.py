@@ -6,17 +6,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from solvers import FeasibleSet, Status, project, reference
-from solvers.parametric import project_box_halfspace
+from solvers.parametric import bracket_box_halfspace, project_box_halfspace
 from solvers.projection import _argmin_linear
 
 F64 = torch.float64
 
 
-def _all_outside(rng: np.random.Generator, K: int, N: int, logits: bool = False) -> tuple[torch.Tensor, FeasibleSet]:
-    """Every row violates its halfspace at the box∩simplex projection, and every set is non-empty."""
+def _all_outside(rng: np.random.Generator, K: int, N: int, logits: bool = False,
+                 ties: bool = False) -> tuple[torch.Tensor, FeasibleSet]:
+    """Every row violates its halfspace at the box∩simplex projection, and every set is non-empty (``ties``: ``a``
+    rounded to tenths, so coordinates share their value of ``a``)."""
     v = torch.tensor(rng.normal(size=(N, K)) * 2.0) if logits else torch.softmax(torch.tensor(rng.normal(size=(N, K)) * 1.5), -1)
     fs = FeasibleSet.simplex(K, dtype=F64).cap(0, 0.45).floor(1, 0.02)
     a = torch.tensor(rng.uniform(0, 0.3, (N, K)))
+    if ties:
+        a = (a * 10).round() / 10
     lo, hi = fs.lower.expand(N, K), fs.upper.expand(N, K)
     a_min = (a * _argmin_linear(a[:, None], lo, hi)[:, 0]).sum(-1)
     a_w0 = (a * project(v, fs)).sum(-1)
@@ -53,7 +57,10 @@ def test_most_rows_outside_are_certified(K):
     v, fs = _all_outside(np.random.default_rng(K), K, 2048)
     res = _fast(v, fs)
     assert float(res.certified.double().mean()) >= 0.99
-    assert bool((res.path_steps >= 1).all())  # every row violates its halfspace at μ = 0: the path was taken
+    N = v.shape[0]
+    w0 = project(v, FeasibleSet(fs.lower, fs.upper, fs.A[..., :0, :], fs.b[..., :0]))  # box∩simplex, at μ = 0
+    violated = (fs.A.expand(N, 1, K)[:, 0] * w0).sum(-1) > fs.b.expand(N, 1)[:, 0] + 1e-12
+    assert bool((res.path_steps[violated] >= 1).all())  # the path was taken wherever the row binds
     w, info = project(v, fs, return_info=True)
     assert torch.allclose(w[res.certified], res.w[res.certified], atol=1e-9, rtol=0)  # two certified points
 
@@ -68,6 +75,39 @@ def test_uncertified_rows_are_solved_exactly_by_the_fallbacks():
     w, info = project(v, fs, return_info=True)
     assert bool((info.status == int(Status.OPTIMAL)).all()) and bool((info.kkt_residual <= 1e-9).all())
     assert torch.allclose(w[rest], reference.project(v[rest], fs[rest]), atol=1e-6, rtol=0)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), K=st.sampled_from([2, 3, 5, 8, 16]), logits=st.booleans(),
+       ties=st.booleans())
+def test_bracketing_search_matches_cvxpy(seed, K, logits, ties):
+    """The retry for the few rows the kernel leaves: certified rows equal a tight cvxpy solve; off-simplex and
+    tied rows included (ties in ``a`` make the multiplier's path flat in places)."""
+    rng = np.random.default_rng(seed)
+    v, fs = _all_outside(rng, K, 10, logits, ties)
+    N = v.shape[0]
+    res = bracket_box_halfspace(v, fs.lower.expand(N, K), fs.upper.expand(N, K), fs.A.expand(N, 1, K)[:, 0],
+                                fs.b.expand(N, 1)[:, 0], tol=1e-10)
+    ok = res.certified
+    assert float(ok.double().mean()) >= 0.8
+    assert bool((res.kkt_residual[ok] <= 1e-10).all()) and bool((res.mu[ok] >= 0).all())
+    assert torch.allclose(res.w[ok], reference.project(v, fs)[ok], atol=1e-6, rtol=0)
+
+
+def test_rows_left_few_or_many_end_exact():
+    """A few rows left by the kernel take the bracketing search, many take the kernel with more steps first; both
+    end exact and OPTIMAL (the rows left checked against cvxpy)."""
+    from solvers import projection
+    K = 6
+    v, fs = _all_outside(np.random.default_rng(11), K, 1200, logits=True)
+    steps = dict(zip(("newton_steps", "path_steps", "newton_polish"), projection._FIXED_STEPS[1][1]))
+    rest = (~_fast(v, fs, **steps).certified).nonzero()[:, 0]
+    assert rest.numel() * K > projection._BRACKET_MAX_ELEMENTS >= 3 * K  # many
+    for rows in (torch.arange(v.shape[0]), rest[:3]):  # many, then few
+        w, info = project(v[rows], fs[rows], return_info=True)
+        assert bool((info.status == int(Status.OPTIMAL)).all()) and bool((info.kkt_residual <= 1e-9).all())
+        left = torch.isin(rows, rest)
+        assert torch.allclose(w[left], reference.project(v[rows][left], fs[rows][left]), atol=1e-6, rtol=0)
 
 
 def test_degenerate_rows():
