@@ -91,12 +91,15 @@ def _euclid_box_simplex(v: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     return _euclid_box_simplex_u(v, lo, hi)[0]
 
 
-def _workspace(v: Tensor) -> Tensor:
-    """``[9, *v.shape]`` of ``v``'s dtype: every full-size intermediate of the kernel lives in one of these slots
+def _workspace(v: Tensor, a: Tensor) -> Tensor:
+    """``[11, *v.shape]`` of ``v``'s dtype: every full-size intermediate of the kernel lives in one of these slots
     (``out=`` / in place), so a call allocates (and the OS maps) its full-size memory once, not once per op (on CPU
     the fresh pages of a new large tensor cost about as much as the op that fills it). Slots ``0…4`` hold the stacked
-    quantities summed together (:func:`_sums`), ``5`` the kept iterate, ``6`` ``u``, ``7…8`` temporaries."""
-    return v.new_empty(9, *v.shape)
+    quantities summed together (:func:`_sums`), ``5`` the kept iterate, ``6`` ``u``, ``7…8`` temporaries, ``9…10``
+    ``a`` and ``a²`` (the moments of the free set in one product, :func:`_free_moments`)."""
+    ws = v.new_empty(11, *v.shape)
+    torch.mul(ws[9].copy_(a), a, out=ws[10])
+    return ws
 
 
 def _sums(stack: Tensor, ax: int) -> Tensor:
@@ -136,9 +139,9 @@ def _solve2(n: Tensor, sa: Tensor, saa: Tensor, p: Tensor, q: Tensor, active: Te
     return (p - sa * y) / n.clamp_min(1), y
 
 
-def _free_moments(a: Tensor, ws: Tensor) -> None:
+def _free_moments(ws: Tensor) -> None:
     """``F·a`` and ``F·a²`` into slots 3 and 4 from the free indicator ``F`` (0/1) in slot 2."""
-    torch.mul(torch.mul(ws[2], a, out=ws[3]), a, out=ws[4])
+    torch.mul(ws[2:3], ws[9:11], out=ws[3:5])
 
 
 def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, u: Tensor, active: Tensor,
@@ -151,27 +154,27 @@ def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor,
     torch.clamp(u, lo, hi, out=x)
     x.add_(torch.sub(v, x, out=ax_).mul_(ws[2]))
     torch.mul(a, x, out=ax_)
-    _free_moments(a, ws)
+    _free_moments(ws)
     sx, sax, n, sa, saa = _sums(ws[:5], ax).unbind(0)
     return _solve2(n, sa, saa, sx - 1, sax - b, active, mu_else)
 
 
-def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor,
-                    mu: Tensor, ws: Tensor, ax: int) -> tuple[Tensor, Tensor, Tensor]:
+def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, mu: Tensor, ws: Tensor,
+                    ax: int, residual: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
     """At ``(τ, μ)`` (one per row, size 1 along ``ax``): ``w = clamp(v − τ − μa, lo, hi)`` (stationary by
     construction; in slot 0), its KKT residual ``max(|Σw − 1|, max(g, 0), |min(μ, −g)|)`` (``g = a·w − b``), and
     the next semismooth Newton iterate: on the free coordinates (``w = u``) ``Σw − 1 = r`` and ``g`` move by
     ``−[[|F|, Σ_F a], [Σ_F a, Σ_F a²]] (Δτ, Δμ)``; the row binds where ``μ > 0`` or ``g > 0`` (else ``μ → 0``),
-    ``μ`` stays where the 2×2 system is singular. Returns ``(kkt, τ', μ')``."""
+    ``μ`` stays where the 2×2 system is singular. Returns ``(kkt, τ', μ')`` (``kkt`` None unless ``residual``)."""
     w, u = ws[0], ws[6]
     torch.sub(v, tau, out=u).addcmul_(a, mu, value=-1.0)
     torch.clamp(u, lo, hi, out=w)
     torch.mul(a, w, out=ws[1])
     torch.eq(w, u, out=ws[2])
-    _free_moments(a, ws)
+    _free_moments(ws)
     sw, saw, n, sa, saa = _sums(ws[:5], ax).unbind(0)
     r, g = sw - 1, saw - b
-    kkt = torch.maximum(torch.maximum(r.abs(), g.clamp_min(0)), torch.minimum(mu, -g).abs())
+    kkt = torch.maximum(torch.maximum(r.abs(), g.clamp_min(0)), torch.minimum(mu, -g).abs()) if residual else None
     dtau, dmu = _solve2(n, sa, saa, r, g, (mu > 0) | (g > 0), torch.where(g > 0, 0.0, -mu))
     return kkt, tau + dtau, (mu + dmu).clamp_min(0)
 
@@ -182,8 +185,8 @@ def _polish(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor
     one's residual is smaller (an exact point is a fixed point). ``w`` is slot 5 of the workspace."""
     kkt, tau, mu_next = _newton_iterate(v, lo, hi, a, b, tau, mu, ws, ax)
     w = ws[5].copy_(ws[0])
-    for _ in range(steps):
-        mu_k, (kkt_k, tau, mu_next) = mu_next, _newton_iterate(v, lo, hi, a, b, tau, mu_next, ws, ax)
+    for i in range(steps):  # the residual of the last one only
+        mu_k, (kkt_k, tau, mu_next) = mu_next, _newton_iterate(v, lo, hi, a, b, tau, mu_next, ws, ax, i == steps - 1)
     if steps:
         better = kkt_k < kkt
         w.add_(ws[0].sub_(w).mul_(better.to(v.dtype)))
@@ -209,7 +212,7 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
         ax = -1
         v, lo, hi, a = (t.contiguous() for t in (v, lo, hi, a))  # broadcast (stride-0) inputs are slow to read
         b = b[:, None]
-    ws = _workspace(v)
+    ws = _workspace(v, a)
     F, Fa, u, t1, t2 = ws[2], ws[3], ws[6], ws[7], ws[8]
     tau = _newton_tau(v, lo, hi, newton_steps, ws, ax)
     # the partition at τ (ties count as bound), then τ exact on it; masks are 0/1 in v.dtype (a comparison written
@@ -222,14 +225,13 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
     no_free = n == 0
     tau = torch.where(no_free, tau, tau + (r - 1) / n.clamp_min(1))
     # nothing free (w at a vertex; τ anywhere in an interval): move τ to the interval's end where the coordinate
-    # at its upper bound nearest to freeing sits exactly at it, and count that coordinate free (then |F| ≥ 1)
+    # at its upper bound nearest to freeing sits exactly at it, and count that coordinate free (then |F| ≥ 1; a
+    # coordinate exactly at its bound is free or bound alike)
     torch.sub(v, tau, out=u)
     gap = torch.sub(u, hi, out=t2).addcmul_(upp.neg_().add_(1), v.new_tensor(_FAR))  # u − hi on U, else ≥ _FAR
     first = gap.amin(ax, keepdim=True)
     moves = no_free & (first < _FAR / 2)
-    index = torch.arange(v.shape[ax], device=v.device).reshape(-1, 1) if ax == 0 else torch.arange(v.shape[ax],
-                                                                                                  device=v.device)
-    F.addcmul_(torch.eq(index, gap.argmin(ax, keepdim=True), out=t1), moves.to(v.dtype))  # one such coordinate
+    F.add_(torch.eq(gap, torch.where(moves, first, math.nan), out=t1))  # (coordinates tied there: all of them)
     tau = tau + torch.where(moves, first, 0.0)
     torch.sub(v, tau, out=u)
     g = torch.clamp(u, lo, hi, out=t1).mul_(a).sum(ax, keepdim=True) - b
@@ -239,7 +241,7 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
     tiny = torch.finfo(v.dtype).tiny
     d, event = ws[5], ws[0]
     for _ in range(path_steps):
-        _free_moments(a, ws)
+        _free_moments(ws)
         n, sa, saa = _sums(ws[2:5], ax).unbind(0)
         abar = sa / n.clamp_min(1)
         torch.sub(abar, a, out=d)  # du/dμ on this partition
@@ -299,7 +301,7 @@ def bracket_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
         mu_hi = torch.where(j < m, mus.gather(-1, j.clamp_max(m - 1)), mu_hi)
     mu = (mu_lo + mu_hi) / 2  # 0 where φ(0) ≤ 0 (the row does not bind), inf where no root was found
     _, u = _euclid_box_simplex_u(torch.addcmul(v, mu, a, value=-1.0), lo, hi)
-    ws = _workspace(v)
+    ws = _workspace(v, a)
     ws[2] = (u > lo) & (u < hi)  # free
     tau, mu = _exact_on_partition(v, lo, hi, a, b[:, None], u, mu > 0, mu, ws, -1)
     w, mu, kkt = _polish(v, lo, hi, a, b[:, None], tau, mu, newton_polish, ws, -1)
