@@ -98,40 +98,42 @@ def _kkt_residual(y: Tensor, lo: Tensor, hi: Tensor, links: Tensor, x: Tensor, t
     return torch.cat(parts, dim=-1).amax(-1)
 
 
-def _tau_candidates(y: Tensor, x: Tensor, at_lo: Tensor, at_hi: Tensor, tau: Tensor) -> tuple[Tensor, ...]:
-    """Values of ``τ`` to certify ``x`` with: the candidate's ``τ`` and, for rows where every coordinate is at a
-    bound (``τ`` then lies in an interval), the least ``τ`` that puts ``v − τ`` below ``x`` at every coordinate
-    only at its lower bound, the largest that keeps it above ``x`` at those only at the upper bound, and their
-    midpoint (each falls back to the candidate's ``τ`` where undefined)."""
+def _certificate(y: Tensor, lo: Tensor, hi: Tensor, links: Tensor, x: Tensor, tau: Tensor, at_lo: Tensor,
+                 at_hi: Tensor, open_: Tensor) -> tuple[Tensor, Tensor]:
+    """``(μ, KKT residual)`` of ``x`` at ``τ`` (chain order): the least chain multipliers and the full residual."""
+    mu = _chain_multipliers(x - y + tau[:, None], at_lo, at_hi, open_)
+    return mu, _kkt_residual(y, lo, hi, links, x, tau, mu)
+
+
+def _tau_at_bounds(y: Tensor, x: Tensor, at_lo: Tensor, at_hi: Tensor, tau: Tensor) -> Tensor:
+    """A second ``τ`` to certify ``x`` with, for rows where every coordinate is at a bound (``τ`` then lies in an
+    interval and the candidate's may admit no μ): the midpoint of ``[max (v − x), min (v − x)]``, the max over the
+    coordinates only at their lower bound and the min over those only at their upper one (``v − τ`` below / above
+    ``x`` there), or its one finite end; the candidate's ``τ`` elsewhere."""
     r = y - x
     low = torch.where(at_lo & ~at_hi, r, -torch.inf).amax(-1)
     high = torch.where(at_hi & ~at_lo, r, torch.inf).amin(-1)
-    low_ok, high_ok = low > -torch.inf, high < torch.inf
-    mid = torch.where(low_ok & high_ok, 0.5 * (low + high), tau)
-    return tau, torch.where(low_ok, low, tau), torch.where(high_ok, high, tau), mid
+    alt = torch.where(low > -torch.inf, torch.where(high < torch.inf, 0.5 * (low + high), low), high)
+    return torch.where((at_lo | at_hi).all(-1) & alt.isfinite(), alt, tau)
 
 
 def project_chain_box(v: Tensor, lo: Tensor, hi: Tensor, perm: Tensor, links: Tensor, *, tol: float) -> ChainBoxResult:
     """Projection of ``v [n, K]`` onto ``{Σw = 1, lo ≤ w ≤ hi, w[π_k] ≥ w[π_{k+1}] where links[k]}`` (``lo, hi
     [n, K]``, ``perm [n, K]`` long, ``links [n, K−1]`` bool) by a fixed sequence of batched tensor ops (no host
     synchronisation; compiles with ``torch.compile(fullgraph=True)``), in ``v.dtype``. Every row carries its KKT
-    certificate (module docstring), the best over the values of :func:`_tau_candidates`; uncertified rows must be
-    solved by an exact general path."""
+    certificate (module docstring; at the better of the candidate's ``τ`` and :func:`_tau_at_bounds`); uncertified
+    rows must be solved by an exact general path."""
     y, l, h = (t.gather(-1, perm) for t in (v, lo, hi))
     iso = isotonic_decreasing(y, links)[0]
     x, z = _euclid_box_simplex_u(iso, l, h)  # x = clamp(z, l, h), z = iso − τ
     at_lo, at_hi = x <= l + tol, x >= h - tol
     open_ = links & (x[:, :-1] - x[:, 1:] <= tol)  # linked and tight: the only pairs whose multiplier may be > 0
-    best = None
-    for t in _tau_candidates(y, x, at_lo, at_hi, iso[:, 0] - z[:, 0]):
-        mu = _chain_multipliers(x - y + t[:, None], at_lo, at_hi, open_)
-        kkt = _kkt_residual(y, l, h, links, x, t, mu)
-        if best is None:
-            best = (t, mu, kkt)
-        else:
-            better = kkt < best[2]
-            best = (torch.where(better, t, best[0]), torch.where(better[:, None], mu, best[1]),
-                    torch.where(better, kkt, best[2]))
-    tau, mu, kkt = best
+    tau = iso[:, 0] - z[:, 0]
+    mu, kkt = _certificate(y, l, h, links, x, tau, at_lo, at_hi, open_)
+    tau_b = _tau_at_bounds(y, x, at_lo, at_hi, tau)
+    mu_b, kkt_b = _certificate(y, l, h, links, x, tau_b, at_lo, at_hi, open_)
+    better = kkt_b < kkt
+    tau, kkt = torch.where(better, tau_b, tau), torch.where(better, kkt_b, kkt)
+    mu = torch.where(better[:, None], mu_b, mu)
     w = torch.empty_like(x).scatter_(-1, perm, x)
     return ChainBoxResult(w, mu, tau, kkt, kkt <= tol)
