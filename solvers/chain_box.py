@@ -18,10 +18,11 @@ Certificate (chain order, ``d = w − v + τ``): stationarity ``w − v + τ1 + 
 μ, whose least solution is the larger of two running bounds (off the lower bound ``μ_k ≥ μ_{k−1} + d_k``, off the
 upper bound ``μ_k ≥ μ_{k+1} − d_{k+1}``, both ≥ 0: Lindley recursions in closed form). Then ``ν = u − clamp(u, lo,
 hi)`` for ``u = v − τ − Σ_k μ_k (e_{π_{k+1}} − e_{π_k})``, and the KKT residual is the largest of ``|Σw − 1|``, the
-box and chain violations, ``|min(μ_k, w[π_k] − w[π_{k+1}])|`` (linked pairs) and ``‖w − clamp(u, lo, hi)‖∞ /
-max(1, ‖v‖∞)``. ``(τ, μ ≥ 0, ν)`` are explicit multipliers, so a certified row (residual ≤ ``tol``) is the exact
-projection of data moved by at most ``tol`` (``v`` by the stationarity error, bounds and rows by the primal and
-complementarity errors), however the candidate was found: a wrong candidate cannot be certified. Certification is
+box and chain violations, ``|min(μ_k, w[π_k] − w[π_{k+1}])|`` (linked pairs) and ``‖w − clamp(u, lo, hi)‖∞``
+(all absolute). ``(τ, μ ≥ 0, ν)`` are explicit multipliers: a certified row (residual ≤ ``tol``) meets every KKT
+condition of this convex problem to ``tol`` — it is the projection of data moved by ``O(tol)`` (``v`` by the
+stationarity error, bounds and rows by the primal and complementarity errors) — however the candidate was found:
+a wrong candidate cannot be certified. Certification is
 conservative: where ``τ`` is not unique (every coordinate at a bound) and the one picked admits no μ, or the
 Newton steps did not reach the solution (or the set is empty), the row fails and belongs to an exact general path.
 
@@ -90,14 +91,13 @@ def _kkt_residual(y: Tensor, lo: Tensor, hi: Tensor, links: Tensor, x: Tensor, t
     pad = mu.new_zeros(mu.shape[0], 1)
     mu_ext = torch.cat([pad, mu, pad], dim=-1)
     u = y - tau[:, None] - mu_ext[:, :-1] + mu_ext[:, 1:]
-    scale = y.abs().amax(-1, keepdim=True).clamp_min(1.0)
     gap = x[:, :-1] - x[:, 1:]
     parts = [
         (x.sum(-1, keepdim=True) - 1).abs(),
         (lo - x).clamp_min(0), (x - hi).clamp_min(0),
         torch.where(links, (-gap).clamp_min(0), 0.0),
         torch.where(links, torch.minimum(mu, gap).abs(), 0.0),
-        (x - u.clamp(lo, hi)).abs() / scale,
+        (x - u.clamp(lo, hi)).abs(),
     ]
     return torch.cat(parts, dim=-1).amax(-1)
 
