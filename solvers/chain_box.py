@@ -18,8 +18,8 @@ Certificate (chain order, ``d = w − v + τ``): stationarity ``w − v + τ1 + 
 μ, whose least solution is the larger of two running bounds (off the lower bound ``μ_k ≥ μ_{k−1} + d_k``, off the
 upper bound ``μ_k ≥ μ_{k+1} − d_{k+1}``, both ≥ 0: Lindley recursions in closed form). Then ``ν = u − clamp(u, lo,
 hi)`` for ``u = v − τ − Σ_k μ_k (e_{π_{k+1}} − e_{π_k})``, and the KKT residual is the largest of ``|Σw − 1|``, the
-box and chain violations, ``|min(μ_k, w[π_k] − w[π_{k+1}])|`` (linked pairs) and ``‖w − clamp(u, lo, hi)‖∞``
-(all absolute). ``(τ, μ ≥ 0, ν)`` are explicit multipliers: a certified row (residual ≤ ``tol``) meets every KKT
+box and chain violations, ``max(−μ_k, 0)`` (``|μ_k|`` on unlinked pairs), ``|min(μ_k, w[π_k] − w[π_{k+1}])|`` and
+``‖w − clamp(u, lo, hi)‖∞`` (all absolute). ``(τ, μ ≥ 0, ν)`` are explicit multipliers: a certified row (residual ≤ ``tol``) meets every KKT
 condition of this convex problem to ``tol`` — it is the projection of data moved by ``O(tol)`` (``v`` by the
 stationarity error, bounds and rows by the primal and complementarity errors) — however the candidate was found:
 a wrong candidate cannot be certified. Certification is
@@ -96,6 +96,7 @@ def _kkt_residual(y: Tensor, lo: Tensor, hi: Tensor, links: Tensor, x: Tensor, t
         (x.sum(-1, keepdim=True) - 1).abs(),
         (lo - x).clamp_min(0), (x - hi).clamp_min(0),
         torch.where(links, (-gap).clamp_min(0), 0.0),
+        (-mu).clamp_min(0) + torch.where(links, 0.0, mu.abs()),  # μ ≥ 0, and 0 on unlinked pairs
         torch.where(links, torch.minimum(mu, gap).abs(), 0.0),
         (x - u.clamp(lo, hi)).abs(),
     ]
