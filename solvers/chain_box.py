@@ -19,10 +19,10 @@ Certificate (chain order, ``d = w − v + τ``): stationarity ``w − v + τ1 + 
 upper bound ``μ_k ≥ μ_{k+1} − d_{k+1}``, both ≥ 0: Lindley recursions in closed form). Then ``ν = u − clamp(u, lo,
 hi)`` for ``u = v − τ − Σ_k μ_k (e_{π_{k+1}} − e_{π_k})``, and the KKT residual is the largest of ``|Σw − 1|``, the
 box and chain violations, ``max(−μ_k, 0)`` (``|μ_k|`` on unlinked pairs), ``|min(μ_k, w[π_k] − w[π_{k+1}])|`` and
-``‖w − clamp(u, lo, hi)‖∞`` (all absolute). ``(τ, μ ≥ 0, ν)`` are explicit multipliers: a certified row (residual ≤ ``tol``) meets every KKT
-condition of this convex problem to ``tol`` — it is the projection of data moved by ``O(tol)`` (``v`` by the
-stationarity error, bounds and rows by the primal and complementarity errors) — however the candidate was found:
-a wrong candidate cannot be certified. Certification is
+``‖w − clamp(u, lo, hi)‖∞`` (all absolute). ``(τ, μ ≥ 0, ν)`` are explicit multipliers: a certified row (residual
+≤ ``tol``) meets every KKT condition of this convex problem to ``tol`` — it is the projection of data moved by
+``O(tol)`` (``v`` by the stationarity error, bounds and rows by the primal and complementarity errors) — however the
+candidate was found: a wrong candidate cannot be certified. Certification is
 conservative: where ``τ`` is not unique (every coordinate at a bound) and the one picked admits no μ, or the
 Newton steps did not reach the solution (or the set is empty), the row fails and belongs to an exact general path.
 
