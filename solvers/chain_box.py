@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from solvers.isotonic import _run_ids, block_means, isotonic_decreasing
-from solvers.projection import _euclid_box_simplex_u
+from solvers.parametric import _euclid_box_simplex_u
 
 __all__ = ["ChainBoxResult", "project_chain_box"]
 

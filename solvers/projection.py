@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from solvers.active_set import solve_active_set
+from solvers.chain_box import project_chain_box
 from solvers.errors import InfeasibleError, holds
 from solvers.isotonic import block_means, isotonic_decreasing
 from solvers.ordered import project_ordered_halfspace
@@ -69,6 +70,9 @@ _BRACKET_MAX_ELEMENTS = 128
 # K = 4 for N = 1024 / 4096, even at K = 5, 1.1–1.7× slower at K = 6; Newton 1.2× faster than the warm-started
 # active set at K = 7, on par at K = 16–32)
 _ENUM_MAX_K = 5
+# Newton steps on τ of the chain kernel inside a graph (solvers.chain_box: 3 leave ~1 in 40 off-simplex rows of a
+# chain with a cap and a floor uncertified, 6 none in the tests)
+_CHAIN_REFINE = 6
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -519,8 +523,8 @@ def project(
     Box∩simplex with one row (no chain) takes the fixed-shape path of :mod:`solvers.parametric` first; only its
     uncertified rows reach the general path (one host synchronisation: their count). ``max_iter`` bounds
     the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference (``MAX_ITER``).
-    Inside ``torch.compile`` (box∩simplex with at most one row, no chain, Euclidean) it runs without a host
-    synchronisation or a data-dependent shape: see :func:`_solve_in_graph` (rows it cannot certify are flagged
+    Inside ``torch.compile`` (box∩simplex with at most one row and no chain, or with its chain alone; Euclidean) it
+    runs without a host synchronisation or a data-dependent shape: see :func:`_solve_in_graph` (rows it cannot certify are flagged
     ``NUMERICAL``; data checks are device-side asserts).
     """
     if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16):  # half precision cannot meet the
@@ -550,7 +554,7 @@ def project(
     it = torch.zeros(N, dtype=torch.long, device=v.device)
     info_mu = vf.new_zeros(N, m)
     if N and torch.compiler.is_compiling():  # inside a graph: fixed shapes, no host synchronisation
-        w, lo, hi, b, relax, status, it, info_mu, stat = _solve_in_graph(vf, lo, hi, A, b, fset, metric, tol,
+        w, lo, hi, b, relax, status, it, info_mu, stat = _solve_in_graph(vf, lo, hi, A, b, fset, batch, metric, tol,
                                                                          check_empty)
         if not (return_info or differentiate):
             return w.reshape(shape)
@@ -629,26 +633,36 @@ def _retry(again: FixedShapeResult, rest: Tensor, w: Tensor, mu: Tensor,
     return w, mu, it.index_put((rest,), it[rest] + again.path_steps), rest[~again.certified]
 
 
-def _solve_in_graph(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fset: FeasibleSet, metric: str,
-                    tol: float, check_empty: bool) -> tuple[Tensor, ...]:
-    """:func:`project` inside a ``torch.compile`` graph, for box∩simplex with at most one row (no chain,
-    Euclidean): fixed shapes, no host synchronisation. The box is relaxed where ``Σ lower > 1`` or ``Σ upper < 1``
-    (both closed forms of :func:`_relax_box` on every row); a soft row by the least ``t = max(0, min_{w∈box∩Δ} a·w
-    − b)`` (the greedy fill of :func:`_argmin_linear`, exact with one row: the relaxed set is the face of box∩Δ
-    minimising ``a·w``), so emptiness is decided without a synchronisation (``RELAXED``, ``relaxation = t``).
-    Without a row, ``w`` is the exact breakpoint search; with one, the fixed-shape kernel with the steps of
-    ``_FIXED_STEPS``, and with those of ``_FIXED_STEPS_RETRY`` on every row, taken where the first is uncertified.
-    Rows still uncertified cannot reach the active set inside a graph: they keep the kernel's best iterate and are
-    flagged ``NUMERICAL`` (their kernel KKT residual is the stationarity part); count them after the graph from
-    ``ProjectionResult.status``. A set empty in every row (``check_empty``) fails a device-side assert.
-    Returns what :func:`_solve_general` returns."""
-    if metric != "euclidean" or A.shape[-2] > 1 or fset.chain is not None:
-        raise NotImplementedError("inside torch.compile, solvers.project solves box∩simplex with at most one row, no "
-                                  "chain, metric='euclidean'; call it outside the compiled region for this set")
+def _solve_in_graph(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fset: FeasibleSet, batch: torch.Size,
+                    metric: str, tol: float, check_empty: bool) -> tuple[Tensor, ...]:
+    """:func:`project` inside a ``torch.compile`` graph, for box∩simplex with at most one row (no chain), or with its
+    ordinal chain alone (Euclidean): fixed shapes, no host synchronisation. The box is relaxed where ``Σ lower > 1``
+    or ``Σ upper < 1`` (both closed forms of :func:`_relax_box` on every row); a soft row by the least ``t = max(0,
+    min_{w∈box∩Δ} a·w − b)`` (the greedy fill of :func:`_argmin_linear`, exact with one row: the relaxed set is the
+    face of box∩Δ minimising ``a·w``), so emptiness is decided without a synchronisation (``RELAXED``,
+    ``relaxation = t``). Without a row, ``w`` is the exact breakpoint search; with one, the fixed-shape kernel with
+    the steps of ``_FIXED_STEPS``, and with those of ``_FIXED_STEPS_RETRY`` on every row, taken where the first is
+    uncertified; with the chain, the fixed-shape chain kernel (:mod:`solvers.chain_box`). Rows still uncertified
+    (with a chain: also a chain the box leaves empty) cannot reach the active set inside a graph: they keep the
+    kernel's best point and are flagged ``NUMERICAL`` (their kernel KKT residual is the stationarity part); count
+    them after the graph from ``ProjectionResult.status``. A set empty in every row (``check_empty``) fails a
+    device-side assert. Returns what :func:`_solve_general` returns."""
+    chain_only = fset.chain is not None and fset.chain_start == 0 and A.shape[-2] == fset.K - 1
+    if metric != "euclidean" or (A.shape[-2] > 1 or fset.chain is not None) and not chain_only:
+        raise NotImplementedError("inside torch.compile, solvers.project solves box∩simplex with at most one row and "
+                                  "no chain, or with its chain alone, metric='euclidean'; call it outside the "
+                                  "compiled region for this set")
     N, K = vf.shape
     status = torch.zeros(N, dtype=torch.long, device=vf.device)
     lo, hi, relax = _relax_box(lo, hi)
-    if A.shape[-2] == 0:
+    if chain_only:
+        perm, links = _chain_of(fset, batch, A, slice(None))
+        res = project_chain_box(*(x.double() for x in (vf, lo, hi)), perm, links, tol=_tolerance(torch.float64),
+                                refine=_CHAIN_REFINE)
+        w, mu, it = res.w.to(vf.dtype).clamp(lo, hi), res.chain_mu.to(vf.dtype), torch.zeros_like(status)
+        status = torch.where(res.certified, status, int(Status.NUMERICAL))
+        stat = torch.where(res.certified, 0.0, res.kkt_residual).to(vf.dtype)
+    elif A.shape[-2] == 0:
         w, mu, it, stat = _euclid_box_simplex(vf, lo, hi), vf.new_zeros(N, 0), torch.zeros_like(status), vf.new_zeros(N)
     else:
         a = A[:, 0]

@@ -1,6 +1,7 @@
 """``solvers.project`` and ``SafeDistiller.targets`` inside ``torch.compile(fullgraph=True)`` (box∩simplex, caps,
-floors and the per-token ``unsafe_mass`` row; no chain): zero graph breaks, the eager results, uncertified and
-relaxed rows flagged, counted after the graph and corrected; a CUDA graph of the step (skipped without CUDA)."""
+floors and the per-token ``unsafe_mass`` row; or an ordinal chain alone): zero graph breaks, the eager results,
+uncertified and relaxed rows flagged, counted after the graph and corrected; a CUDA graph of the step (skipped
+without CUDA)."""
 import math
 
 import numpy as np
@@ -54,6 +55,25 @@ def test_project_has_no_graph_break_and_matches_eager(K):
     torch.testing.assert_close(info.multipliers[inner], info_e.multipliers[inner], rtol=0, atol=1e-10)
     box = FeasibleSet.simplex(K, dtype=F64).cap(0, 0.45).floor(1, 0.02)  # no row: the exact breakpoint search
     torch.testing.assert_close(_compiled(_project_info)(v, box)[0], _project_info(v, box)[0], rtol=0, atol=0)
+
+
+def test_chain_set_has_no_graph_break_and_matches_eager():
+    """A safety order (``order_by``: K − 1 chain rows) with a cap and a floor: the fixed-shape chain kernel."""
+    rng = np.random.default_rng(7)
+    K, N = 6, 40
+    scores = torch.tensor(rng.permutation(K), dtype=F64)
+    fs = FeasibleSet.simplex(K, dtype=F64).cap(int(scores.argmin()), 0.3).floor(int(scores.argmax()), 0.2)
+    fs = fs.order_by(scores)
+    v = torch.cat([torch.softmax(torch.tensor(rng.normal(size=(N // 2, K)) * 1.5), -1),
+                   torch.tensor(rng.normal(size=(N // 2, K)) * 2.0)])  # on and off the simplex
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_project_info)(v, fs)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    w, info = _compiled(_project_info)(v, fs)
+    w_e, info_e = _project_info(v, fs)
+    assert bool((info.status == int(Status.OPTIMAL)).all()) and info.success
+    torch.testing.assert_close(w, w_e, rtol=0, atol=1e-10)
+    assert float(info.kkt_residual.max()) <= 1e-9
 
 
 @pytest.mark.slow
@@ -118,10 +138,12 @@ def test_all_empty_set_fails_a_device_side_assert():
 # ---------------------------------------------------------------------------------------------- SafeDistiller
 
 
-def _distiller(eps: float, weighting, V=12, B=2, T=16, device="cpu", dtype=F64):
+def _distiller(eps: float | None, weighting, V=12, B=2, T=16, device="cpu", dtype=F64):
+    """Cap, floor and ``unsafe_mass(eps)``, or (``eps=None``) the safety order instead of the unsafe-mass row."""
     g = torch.Generator().manual_seed(0)
+    row = C.safety_order() if eps is None else C.unsafe_mass(eps)
     spec = Spec(teachers=[TeacherSpec("safe", 0.9), TeacherSpec("mid", 0.5), TeacherSpec("risky", 0.1)],
-                constraints=[C.cap("risky", 0.2), C.floor("safe", 0.1), C.unsafe_mass(eps), C.unsafe_rate(0.05)],
+                constraints=[C.cap("risky", 0.2), C.floor("safe", 0.1), row, C.unsafe_rate(0.05)],
                 unsafe=[0, 1], dual=DualSpec(lr=0.1), checks=NO_CHECKS)
     torch.manual_seed(0)
     student = Student(V).to(device, dtype)
@@ -138,6 +160,18 @@ def _targets(d):
     def fn(batch):
         return d.targets(batch)
     return fn
+
+
+def test_targets_with_a_safety_order_have_no_graph_break_and_match_eager():
+    d, batch = _distiller(None, ConfidenceSoftmax(beta=3.0))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_targets(d))(batch)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    t, e = _compiled(_targets(d))(batch), d.targets(batch)
+    torch.testing.assert_close(t.weights, e.weights, rtol=0, atol=1e-10)
+    torch.testing.assert_close(t.target_logp, e.target_logp, rtol=0, atol=1e-10)
+    w = t.weights[batch["mask"]]  # safe ≥ mid ≥ risky on every token
+    assert bool((w[..., 0] >= w[..., 1] - 1e-12).all()) and bool((w[..., 1] >= w[..., 2] - 1e-12).all())
 
 
 def _unsafe_mass(logq):
