@@ -1,4 +1,5 @@
-"""Fixed-shape, sync-free projection onto box∩simplex ∩ {a·w ≤ b} (one row), with a KKT certificate per row.
+"""Fixed-shape, sync-free projection onto box∩simplex ∩ {a·w ≤ b} (one row), with a KKT certificate per row; the
+exact box∩simplex projection by sorting; and an exact bracketing search for the few rows the kernel leaves.
 
 ``P(v) = argmin ½‖w − v‖²`` over ``{lo ≤ w ≤ hi, Σw = 1, a·w ≤ b}`` is ``w = clamp(v − τ − μa, lo, hi)`` with
 ``μ ≥ 0`` the row's multiplier and ``τ`` that of ``Σw = 1``. Three stages, each a fixed number of batched
@@ -10,7 +11,7 @@ elementwise steps (no sort, no data-dependent control flow, no host synchronisat
    free; then ``τ₀`` exactly on the partition it found (where nothing is free, ``w`` is a vertex: ``τ`` moves to
    the end of its interval where one coordinate sits at its bound, and that coordinate counts as free).
 2. the parametric path ``μ ↦ (τ(μ), w(μ))`` from 0 (rows violating the row at ``w₀``): on a fixed partition
-   (free ``F``, lower ``L``, upper ``U``) ``dτ/dμ = −ā_F`` and ``du/dμ = −(a − ā_F)`` for ``u = v − τ − μa``, so
+   (free ``F``; the others at their bounds) ``dτ/dμ = −ā_F`` and ``du/dμ = −(a − ā_F)`` for ``u = v − τ − μa``, so
    ``g(μ) = a·w − b`` falls with slope ``−Σ_F (a − ā_F)²``; each step goes to the root of ``g`` or to the first
    coordinate that changes side, whichever comes first (exact, monotone in ``μ``; a few steps);
 3. the last partition fixes ``(τ, μ)`` by a 2×2 linear solve (exact on the root's piece), followed by semismooth
@@ -18,8 +19,10 @@ elementwise steps (no sort, no data-dependent control flow, no host synchronisat
 
 Each candidate is certified by the full KKT conditions: ``w = clamp(v − τ − μa)`` (stationarity, by
 construction), ``|Σw − 1|``, ``max(g, 0)`` and ``|min(μ, −g)|`` at most ``tol``, ``μ ≥ 0``. Rows not certified
-in the fixed number of steps (many partition changes, an empty set, degenerate ties) are left to the caller's
-exact fallback (:func:`solvers.project` reruns this kernel with more steps on them, then its active set).
+in the fixed number of steps (many partition changes, a semismooth Newton cycle, an empty set, degenerate ties)
+are left to the caller's exact fallbacks (:func:`solvers.project`: this kernel with more steps when they are many,
+:func:`bracket_box_halfspace` when they are few, then its active set). On CPU the kernel's cost is one full-size
+pass per op: every full-size intermediate lives in one workspace per call (:func:`_workspace`).
 """
 from __future__ import annotations
 
