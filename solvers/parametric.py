@@ -35,7 +35,6 @@ from torch import Tensor
 __all__ = ["FixedShapeResult", "bracket_box_halfspace", "project_box_halfspace"]
 
 _COLUMNS_MAX_K = 8  # up to this K the kernel works on [K, n] (columns = rows of the batch)
-_FAR = 1e300  # "no coordinate at its upper bound": above any gap u − hi of finite data
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ def _solve2(n: Tensor, sa: Tensor, saa: Tensor, p: Tensor, q: Tensor, active: Te
     """``(x, y)`` with ``[[n, sa], [sa, saa]] (x, y) = (p, q)`` where ``active`` and the system is regular, else
     ``y = y_else`` and ``x`` from the first equation."""
     det = n * saa - sa * sa
-    solvable = active & (det > 1e-14 * n * saa)
+    solvable = active & (det > 64 * torch.finfo(det.dtype).eps * n * saa)
     y = torch.where(solvable, (n * q - sa * p) / torch.where(solvable, det, 1.0), y_else)
     return (p - sa * y) / n.clamp_min(1), y
 
@@ -231,9 +230,10 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
     # at its upper bound nearest to freeing sits exactly at it, and count that coordinate free (then |F| ≥ 1; a
     # coordinate exactly at its bound is free or bound alike)
     torch.sub(v, tau, out=u)
-    gap = torch.sub(u, hi, out=t2).addcmul_(upp.neg_().add_(1), v.new_tensor(_FAR))  # u − hi on U, else ≥ _FAR
+    far = torch.finfo(v.dtype).max / 4  # "no coordinate at its upper bound": above any gap u − hi of finite data
+    gap = torch.sub(u, hi, out=t2).addcmul_(upp.neg_().add_(1), v.new_tensor(far))  # u − hi on U, else ≥ far
     first = gap.amin(ax, keepdim=True)
-    moves = no_free & (first < _FAR / 2)
+    moves = no_free & (first < far / 2)
     F.add_(torch.eq(gap, torch.where(moves, first, math.nan), out=t1))  # (coordinates tied there: all of them)
     tau = tau + torch.where(moves, first, 0.0)
     torch.sub(v, tau, out=u)
