@@ -135,10 +135,11 @@ def _solve2(n: Tensor, sa: Tensor, saa: Tensor, p: Tensor, q: Tensor, active: Te
             y_else: Tensor | float) -> tuple[Tensor, Tensor]:
     """``(x, y)`` with ``[[n, sa], [sa, saa]] (x, y) = (p, q)`` where ``active`` and the system is regular, else
     ``y = y_else`` and ``x`` from the first equation."""
-    det = n * saa - sa * sa
-    solvable = active & (det > 64 * torch.finfo(det.dtype).eps * n * saa)
-    y = torch.where(solvable, (n * q - sa * p) / torch.where(solvable, det, 1.0), y_else)
-    return (p - sa * y) / n.clamp_min(1), y
+    nsaa = n * saa  # (fused ops: these row-sized ones cost their dispatch, not their data)
+    det = torch.addcmul(nsaa, sa, sa, value=-1)
+    solvable = active & (det > 64 * torch.finfo(det.dtype).eps * nsaa)
+    y = torch.where(solvable, torch.addcmul(n * q, sa, p, value=-1) / torch.where(solvable, det, 1.0), y_else)
+    return torch.addcmul(p, sa, y, value=-1) / n.clamp_min(1), y
 
 
 def _free_moments(ws: Tensor) -> None:
@@ -177,7 +178,8 @@ def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau
     sw, saw, n, sa, saa = _sums(ws[:5], ax).unbind(0)
     r, g = sw - 1, saw - b
     kkt = torch.maximum(torch.maximum(r.abs(), g.clamp_min(0)), torch.minimum(mu, -g).abs()) if residual else None
-    dtau, dmu = _solve2(n, sa, saa, r, g, (mu > 0) | (g > 0), torch.where(g > 0, 0.0, -mu))
+    binds = g > 0
+    dtau, dmu = _solve2(n, sa, saa, r, g, binds | (mu > 0), torch.where(binds, 0.0, -mu))
     return kkt, tau + dtau, (mu + dmu).clamp_min(0)
 
 
