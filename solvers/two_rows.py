@@ -6,13 +6,16 @@ number of batched tensor ops (no sort, no data-dependent control flow, no host s
 
 1. the one-row kernel :func:`~solvers.parametric.project_box_halfspace` on each row alone (both in one call); a
    certified candidate that also satisfies the other row (``a·w ≤ b + tol``) is the answer (other ``μ = 0``);
-2. semismooth Newton on ``(τ, μ₁, μ₂)`` from the candidate whose other row is violated least: on the free set
-   ``F`` (``w = u``) ``(Σw − 1, a₁·w − b₁, a₂·w − b₂)`` moves by ``−J Δ``, ``J = Σ_F e eᵀ``, ``e = (1, a₁, a₂)``;
+2. semismooth Newton on ``(τ, μ₁, μ₂)`` from each candidate (two starts: ~99% of on-simplex rows where both
+   rows bind are certified by one of them, ~95% from either alone; ``τ`` of a start recovered from its ``w``): on
+   the free set ``F`` (``w = u``) ``(Σw − 1, a₁·w − b₁, a₂·w − b₂)`` moves by ``−J Δ``, ``J = Σ_F e eᵀ``, ``e = (1, a₁, a₂)``;
    row ``j`` binds where ``μⱼ > 0`` or ``gⱼ > 0``, else ``Δμⱼ = −μⱼ`` (its row and column of ``J`` replaced by the
    identity); the symmetric 3×3 systems are solved by cofactors (a relative ridge on the ``μ`` diagonal keeps
-   parallel rows finite; a non-finite step is no step); the iterate of least KKT residual is kept;
-3. the certificate: ``w = clamp(v − τ − μ·A)`` at the reported multipliers (stationarity by construction) and
-   ``max(|Σw − 1|, maxⱼ max(gⱼ, 0), maxⱼ |min(μⱼ, −gⱼ)|) ≤ tol`` with ``μ ≥ 0``, so a wrong point never passes.
+   parallel rows finite; a non-finite step is no step); where ``J`` is singular on ``F`` (fewer free coordinates
+   than active rows) the bound coordinates enter it with weight ``δ`` (a damped step); each start keeps its
+   iterate of least KKT residual;
+3. the point of least KKT residual among the four; the certificate: ``w = clamp(v − τ − μ·A)`` at the reported
+   multipliers (stationarity by construction) and ``max(|Σw − 1|, maxⱼ max(gⱼ, 0), maxⱼ |min(μⱼ, −gⱼ)|) ≤ tol`` with ``μ ≥ 0``, so a wrong point never passes.
    Rows not certified (an empty set, many partition changes) are left to the caller's exact general path.
 """
 from __future__ import annotations
@@ -27,9 +30,26 @@ from solvers.parametric import FixedShapeResult, _sums, project_box_halfspace
 __all__ = ["project_box_two_halfspaces"]
 
 _COLUMNS_MAX_K = 8  # up to this K the Newton stage works on [K, n] (a reduction over K adds K contiguous rows)
-# (newton_steps, path_steps, newton_polish) of the one-row kernel by K (as solvers.projection's _FIXED_STEPS)
-_KERNEL_STEPS = ((4, (3, 4, 0)), (8, (3, 5, 2)), (16, (3, 0, 8)), (math.inf, (3, 0, 10)))
+# (newton_steps, path_steps, newton_polish) of the one-row kernel by K: solvers.projection's _FIXED_STEPS up to
+# K = 8; above, path steps too (measured, off-simplex rows where both rows are violated at w₀: certified 42% → 77%
+# at K = 16, 34% → 66% at K = 32; on-simplex 100% either way; time about the same)
+_KERNEL_STEPS = ((4, (3, 4, 0)), (8, (3, 5, 2)), (math.inf, (3, 4, 8)))
 _RIDGE = 1e-12  # relative ridge on the μ diagonal of J (parallel rows: J singular in the μ plane)
+_SINGULAR = 1e-10  # J is singular where its determinant is below this times the product of its diagonal
+_DELTA = 0.3  # the weight of the bound coordinates in J where J on the free set is singular
+
+
+def _det_ratio(j: tuple[Tensor, ...], act1: Tensor, act2: Tensor) -> Tensor:
+    """The determinant of ``J`` reduced to ``τ`` and the active rows over the product of its diagonal (in
+    ``[0, 1]`` for a positive semidefinite ``J``; 0 where ``J``'s ``τ`` entry is 0)."""
+    n, s1, s2, s11, s12, s22 = j
+    one = torch.ones_like(n)
+    s11, s22 = torch.where(act1, s11, one), torch.where(act2, s22, one)
+    s1, s2 = torch.where(act1, s1, 0.0), torch.where(act2, s2, 0.0)
+    s12 = torch.where(act1 & act2, s12, 0.0)
+    det = n * (s11 * s22 - s12 * s12) - s1 * (s1 * s22 - s12 * s2) + s2 * (s1 * s12 - s11 * s2)
+    scale = n * s11 * s22
+    return torch.where(scale > 0, det / torch.where(scale > 0, scale, 1.0), 0.0)
 
 
 def _workspace(v: Tensor, a1: Tensor, a2: Tensor) -> Tensor:
@@ -61,9 +81,10 @@ def _solve3(j: tuple[Tensor, ...], r: tuple[Tensor, ...]) -> tuple[Tensor, Tenso
 
 
 def _iterate(v: Tensor, lo: Tensor, hi: Tensor, b1: Tensor, b2: Tensor, tau: Tensor, mu1: Tensor, mu2: Tensor,
-             ws: Tensor, ax: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             ws: Tensor, ax: int, totals: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """At ``(τ, μ₁, μ₂)`` (one per row, size 1 along ``ax``): ``w = clamp(v − τ − μ₁a₁ − μ₂a₂, lo, hi)`` (slot 0), its
-    KKT residual, and the next semismooth Newton iterate (module doc). Returns ``(kkt, τ', μ₁', μ₂')``."""
+    KKT residual, and the next semismooth Newton iterate (module doc; ``totals``: the entries of ``J`` over all
+    coordinates). Returns ``(kkt, τ', μ₁', μ₂')``."""
     w, u, F = ws[0], ws[9], ws[3]
     torch.sub(v, tau, out=u).addcmul_(ws[11], mu1, value=-1.0).addcmul_(ws[12], mu2, value=-1.0)
     torch.clamp(u, lo, hi, out=w)
@@ -74,16 +95,20 @@ def _iterate(v: Tensor, lo: Tensor, hi: Tensor, b1: Tensor, b2: Tensor, tau: Ten
     r, g1, g2 = sw - 1, sw1 - b1, sw2 - b2
     kkt = torch.maximum(torch.maximum(r.abs(), torch.maximum(g1.clamp_min(0), g2.clamp_min(0))),
                         torch.maximum(torch.minimum(mu1, -g1).abs(), torch.minimum(mu2, -g2).abs()))
-    some = n > 0
-    act1, act2 = ((mu1 > 0) | (g1 > 0)) & some, ((mu2 > 0) | (g2 > 0)) & some
-    # an inactive row: Δμ fixed (−μ, or 0 where the row is violated but nothing is free), moved to the right side
-    d1 = torch.where(act1, 0.0, torch.where(g1 > 0, 0.0, -mu1))
-    d2 = torch.where(act2, 0.0, torch.where(g2 > 0, 0.0, -mu2))
+    act1, act2 = (mu1 > 0) | (g1 > 0), (mu2 > 0) | (g2 > 0)
+    # J on the free set; where it is singular (fewer free coordinates than active rows, or rows affinely dependent
+    # on them) the bound coordinates join it with weight δ (a damped step toward freeing them, always finite)
+    j = (n, s1, s2, s11, s12, s22)
+    singular = ~(_det_ratio(j, act1, act2) > _SINGULAR)  # (Hadamard: the ratio is at most 1)
+    j = tuple(torch.where(singular, x + _DELTA * (t - x), x) for x, t in zip(j, totals))
+    n, s1, s2, s11, s12, s22 = j
+    # an inactive row: Δμ fixed (−μ), moved to the right side; its row and column of J replaced by the identity
+    d1, d2 = torch.where(act1, 0.0, -mu1), torch.where(act2, 0.0, -mu2)
     one, zero = torch.ones_like(n), torch.zeros_like(n)
-    j00 = torch.where(some, n, one)  # nothing free: Δτ = r (the slope-1 guess of the one-row kernel)
+    j00 = n
     j01, j02 = torch.where(act1, s1, zero), torch.where(act2, s2, zero)
-    j11 = torch.where(act1, s11 * (1 + _RIDGE) + _RIDGE * n, one)
-    j22 = torch.where(act2, s22 * (1 + _RIDGE) + _RIDGE * n, one)
+    j11 = torch.where(act1, s11 * (1 + _RIDGE), one)
+    j22 = torch.where(act2, s22 * (1 + _RIDGE), one)
     j12 = torch.where(act1 & act2, s12, zero)
     rhs0 = r - s1 * d1 - s2 * d2
     rhs1 = torch.where(act1, g1 - s12 * d2, d1)
@@ -126,50 +151,48 @@ def project_box_two_halfspaces(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: 
         kernel_steps = next(st for k_max, st in _KERNEL_STEPS if K <= k_max)
     a1, a2, b1, b2 = A[:, 0], A[:, 1], b[:, 0], b[:, 1]
     # stage 1: each row alone, both in one call of the one-row kernel
-    one = project_box_halfspace(torch.cat([v, v]), torch.cat([lo, lo]), torch.cat([hi, hi]), torch.cat([a1, a2]),
-                                torch.cat([b1, b2]), tol=tol, newton_steps=kernel_steps[0],
-                                path_steps=kernel_steps[1], newton_polish=kernel_steps[2])
-    w_1, w_2 = one.w[:n_rows], one.w[n_rows:]
-    mu_1, mu_2 = one.mu[:n_rows], one.mu[n_rows:]
-    g_12 = (a2 * w_1).sum(-1) - b2  # the other row at each candidate
-    g_21 = (a1 * w_2).sum(-1) - b1
-    kkt_1 = torch.maximum(one.kkt_residual[:n_rows], g_12.clamp_min(0))  # two-row KKT residuals (other μ = 0)
-    kkt_2 = torch.maximum(one.kkt_residual[n_rows:], g_21.clamp_min(0))
-    # stage 2: semismooth Newton on (τ, μ₁, μ₂) from the candidate whose other row is violated least
-    first = g_12 <= g_21
-    w0 = torch.where(first[:, None], w_1, w_2)
-    m1, m2 = torch.where(first, mu_1, 0.0), torch.where(first, 0.0, mu_2)
+    vv, ll, hh = torch.cat([v, v]), torch.cat([lo, lo]), torch.cat([hi, hi])
+    one = project_box_halfspace(vv, ll, hh, torch.cat([a1, a2]), torch.cat([b1, b2]), tol=tol,
+                                newton_steps=kernel_steps[0], path_steps=kernel_steps[1], newton_polish=kernel_steps[2])
+    g_other = torch.cat([(a2 * one.w[:n_rows]).sum(-1) - b2, (a1 * one.w[n_rows:]).sum(-1) - b1])
+    kkt_one = torch.maximum(one.kkt_residual, g_other.clamp_min(0))  # two-row KKT residuals (the other μ = 0)
+    zero = torch.zeros_like(one.mu[:n_rows])
+    m1, m2 = torch.cat([one.mu[:n_rows], zero]), torch.cat([zero, one.mu[n_rows:]])
+    # stage 2: semismooth Newton on (τ, μ₁, μ₂) from each candidate (2n rows: the first n start from row 1's)
     if K <= _COLUMNS_MAX_K:
         ax = 0
-        vt, lot, hit, a1t, a2t, w0t = (t.T.contiguous() for t in (v, lo, hi, a1, a2, w0))
-        b1t, b2t, m1, m2 = b1[None, :], b2[None, :], m1[None, :], m2[None, :]
+        vt, lot, hit, a1t, a2t, w0t = (t.T.contiguous() for t in (vv, ll, hh, torch.cat([a1, a1]), torch.cat([a2, a2]),
+                                                                   one.w))
+        b1t, b2t, m1, m2 = torch.cat([b1, b1])[None, :], torch.cat([b2, b2])[None, :], m1[None, :], m2[None, :]
     else:
         ax = -1
-        vt, lot, hit, a1t, a2t, w0t = (t.contiguous() for t in (v, lo, hi, a1, a2, w0))
-        b1t, b2t, m1, m2 = b1[:, None], b2[:, None], m1[:, None], m2[:, None]
+        vt, lot, hit, a1t, a2t, w0t = vv, ll, hh, torch.cat([a1, a1]), torch.cat([a2, a2]), one.w.contiguous()
+        b1t, b2t, m1, m2 = torch.cat([b1, b1])[:, None], torch.cat([b2, b2])[:, None], m1[:, None], m2[:, None]
     ws = _workspace(vt, a1t, a2t)
+    totals = (torch.full_like(b1t, K), *_sums(ws[11:16], ax).unbind(0))
     tau = _tau_of(vt, lot, hit, w0t, m1, m2, a1t, a2t, ax)
-    kkt, tau, m1n, m2n = _iterate(vt, lot, hit, b1t, b2t, tau, m1, m2, ws, ax)
+    kkt, tau, m1n, m2n = _iterate(vt, lot, hit, b1t, b2t, tau, m1, m2, ws, ax, totals)
     best_w = ws[10].copy_(ws[0])
     best_m1, best_m2 = m1, m2
     newton = torch.zeros_like(kkt, dtype=torch.long)
     for _ in range(steps):
         m1, m2 = m1n, m2n
-        kkt_k, tau, m1n, m2n = _iterate(vt, lot, hit, b1t, b2t, tau, m1, m2, ws, ax)
+        kkt_k, tau, m1n, m2n = _iterate(vt, lot, hit, b1t, b2t, tau, m1, m2, ws, ax, totals)
         better = kkt_k < kkt
         best_w.add_(ws[0].sub_(best_w).mul_(better.to(v.dtype)))
         kkt = torch.where(better, kkt_k, kkt)
         best_m1, best_m2 = torch.where(better, m1, best_m1), torch.where(better, m2, best_m2)
         newton = newton + (kkt > tol).long()  # the steps taken while the kept point was not yet certified
     best_w = best_w.T if ax == 0 else best_w
-    kkt, best_m1, best_m2, newton = (t.reshape(-1) for t in (kkt, best_m1, best_m2, newton))
-    # stage 3: the least KKT residual of the three points (each a valid two-row certificate)
-    take_1 = (kkt_1 <= kkt_2) & (kkt_1 <= kkt)
-    take_2 = ~take_1 & (kkt_2 <= kkt)
-    w = torch.where(take_1[:, None], w_1, torch.where(take_2[:, None], w_2, best_w))
-    mu = torch.stack([torch.where(take_1, mu_1, torch.where(take_2, 0.0, best_m1)),
-                      torch.where(take_1, 0.0, torch.where(take_2, mu_2, best_m2))], -1)
-    res = torch.where(take_1, kkt_1, torch.where(take_2, kkt_2, kkt))
-    path = torch.where(take_1, one.path_steps[:n_rows], torch.where(
-        take_2, one.path_steps[n_rows:], torch.where(first, one.path_steps[:n_rows], one.path_steps[n_rows:]) + newton))
-    return FixedShapeResult(w, mu, res, res <= tol, path)
+    # stage 3: the point of least KKT residual among the two candidates and the two Newton points (each residual is
+    # a valid two-row certificate of its point)
+    kkts = torch.stack([kkt_one, kkt.reshape(-1)]).reshape(4, n_rows)  # cand 1, cand 2, Newton from 1, from 2
+    pick = kkts.argmin(0)
+    ws_pts = torch.stack([one.w, best_w]).reshape(4, n_rows, K)
+    w = ws_pts.gather(0, pick[None, :, None].expand(1, n_rows, K))[0]
+    mus = torch.stack([torch.stack([torch.cat([one.mu[:n_rows], zero]), torch.cat([zero, one.mu[n_rows:]])], -1),
+                       torch.stack([best_m1.reshape(-1), best_m2.reshape(-1)], -1)]).reshape(4, n_rows, 2)
+    mu = mus.gather(0, pick[None, :, None].expand(1, n_rows, 2))[0]
+    res = kkts.gather(0, pick[None])[0]
+    paths = torch.cat([one.path_steps, one.path_steps + newton.reshape(-1)]).reshape(4, n_rows)
+    return FixedShapeResult(w, mu, res, res <= tol, paths.gather(0, pick[None])[0])

@@ -63,7 +63,7 @@ def _check(v: torch.Tensor, fs: FeasibleSet, **kw):
 def test_certified_rows_match_cvxpy_on_simplex(K, mode):
     v, fs = _two_rows(np.random.default_rng(K), K, 40, mode=mode)
     res = _check(v, fs)
-    floor = {"both": 0.8, "one": 0.9, "none": 1.0}[mode]  # measured on 400 rows: see benchmarks/bench_two_rows.py
+    floor = {"both": 0.9, "one": 0.95, "none": 1.0}[mode]  # measured 98.5–100% on 400 rows (K = 4…32)
     assert float(res.certified.double().mean()) >= floor
     if mode == "none":
         assert bool((res.mu == 0).all())
@@ -73,7 +73,7 @@ def test_certified_rows_match_cvxpy_on_simplex(K, mode):
 def test_certified_rows_match_cvxpy_off_simplex(K):
     v, fs = _two_rows(np.random.default_rng(100 + K), K, 40, logits=True, mode="both")
     res = _check(v, fs)
-    assert float(res.certified.double().mean()) >= 0.05
+    assert float(res.certified.double().mean()) >= 0.5  # measured 78–96% (both rows violated at w₀)
 
 
 def test_most_on_simplex_rows_are_certified():
@@ -81,7 +81,7 @@ def test_most_on_simplex_rows_are_certified():
     for K in (4, 8, 16):
         v, fs = _two_rows(np.random.default_rng(7 * K), K, 1000)
         res = project_box_two_halfspaces(*_args(v, fs), tol=TOL)
-        assert float(res.certified.double().mean()) >= 0.85, K
+        assert float(res.certified.double().mean()) >= 0.95, K  # measured 98.5–100%
         w = project(v, fs)
         assert torch.allclose(res.w[res.certified], w[res.certified], atol=1e-8, rtol=0)
 
