@@ -8,15 +8,16 @@ number of batched tensor ops (no sort, no data-dependent control flow, no host s
    certified candidate that also satisfies the other row (``a·w ≤ b + tol``) is the answer (other ``μ = 0``);
 2. semismooth Newton on ``(τ, μ₁, μ₂)`` from each candidate (two starts: ~99% of on-simplex rows where both
    rows bind are certified by one of them, ~95% from either alone; ``τ`` of a start recovered from its ``w``): on
-   the free set ``F`` (``w = u``) ``(Σw − 1, a₁·w − b₁, a₂·w − b₂)`` moves by ``−J Δ``, ``J = Σ_F e eᵀ``, ``e = (1, a₁, a₂)``;
-   row ``j`` binds where ``μⱼ > 0`` or ``gⱼ > 0``, else ``Δμⱼ = −μⱼ`` (its row and column of ``J`` replaced by the
-   identity); the symmetric 3×3 systems are solved by cofactors (a relative ridge on the ``μ`` diagonal keeps
+   the free set ``F`` (``w = u``) ``(Σw − 1, a₁·w − b₁, a₂·w − b₂)`` moves by ``−J Δ``, ``J = Σ_F e eᵀ``,
+   ``e = (1, a₁, a₂)``; row ``j`` binds where ``μⱼ > 0`` or ``gⱼ > 0``, else ``Δμⱼ = −μⱼ`` (its row and column of
+   ``J`` replaced by the identity); the symmetric 3×3 systems are solved by cofactors (a relative ridge on the ``μ`` diagonal keeps
    parallel rows finite; a non-finite step is no step); where ``J`` is singular on ``F`` (fewer free coordinates
    than active rows) the bound coordinates enter it with weight ``δ`` (a damped step); each start keeps its
    iterate of least KKT residual;
 3. the point of least KKT residual among the four; the certificate: ``w = clamp(v − τ − μ·A)`` at the reported
-   multipliers (stationarity by construction) and ``max(|Σw − 1|, maxⱼ max(gⱼ, 0), maxⱼ |min(μⱼ, −gⱼ)|) ≤ tol`` with ``μ ≥ 0``, so a wrong point never passes.
-   Rows not certified (an empty set, many partition changes) are left to the caller's exact general path.
+   multipliers (stationarity by construction) and ``max(|Σw − 1|, maxⱼ max(gⱼ, 0), maxⱼ |min(μⱼ, −gⱼ)|) ≤ tol``
+   with ``μ ≥ 0``, so a wrong point never passes. Rows not certified (an empty set, many partition changes) are
+   left to the caller's exact general path.
 """
 from __future__ import annotations
 
@@ -124,14 +125,14 @@ def project_box_two_halfspaces(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: 
                                steps: int = 8, kernel_steps: tuple[int, int, int] | None = None) -> FixedShapeResult:
     """Projection of ``v [n, K]`` onto ``{lo ≤ w ≤ hi, Σw = 1, A w ≤ b}`` with two rows (``lo, hi [n, K]``,
     ``A [n, 2, K]``, ``b [n, 2]``) by a fixed sequence of batched tensor ops (module doc): the one-row kernel on each
-    row (``kernel_steps`` = its ``(newton_steps, path_steps, newton_polish)``, by default those
-    :func:`solvers.project` uses for ``K``), then ``steps`` semismooth Newton steps on ``(τ, μ₁, μ₂)``. Computes in
+    row (``kernel_steps`` = its ``(newton_steps, path_steps, newton_polish)``, by default ``_KERNEL_STEPS`` for
+    ``K``), then ``steps`` semismooth Newton steps on ``(τ, μ₁, μ₂)``. Computes in
     ``v.dtype`` (use float64); compiles with ``torch.compile(fullgraph=True)``.
 
     Returns a :class:`~solvers.parametric.FixedShapeResult` whose ``mu`` is ``[n, 2]`` (both rows' multipliers),
     ``kkt_residual [n]``, ``certified [n]`` (KKT residual ≤ ``tol``; uncertified rows need an exact fallback) and
-    ``path_steps [n]``: the one-row kernel's path steps on the row(s) used plus the Newton steps taken on the two-row
-    system (0 where a one-row candidate is the answer).
+    ``path_steps [n]``: the one-row kernel's path steps on the row whose candidate is the answer or started the
+    Newton iterate kept, plus (for a Newton point) the Newton steps taken while that start was not yet certified.
     """
     n_rows, K = v.shape
     if kernel_steps is None:

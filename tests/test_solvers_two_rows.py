@@ -19,7 +19,8 @@ def _two_rows(rng: np.random.Generator, K: int, N: int, logits: bool = False,
     ``a₁ + a₂``, satisfies both rows). ``mode``: ``both`` (each bound between ``a·p`` and ``a·w₀``, ``w₀`` the
     box∩simplex projection: both rows violated at ``w₀``, one or both bind), ``one`` (row 2 slack at ``w₀``), ``none``
     (both slack: ``w₀`` is the answer)."""
-    v = torch.tensor(rng.normal(size=(N, K)) * 2.0) if logits else torch.softmax(torch.tensor(rng.normal(size=(N, K)) * 1.5), -1)
+    z = torch.tensor(rng.normal(size=(N, K)))
+    v = 2.0 * z if logits else torch.softmax(1.5 * z, -1)
     fs = FeasibleSet.simplex(K, dtype=F64).cap(0, 0.45).floor(1, 0.02)
     lo, hi = fs.lower.expand(N, K), fs.upper.expand(N, K)
     A = torch.tensor(rng.uniform(0, 1, (N, 2, K))) * torch.tensor([[0.3], [1.0]], dtype=F64)
