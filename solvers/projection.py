@@ -49,6 +49,7 @@ from solvers.parametric import (FixedShapeResult, _box_simplex, _euclid_box_simp
                                 bracket_box_halfspace, project_box_halfspace)
 from solvers.results import ProjectionResult, Status, projection_message, projection_success
 from solvers.sets import FeasibleSet
+from solvers.two_rows import project_box_two_halfspaces
 
 __all__ = ["project"]
 
@@ -523,7 +524,7 @@ def project(
     Box∩simplex with one row (no chain) takes the fixed-shape path of :mod:`solvers.parametric` first; only its
     uncertified rows reach the general path (one host synchronisation: their count). ``max_iter`` bounds
     the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference (``MAX_ITER``).
-    Inside ``torch.compile`` (box∩simplex with at most one row and no chain, or with its chain alone; Euclidean) it
+    Inside ``torch.compile`` (box∩simplex with at most two rows and no chain, or with its chain alone; Euclidean) it
     runs without a host synchronisation or a data-dependent shape: see :func:`_solve_in_graph` (rows it cannot certify are flagged
     ``NUMERICAL``; data checks are device-side asserts).
     """
@@ -635,21 +636,22 @@ def _retry(again: FixedShapeResult, rest: Tensor, w: Tensor, mu: Tensor,
 
 def _solve_in_graph(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fset: FeasibleSet, batch: torch.Size,
                     metric: str, tol: float, check_empty: bool) -> tuple[Tensor, ...]:
-    """:func:`project` inside a ``torch.compile`` graph, for box∩simplex with at most one row (no chain), or with its
+    """:func:`project` inside a ``torch.compile`` graph, for box∩simplex with at most two rows (no chain), or with its
     ordinal chain alone (Euclidean): fixed shapes, no host synchronisation. The box is relaxed where ``Σ lower > 1``
     or ``Σ upper < 1`` (both closed forms of :func:`_relax_box` on every row); a soft row by the least ``t = max(0,
     min_{w∈box∩Δ} a·w − b)`` (the greedy fill of :func:`_argmin_linear`, exact with one row: the relaxed set is the
     face of box∩Δ minimising ``a·w``), so emptiness is decided without a synchronisation (``RELAXED``,
     ``relaxation = t``). Without a row, ``w`` is the exact breakpoint search; with one, the fixed-shape kernel with
     the steps of ``_FIXED_STEPS``, and with those of ``_FIXED_STEPS_RETRY`` on every row, taken where the first is
-    uncertified; with the chain, the fixed-shape chain kernel (:mod:`solvers.chain_box`). Rows still uncertified
-    (with a chain: also a chain the box leaves empty) cannot reach the active set inside a graph: they keep the
+    uncertified; with two rows, the fixed-shape kernel of :mod:`solvers.two_rows`; with the chain, the fixed-shape
+    chain kernel (:mod:`solvers.chain_box`). Rows still uncertified (with two rows or a chain: also a set the box
+    leaves empty, whose least relaxation needs an LP) cannot reach the active set inside a graph: they keep the
     kernel's best point and are flagged ``NUMERICAL`` (their kernel KKT residual is the stationarity part); count
     them after the graph from ``ProjectionResult.status``. A set empty in every row (``check_empty``) fails a
     device-side assert. Returns what :func:`_solve_general` returns."""
     chain_only = fset.chain is not None and fset.chain_start == 0 and A.shape[-2] == fset.K - 1
-    if metric != "euclidean" or (A.shape[-2] > 1 or fset.chain is not None) and not chain_only:
-        raise NotImplementedError("inside torch.compile, solvers.project solves box∩simplex with at most one row and "
+    if metric != "euclidean" or (A.shape[-2] > 2 or fset.chain is not None) and not chain_only:
+        raise NotImplementedError("inside torch.compile, solvers.project solves box∩simplex with at most two rows and "
                                   "no chain, or with its chain alone, metric='euclidean'; call it outside the "
                                   "compiled region for this set")
     N, K = vf.shape
@@ -660,6 +662,11 @@ def _solve_in_graph(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fs
         res = project_chain_box(*(x.double() for x in (vf, lo, hi)), perm, links, tol=_tolerance(torch.float64),
                                 refine=_CHAIN_REFINE)
         w, mu, it = res.w.to(vf.dtype).clamp(lo, hi), res.chain_mu.to(vf.dtype), torch.zeros_like(status)
+        status = torch.where(res.certified, status, int(Status.NUMERICAL))
+        stat = torch.where(res.certified, 0.0, res.kkt_residual).to(vf.dtype)
+    elif A.shape[-2] == 2:  # (an empty set is not relaxed here: its least relaxation is an LP; it stays uncertified)
+        res = project_box_two_halfspaces(*(x.double() for x in (vf, lo, hi, A, b)), tol=_tolerance(torch.float64))
+        w, mu, it = res.w.to(vf.dtype).clamp(lo, hi), res.mu.to(vf.dtype), res.path_steps
         status = torch.where(res.certified, status, int(Status.NUMERICAL))
         stat = torch.where(res.certified, 0.0, res.kkt_residual).to(vf.dtype)
     elif A.shape[-2] == 0:

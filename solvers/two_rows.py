@@ -26,11 +26,10 @@ import math
 import torch
 from torch import Tensor
 
-from solvers.parametric import FixedShapeResult, _sums, project_box_halfspace
+from solvers.parametric import _COLUMNS_MAX_K, FixedShapeResult, _sums, project_box_halfspace
 
 __all__ = ["project_box_two_halfspaces"]
 
-_COLUMNS_MAX_K = 8  # up to this K the Newton stage works on [K, n] (a reduction over K adds K contiguous rows)
 # (newton_steps, path_steps, newton_polish) of the one-row kernel by K: solvers.projection's _FIXED_STEPS up to
 # K = 8; above, path steps too (measured, off-simplex rows where both rows are violated at w₀: certified 42% → 77%
 # at K = 16, 34% → 66% at K = 32; on-simplex 100% either way; time about the same)

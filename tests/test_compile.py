@@ -1,5 +1,6 @@
 """``solvers.project`` and ``SafeDistiller.targets`` inside ``torch.compile(fullgraph=True)`` (box∩simplex, caps,
-floors and the per-token ``unsafe_mass`` row; or an ordinal chain alone): zero graph breaks, the eager results,
+floors and the per-token ``unsafe_mass`` row, a second row; or an ordinal chain alone): zero graph breaks, the eager
+results,
 uncertified and relaxed rows flagged, counted after the graph and corrected; a CUDA graph of the step (skipped
 without CUDA)."""
 import math
@@ -55,6 +56,26 @@ def test_project_has_no_graph_break_and_matches_eager(K):
     torch.testing.assert_close(info.multipliers[inner], info_e.multipliers[inner], rtol=0, atol=1e-10)
     box = FeasibleSet.simplex(K, dtype=F64).cap(0, 0.45).floor(1, 0.02)  # no row: the exact breakpoint search
     torch.testing.assert_close(_compiled(_project_info)(v, box)[0], _project_info(v, box)[0], rtol=0, atol=0)
+
+
+def test_two_rows_have_no_graph_break_and_match_eager():
+    """The per-token row and a group cap (two rows): the fixed-shape two-row kernel."""
+    rng = np.random.default_rng(8)
+    K, N = 5, 40
+    fs = _rows(rng, N, K, (0.12, 0.2)).halfspace(torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0], dtype=F64), 0.3,
+                                                  name="group")
+    v = torch.softmax(torch.tensor(rng.normal(size=(N, K)) * 1.5), -1)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_project_info)(v, fs)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    w, info = _compiled(_project_info)(v, fs)
+    w_e, info_e = _project_info(v, fs)
+    ok = info_e.status == int(Status.OPTIMAL)
+    assert bool((info.status[ok] == int(Status.OPTIMAL)).all()) and bool(info_e.active[ok].all(-1).any())
+    torch.testing.assert_close(w[ok], w_e[ok], rtol=0, atol=1e-10)
+    # an empty set (both rows soft): eager relaxes it by an LP; inside a graph it is flagged NUMERICAL
+    assert int((~ok).sum()) > 0 and bool((info.status[~ok] == int(Status.NUMERICAL)).all())
+    assert bool((info_e.status[~ok] == int(Status.RELAXED)).all())
 
 
 def test_chain_set_has_no_graph_break_and_matches_eager():
@@ -138,12 +159,13 @@ def test_all_empty_set_fails_a_device_side_assert():
 # ---------------------------------------------------------------------------------------------- SafeDistiller
 
 
-def _distiller(eps: float | None, weighting, V=12, B=2, T=16, device="cpu", dtype=F64):
-    """Cap, floor and ``unsafe_mass(eps)``, or (``eps=None``) the safety order instead of the unsafe-mass row."""
+def _distiller(eps: float | None, weighting, V=12, B=2, T=16, device="cpu", dtype=F64, extra=()):
+    """Cap, floor and ``unsafe_mass(eps)``, or (``eps=None``) the safety order instead of the unsafe-mass row;
+    ``extra`` constraints after those."""
     g = torch.Generator().manual_seed(0)
     row = C.safety_order() if eps is None else C.unsafe_mass(eps)
     spec = Spec(teachers=[TeacherSpec("safe", 0.9), TeacherSpec("mid", 0.5), TeacherSpec("risky", 0.1)],
-                constraints=[C.cap("risky", 0.2), C.floor("safe", 0.1), row, C.unsafe_rate(0.05)],
+                constraints=[C.cap("risky", 0.2), C.floor("safe", 0.1), row, *extra, C.unsafe_rate(0.05)],
                 unsafe=[0, 1], dual=DualSpec(lr=0.1), checks=NO_CHECKS)
     torch.manual_seed(0)
     student = Student(V).to(device, dtype)
@@ -172,6 +194,28 @@ def test_targets_with_a_safety_order_have_no_graph_break_and_match_eager():
     torch.testing.assert_close(t.target_logp, e.target_logp, rtol=0, atol=1e-10)
     w = t.weights[batch["mask"]]  # safe ≥ mid ≥ risky on every token
     assert bool((w[..., 0] >= w[..., 1] - 1e-12).all()) and bool((w[..., 1] >= w[..., 2] - 1e-12).all())
+
+
+def test_targets_with_a_group_cap_have_no_graph_break_and_match_eager():
+    """``unsafe_mass`` and a group cap: two rows per token. Where they empty a token's set (ε = 0.3 here) eager
+    relaxes it by an LP; the graph flags it uncertified and corrects its target, so ``q(U) ≤ ε`` still holds."""
+    group = (C.group_cap(["mid", "risky"], 0.45),)
+    d, batch = _distiller(0.5, ConfidenceSoftmax(beta=3.0), extra=group)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_targets(d))(batch)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    t, e = _compiled(_targets(d))(batch), d.targets(batch)
+    torch.testing.assert_close(t.weights, e.weights, rtol=0, atol=1e-10)
+    torch.testing.assert_close(t.target_logp, e.target_logp, rtol=0, atol=1e-10)
+    stats = projection_stats(t.projection)
+    assert stats["uncertified_tokens"] == 0 and stats["active"]["unsafe_mass"] > 0
+    w = t.weights[batch["mask"]]
+    assert bool((w[..., 1:].sum(-1) <= 0.45 + 1e-10).all())
+    d, batch = _distiller(0.3, ConfidenceSoftmax(beta=3.0), extra=group)
+    t = _compiled(_targets(d))(batch)
+    stats = projection_stats(t.projection)
+    assert stats["uncertified_tokens"] == 1 and stats["corrected_tokens"] >= 1
+    assert bool((_unsafe_mass(t.target_logp)[batch["mask"]] <= 0.3 + 1e-9).all())
 
 
 def _unsafe_mass(logq):
