@@ -9,23 +9,22 @@ the certified fraction of the kernel and the largest distance of its certified r
 
     OMP_NUM_THREADS=1 python benchmarks/bench_two_rows.py            # N = 4096, K = 4 8 16 32
     OMP_NUM_THREADS=1 python benchmarks/bench_two_rows.py --logits
+
+The kernel is the compiled path's for two rows (``torch.compile``: no host synchronisation); eager
+``solvers.project`` keeps its general path for them. Prints a table and writes JSON (``--out``).
 """
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import platform
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from bench_projection import _interleaved, make_instance  # noqa: E402
-
-from solvers import FeasibleSet, project  # noqa: E402
-from solvers.projection import _tolerance  # noqa: E402
-from solvers.two_rows import project_box_two_halfspaces  # noqa: E402
+from bench_projection import _device_name, _interleaved, make_instance
+from solvers import FeasibleSet, project
+from solvers.projection import _tolerance
+from solvers.two_rows import project_box_two_halfspaces
 
 
 def make_two_rows(K: int, N: int, gen: torch.Generator, logits: bool) -> tuple[torch.Tensor, FeasibleSet]:
@@ -47,7 +46,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--logits", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/bench_two_rows.json")
     args = p.parse_args()
+    results = []
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(args.seed)
     tol = _tolerance(torch.float64)
@@ -72,6 +73,11 @@ def main() -> None:
         print(f"{K:>3} {t['kernel']*1e3:>10.2f} {t['softmax']*1e3:>10.3f} {t['project']*1e3:>10.2f} "
               f"{t['kernel']/t['softmax']:>14.1f} {t['project']/t['kernel']:>14.2f} "
               f"{float(ok.double().mean()):>9.4f} {both:>9.3f} {dw:>9.1e}")
+        results.append(dict(K=K, N=N, kernel_s=t["kernel"], softmax_s=t["softmax"], project_s=t["project"],
+                            certified=float(ok.double().mean()), both_bind=both, max_abs_diff=dw))
+        with open(args.out, "w") as f:
+            json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "device": _device_name("cpu"),
+                       "logits": args.logits, "dtype": "float64", "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
