@@ -281,15 +281,16 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
 
 
 def bracket_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, *, tol: float,
-                          points: int = 33, rounds: int = 5, newton_polish: int = 2) -> FixedShapeResult:
+                          points: int = 65, rounds: int = 3, newton_polish: int = 2) -> FixedShapeResult:
     """The projection of :func:`project_box_halfspace` by bracketing the row multiplier, for the few rows that kernel
     leaves uncertified: ``φ(μ) = a·P(v − μa) − b`` is nonincreasing and piecewise linear (``P`` the exact box∩simplex
     projection by sorting, :func:`_euclid_box_simplex_u`). Each round evaluates ``φ`` at ``points`` values of ``μ`` per
     row at once (the first on ``{0} ∪`` a log grid over ``[1e-8, 1e8]``, the next ones evenly inside the bracket
     found); the partition at the last bracket's middle then fixes ``(τ, μ)`` by a 2×2 solve, and ``newton_polish``
     semismooth Newton steps follow. Exact unless a partition change lies inside the last bracket (relative width
-    ``~2.2 / (points − 1)^(rounds − 1)``) or the root lies above 1e8; the certificate (as for the kernel) says
-    which. About ``rounds · points`` times the kernel's work per row, in ~100 tensor ops whatever the row count."""
+    ``(10^(16/(points − 2)) − 1) / (points − 1)^(rounds − 1)``: 2e-4 by default) or the root lies above 1e8; the
+    certificate (as for the kernel) says which. About ``rounds · points`` times the kernel's work per row, in ~200
+    tensor ops whatever the row count."""
     n, K = v.shape
     mus = torch.cat([v.new_zeros(1), torch.logspace(-8, 8, points - 1, dtype=v.dtype, device=v.device)]).expand(n, -1)
     inside = torch.linspace(0, 1, points, dtype=v.dtype, device=v.device)[1:-1]

@@ -62,9 +62,10 @@ _METRICS = ("euclidean", "kl")
 # changes of large K
 _FIXED_STEPS = ((4, (3, 4, 0)), (8, (3, 5, 2)), (16, (3, 0, 8)), (math.inf, (3, 0, 10)))
 _FIXED_STEPS_RETRY = (6, 6, 8)  # on the rows left when they are many: certifies all but ~3% of the off-simplex ones
-# the rows left, up to this many rows·K, go to the bracketing search of solvers.parametric (exact on all but a few in
-# 10⁴ off-simplex rows, but ~30× the kernel's work per row in ~250 tensor ops): beyond it the kernel with the retry
-# steps goes first (measured, one thread: ~2 ms either way on a few rows; the bracket costs ~0.2–0.5 ms per row)
+# the rows left, up to this many rows·K, go to the bracketing search of solvers.parametric (it certified every row the
+# kernel left in 20 draws at K = 8–32, and all but ~1% of hard off-simplex rows, but costs ~30× the kernel's work per
+# row in ~200 tensor ops): beyond it the kernel with the retry steps goes first (measured, one thread: 1.3–2 ms on a
+# few rows either way; the bracket then costs ~0.2–0.5 ms more per row)
 _BRACKET_MAX_ELEMENTS = 128
 # chain ∩ one active row: up to this K by enumerating the 2^K − 1 block structures (solvers.ordered), above it by
 # the Newton search on λ (measured, one thread, chain + cap + one row: enumeration 2.6× / 1.5× faster than Newton at
