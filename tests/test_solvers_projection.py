@@ -468,6 +468,19 @@ def test_chain_float32_and_gradcheck():
     torch.autograd.gradcheck(lambda x: project(x, fsg), (vg,))
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_chain_backward_by_blocks_passes_gradcheck(tied):
+    """The backward takes the chain rows by block averaging (a block touching a bound is fixed); gradcheck on chain
+    sets with caps, floors, ties in the scores (unlinked pairs) and an extra halfspace, on and off the simplex."""
+    rng = np.random.default_rng(12 + tied)
+    for halfspace in (False, True):
+        fs = _chain_set(rng, 6, 8, box=True, halfspace=halfspace, tied=tied, per_row=True)
+        v = torch.tensor(rng.normal(size=(8, 6))).requires_grad_(True)
+        _, info = project(v.detach(), fs, return_info=True)
+        assert bool(info.active.any()) and bool((info.active_lower | info.active_upper).any())
+        assert torch.autograd.gradcheck(lambda x: project(x, fs), (v,))
+
+
 def test_chain_closed_forms_by_k():
     """The chain point is exact for every K; one active halfspace on the chain is closed-form by enumeration up to
     K = 5 and by the Newton path above."""
