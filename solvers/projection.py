@@ -45,8 +45,8 @@ from solvers.chain_box import project_chain_box
 from solvers.errors import InfeasibleError, holds
 from solvers.isotonic import block_means, isotonic_decreasing
 from solvers.ordered import project_ordered_halfspace
-from solvers.parametric import (FixedShapeResult, _box_simplex, _euclid_box_simplex, _euclid_box_simplex_u,
-                                bracket_box_halfspace, project_box_halfspace)
+from solvers.parametric import (FixedShapeResult, _box_simplex, _euclid_box_simplex, _euclid_box_simplex_fast,
+                                _euclid_box_simplex_u, bracket_box_halfspace, project_box_halfspace)
 from solvers.results import ProjectionResult, Status, projection_message, projection_success
 from solvers.sets import FeasibleSet
 from solvers.two_rows import project_box_two_halfspaces
@@ -765,7 +765,7 @@ def _solve_general(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fse
     if metric == "kl":
         w = _kl_box_simplex(vf, lo, hi)
     elif m == 0:
-        w = _euclid_box_simplex(vf, lo, hi)
+        w = _euclid_box_simplex_fast(vf, lo, hi)
     else:
         soft = torch.tensor([not h for h in fset.hard_rows], dtype=torch.bool, device=vf.device)
         w, u = _euclid_box_simplex_u(vf, lo, hi)

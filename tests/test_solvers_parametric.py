@@ -99,7 +99,7 @@ def test_rows_left_few_or_many_end_exact():
     end exact and OPTIMAL (the rows left checked against cvxpy)."""
     from solvers import projection
     K = 6
-    v, fs = _all_outside(np.random.default_rng(11), K, 1200, logits=True)
+    v, fs = _all_outside(np.random.default_rng(11), K, 3000, logits=True)
     steps = dict(zip(("newton_steps", "path_steps", "newton_polish"), projection._FIXED_STEPS[1][1]))
     rest = (~_fast(v, fs, **steps).certified).nonzero()[:, 0]
     assert rest.numel() * K > projection._BRACKET_MAX_ELEMENTS >= 3 * K  # many
