@@ -61,6 +61,9 @@ _METRICS = ("euclidean", "kl")
 # points leave more to the retries); the path alone finishes small K, the Newton steps cross the many partition
 # changes of large K
 _FIXED_STEPS = ((4, (3, 4, 0)), (8, (3, 5, 2)), (16, (3, 0, 8)), (math.inf, (3, 0, 10)))
+# eagerly, after this many semismooth Newton steps the certified rows stop and the others go on in a smaller batch
+# (measured, one thread, N = 4096: the kernel 5–10% faster at K = 16, 10–20% at K = 32; the same points)
+_SHRINK_AFTER = 5
 _FIXED_STEPS_RETRY = (6, 6, 8)  # on the rows left when they are many: certifies all but ~3% of the off-simplex ones
 # the rows left, up to this many rows·K, go to the bracketing search of solvers.parametric (it certified every row the
 # kernel left in 20 draws at K = 8–32, and all but ~1% of hard off-simplex rows, but costs ~30× the kernel's work per
@@ -671,8 +674,9 @@ def _fixed_shape(data: tuple[Tensor, ...], K: int, retry: bool = False) -> Fixed
     """:func:`~solvers.parametric.project_box_halfspace` on ``data = (v, lo, hi, a, b)`` (float64) with the steps
     of ``_FIXED_STEPS`` for ``K`` (``retry``: ``_FIXED_STEPS_RETRY``)."""
     steps = _FIXED_STEPS_RETRY if retry else next(st for k_max, st in _FIXED_STEPS if K <= k_max)
+    shrink = None if retry or torch.compiler.is_compiling() else _SHRINK_AFTER
     return project_box_halfspace(*data, tol=_tolerance(torch.float64), newton_steps=steps[0], path_steps=steps[1],
-                                 newton_polish=steps[2])
+                                 newton_polish=steps[2], shrink_after=shrink)
 
 
 def _retry(again: FixedShapeResult, rest: Tensor, w: Tensor, mu: Tensor,

@@ -110,6 +110,19 @@ def test_rows_left_few_or_many_end_exact():
         assert torch.allclose(w[left], reference.project(v[rows][left], fs[rows][left]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("logits", [False, True])
+def test_shrinking_the_batch_keeps_the_points(logits):
+    """``shrink_after``: the rows certified after that many Newton steps stop, the rest go on in a smaller batch;
+    the same rows end certified, at the same points."""
+    v, fs = _all_outside(np.random.default_rng(21), 16, 600, logits)
+    full = _fast(v, fs, newton_steps=3, path_steps=0, newton_polish=8)
+    shrunk = _fast(v, fs, newton_steps=3, path_steps=0, newton_polish=8, shrink_after=4)
+    assert torch.equal(full.certified, shrunk.certified) and bool(full.certified.any())
+    ok = full.certified
+    assert torch.allclose(full.w[ok], shrunk.w[ok], atol=1e-12, rtol=0)
+    assert torch.allclose(full.mu[ok], shrunk.mu[ok], atol=1e-9, rtol=1e-9)
+
+
 def test_degenerate_rows():
     K = 4
     base = FeasibleSet.simplex(K, dtype=F64).cap(0, 0.45).floor(1, 0.02)
