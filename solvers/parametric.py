@@ -362,7 +362,7 @@ def bracket_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
         if k:
             mus = torch.where(mu_hi < math.inf, torch.addcmul(mu_lo, mu_hi - mu_lo, inside), mu_lo)
         x = torch.addcmul(v3, mus[..., None], a3, value=-1.0)
-        w = _euclid_box_simplex_fast(x, lo[:, None, :].expand_as(x), hi[:, None, :].expand_as(x))
+        w, _ = _euclid_box_simplex_u(x, lo[:, None, :].expand_as(x), hi[:, None, :].expand_as(x))
         j = ((a3 * w).sum(-1) > b[:, None]).sum(-1, keepdim=True)  # the first grid point with φ ≤ 0
         m = mus.shape[-1]
         mu_lo = torch.where(j > 0, mus.gather(-1, (j - 1).clamp_min(0)), mu_lo)
