@@ -571,12 +571,13 @@ def project(
     by the least uniform amount; ``FeasibleSet.hard_rows`` are kept) and flagged ``RELAXED``; a set empty in
     every row raises :class:`~solvers.InfeasibleError` unless ``on_all_empty="relax"`` (callers that handle
     relaxed rows themselves). Differentiable in ``v``. float16/bfloat16 are solved in float32 and cast back.
-    Box∩simplex with one row (no chain) takes the fixed-shape path of :mod:`solvers.parametric` first; only its
-    uncertified rows reach the general path (one host synchronisation: their count). ``max_iter`` bounds
-    the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference (``MAX_ITER``).
-    Inside ``torch.compile`` (box∩simplex with at most two rows and no chain, or with its chain alone; Euclidean) it
-    runs without a host synchronisation or a data-dependent shape: see :func:`_solve_in_graph` (rows it cannot certify are flagged
-    ``NUMERICAL``; data checks are device-side asserts).
+    Box∩simplex with one row (no chain) takes the fixed-shape path of :mod:`solvers.parametric` first; the rows it
+    leaves uncertified get its retry steps when they are many, its exact bracketing search when they are few, and
+    only what is still left reaches the general path (host synchronisations: reading those counts). ``max_iter``
+    bounds the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference
+    (``MAX_ITER``). Inside ``torch.compile`` (box∩simplex with at most two rows and no chain, or with its chain alone;
+    Euclidean) it runs without a host synchronisation or a data-dependent shape: see :func:`_solve_in_graph` (rows it
+    cannot certify are flagged ``NUMERICAL``; data checks are device-side asserts).
     """
     if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16):  # half precision cannot meet the
         out = project(v.float(), fset, metric, return_info, max_iter, on_all_empty)  # tolerance: solved in float32
@@ -672,7 +673,8 @@ def project(
 
 def _fixed_shape(data: tuple[Tensor, ...], K: int, retry: bool = False) -> FixedShapeResult:
     """:func:`~solvers.parametric.project_box_halfspace` on ``data = (v, lo, hi, a, b)`` (float64) with the steps
-    of ``_FIXED_STEPS`` for ``K`` (``retry``: ``_FIXED_STEPS_RETRY``)."""
+    of ``_FIXED_STEPS`` for ``K`` (``retry``: ``_FIXED_STEPS_RETRY``); eagerly the batch shrinks after
+    ``_SHRINK_AFTER`` Newton steps."""
     steps = _FIXED_STEPS_RETRY if retry else next(st for k_max, st in _FIXED_STEPS if K <= k_max)
     shrink = None if retry or torch.compiler.is_compiling() else _SHRINK_AFTER
     return project_box_halfspace(*data, tol=_tolerance(torch.float64), newton_steps=steps[0], path_steps=steps[1],

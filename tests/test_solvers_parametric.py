@@ -123,6 +123,25 @@ def test_shrinking_the_batch_keeps_the_points(logits):
     assert torch.allclose(full.mu[ok], shrunk.mu[ok], atol=1e-9, rtol=1e-9)
 
 
+def test_box_simplex_by_newton_steps_matches_the_breakpoint_search():
+    """Box∩simplex eagerly: Newton steps certified at round-off, the breakpoint search on the rows they leave (far-off
+    logits); they agree with the breakpoint search on every row, ties and one-point boxes included."""
+    from solvers.parametric import _BOX_SIMPLEX_STEPS, _box_simplex_newton, _euclid_box_simplex_fast, _euclid_box_simplex_u
+    rng = np.random.default_rng(17)
+    for K in (1, 2, 5, 8, 16, 33):
+        v = torch.tensor(np.concatenate([rng.normal(size=(200, K)) * 8, np.round(rng.normal(size=(50, K))),
+                                         rng.dirichlet(np.ones(K), 100)]))
+        lo = torch.tensor(rng.uniform(0, 0.5 / K, (350, K)) * (rng.uniform(size=(350, K)) < 0.5))
+        hi = torch.maximum(lo, torch.tensor(np.where(rng.uniform(size=(350, K)) < 0.3, rng.uniform(min(1.2 / K, 1.0), 1, (350, K)), 1.0)))
+        hi[:10] = lo[:10] + (1 - lo[:10].sum(-1, keepdim=True)) / K  # one-point boxes (Σ hi = 1)
+        _, ok = _box_simplex_newton(v, lo, hi, _BOX_SIMPLEX_STEPS)
+        assert bool(ok[250:].all())  # on the simplex: certified by the Newton steps alone
+        assert K < 5 or not bool(ok.all())  # far-off logits: some rows take the breakpoint search
+        w = _euclid_box_simplex_fast(v, lo, hi)  # (the breakpoint search's own round-off: up to ~3e-14 at K = 33)
+        assert torch.allclose(w, _euclid_box_simplex_u(v, lo, hi)[0], atol=1e-13, rtol=0)
+        assert float((w.sum(-1) - 1).abs().max()) <= 16 * K * 2.3e-16 and bool(((w >= lo) & (w <= hi)).all())
+
+
 def test_degenerate_rows():
     K = 4
     base = FeasibleSet.simplex(K, dtype=F64).cap(0, 0.45).floor(1, 0.02)
