@@ -15,7 +15,8 @@ elementwise steps (no sort, no data-dependent control flow, no host synchronisat
    ``g(μ) = a·w − b`` falls with slope ``−Σ_F (a − ā_F)²``; each step goes to the root of ``g`` or to the first
    coordinate that changes side, whichever comes first (exact, monotone in ``μ``; a few steps);
 3. the last partition fixes ``(τ, μ)`` by a 2×2 linear solve (exact on the root's piece), followed by semismooth
-   Newton steps on ``(τ, μ)`` (the partition of ``u``, the same 2×2 system; an exact point is a fixed point).
+   Newton steps on ``(τ, μ)`` (the partition of ``u``, the same 2×2 system; an exact point is a fixed point),
+   safeguarded in ``μ`` against the cycles of a piecewise-linear Newton (:func:`_newton_iterate`).
 
 Each candidate is certified by the full KKT conditions: ``w = clamp(v − τ − μa)`` (stationarity, by
 construction), ``|Σw − 1|``, ``max(g, 0)`` and ``|min(μ, −g)|`` at most ``tol``, ``μ ≥ 0``. Rows not certified
