@@ -9,13 +9,12 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_chain_box.py [--N 4096] [--K 4 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Callable
 
 import torch
 
-from bench_projection import _device_name, make_instance
+from bench_projection import make_instance, write_results
 from solvers import project
 from solvers.chain_box import project_chain_box
 from solvers.projection import _chain_of, _tolerance
@@ -72,9 +71,7 @@ def main() -> None:
               f"{cert[0]:>8.4f} {cert[1]:>8.4f} {err:>9.1e}")
         results.append(dict(K=K, N=args.N, softmax_s=t_soft, project_s=t_proj, chain_box_refine0_s=t_box[0],
                             chain_box_s=t_box[1], certified_refine0=cert[0], certified=cert[1], max_abs_diff=err))
-        with open(args.out, "w") as f:
-            json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "device": _device_name("cpu"),
-                       "logits": args.logits, "dtype": "float64", "results": results}, f, indent=1)
+        write_results(args.out, results, "cpu", logits=args.logits, dtype="float64")
 
 
 if __name__ == "__main__":

@@ -210,18 +210,19 @@ def main() -> None:
                                iterations_max=int(info.iterations.max()), status=status, max_abs_diff=diff,
                                reference_sample=n)
                     results.append(row)
-                    _write(args, results)  # after every row: a long grid keeps what it measured
+                    write_results(args.out, results, args.device, logits=args.logits,  # after every row: a long
+                                  all_outside=args.all_outside, violated=args.violated)  # grid keeps what it measured
                     print(f"{family:>3} {K:>3} {N:>6} {name:>8} {infeasible:>5.2f} {t_proj*1e6:>10.3f} {t_soft*1e6:>10.4f} "
                           f"{t_daqp*1e6:>8.2f} {t_ref*1e6:>9.1f} {t_proj/t_soft:>9.1f} {t_daqp/t_proj:>7.2f} "
                           f"{t_ref/t_proj:>8.0f} {row['backward_over_forward']:>7.2f} {row['kkt_residual_max']:>8.1e} "
                           f"{diff:>9.2e}  {status}", flush=True)
 
 
-def _write(args: argparse.Namespace, results: list[dict]) -> None:
-    with open(args.out, "w") as f:
-        json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "device": _device_name(args.device),
-                   "logits": args.logits, "all_outside": args.all_outside,
-                   "violated": args.violated, "results": results}, f, indent=1)
+def write_results(path: str, results: list[dict], device: str, **settings) -> None:
+    """The benchmark JSON: threads, torch version, device name, the run's ``settings`` and its ``results``."""
+    with open(path, "w") as f:
+        json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "device": _device_name(device),
+                   **settings, "results": results}, f, indent=1)
 
 
 def _device_name(device: str) -> str:

@@ -16,12 +16,11 @@ The kernel is the compiled path's for two rows (``torch.compile``: no host synch
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import torch
 
-from bench_projection import _device_name, _interleaved, make_instance
+from bench_projection import _interleaved, make_instance, write_results
 from solvers import FeasibleSet, project
 from solvers.projection import _tolerance
 from solvers.two_rows import project_box_two_halfspaces
@@ -75,9 +74,7 @@ def main() -> None:
               f"{float(ok.double().mean()):>9.4f} {both:>9.3f} {dw:>9.1e}")
         results.append(dict(K=K, N=N, kernel_s=t["kernel"], softmax_s=t["softmax"], project_s=t["project"],
                             certified=float(ok.double().mean()), both_bind=both, max_abs_diff=dw))
-        with open(args.out, "w") as f:
-            json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "device": _device_name("cpu"),
-                       "logits": args.logits, "dtype": "float64", "results": results}, f, indent=1)
+        write_results(args.out, results, "cpu", logits=args.logits, dtype="float64")
 
 
 if __name__ == "__main__":
