@@ -45,13 +45,14 @@ _BOX_SIMPLEX_STEPS = 4  # Newton steps of the box∩simplex projection before it
 @dataclass(frozen=True)
 class FixedShapeResult:
     """``w [n, K]``, the row multiplier ``mu [n]`` (``[n, m]`` for ``m`` rows), the KKT residual ``kkt_residual [n]``,
-    ``certified [n]`` (``kkt_residual ≤ tol``) and ``path_steps [n]`` (steps taken along the path in ``μ``)."""
+    ``certified [n]`` (``kkt_residual ≤ tol``) and ``iterations [n]``: the steps on the multipliers (along the path in
+    ``μ``, and the semismooth Newton steps run where the row binds; 0 where it does not bind)."""
 
     w: Tensor
     mu: Tensor
     kkt_residual: Tensor
     certified: Tensor
-    path_steps: Tensor
+    iterations: Tensor
 
 
 def _box_simplex(alpha: Tensor, beta: Tensor | None, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -154,29 +155,31 @@ def _sums(stack: Tensor, ax: int) -> Tensor:
 def _newton_tau(v: Tensor, lo: Tensor, hi: Tensor, steps: int, ws: Tensor, ax: int) -> Tensor:
     """``τ`` (one per row: size 1 along the teacher axis ``ax``) with ``Σ clamp(v − τ, lo, hi) = 1`` after ``steps``
     safeguarded Newton steps (module doc; the false-position safeguard is Illinois's). Uses slots 0, 1 and 6 of
-    ``ws``."""
+    ``ws``. (The row-sized bookkeeping costs its dispatch, not its data: the bracket's two ends are stacked, so one op
+    updates both.)"""
     w, free, u = ws[0], ws[1], ws[6]
-    t_lo = torch.sub(v, hi, out=u).amin(ax, keepdim=True)  # f(t_lo) ≥ 0 ≥ f(t_hi)
-    t_hi = torch.sub(v, lo, out=u).amax(ax, keepdim=True)
-    f_lo, f_hi = hi.sum(ax, keepdim=True) - 1, lo.sum(ax, keepdim=True) - 1
+    ends = torch.stack([torch.sub(v, hi, out=u).amin(ax, keepdim=True),  # [t_lo, t_hi]: f(t_lo) ≥ 0 ≥ f(t_hi)
+                        torch.sub(v, lo, out=u).amax(ax, keepdim=True)])
+    values = torch.stack([hi.sum(ax, keepdim=True), lo.sum(ax, keepdim=True)]).sub_(1)  # [f(t_lo), f(t_hi)]
     tau = (v.sum(ax, keepdim=True) - 1) / v.shape[ax]
-    kept = torch.zeros_like(tau)  # which end of the bracket moved last: +1 the lower, −1 the upper
+    tiny = torch.finfo(v.dtype).tiny
+    moved = None
     for _ in range(steps):
         torch.sub(v, tau, out=u)
         torch.eq(torch.clamp(u, lo, hi, out=w), u, out=free)  # ties count free: a shorter step, never a wrong one
         f, n = _sums(ws[:2], ax).unbind(0)
         f = f - 1
         up = f > 0  # too much mass: τ increases
-        # Illinois: an end of the bracket kept twice in a row has its value halved (false position then converges
-        # superlinearly where nothing is free, e.g. far-off logits: 8 steps certify every row, plain 3–5 leave ~25%)
-        f_hi = torch.where(up & (kept > 0), f_hi / 2, f_hi)
-        f_lo = torch.where(~up & (kept < 0), f_lo / 2, f_lo)
-        kept = torch.where(up, 1.0, -1.0)
-        t_lo, f_lo = torch.where(up, tau, t_lo), torch.where(up, f, f_lo)
-        t_hi, f_hi = torch.where(up, t_hi, tau), torch.where(up, f_hi, f)
-        newton = tau + f / n.clamp_min(1)
-        falsi = t_lo + f_lo * (t_hi - t_lo) / torch.where(f_lo > f_hi, f_lo - f_hi, 1.0)
-        tau = torch.where((n > 0) & (newton >= t_lo) & (newton <= t_hi), newton, falsi)
+        moves = torch.stack([up, ~up])  # the end τ replaces: the lower where f(τ) > 0
+        # Illinois: an end kept twice in a row has its value halved (false position then converges superlinearly
+        # where nothing is free, e.g. far-off logits: 8 steps certify every row, plain 3–5 leave ~25%)
+        if moved is not None:
+            values = torch.where(moves | moved, values, values / 2)
+        ends, values, moved = torch.where(moves, tau, ends), torch.where(moves, f, values), moves
+        (t_lo, t_hi), (f_lo, f_hi) = ends.unbind(0), values.unbind(0)
+        falsi = torch.addcmul(t_lo, t_hi - t_lo, f_lo / (f_lo - f_hi).clamp_min(tiny))  # (f_lo ≥ 0 ≥ f_hi)
+        newton = tau + f / n  # ±inf or nan where nothing is free: never inside the bracket
+        tau = torch.where(newton.clamp(t_lo, t_hi) == newton, newton, falsi)
     return tau
 
 
@@ -324,8 +327,8 @@ def project_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
         tau, mu, steps = _path(v, lo, hi, a, b, tau, mu, steps, path_steps, ws, ax)
     w, mu, kkt = _polish(v, lo, hi, a, b, tau, mu, newton_polish, ws, ax,
                          None if shrink_after is None else (shrink_after, tol))
-    kkt = kkt.reshape(-1)
-    return FixedShapeResult(w.T if ax == 0 else w, mu.reshape(-1), kkt, kkt <= tol, steps.reshape(-1))
+    kkt, mu = kkt.reshape(-1), mu.reshape(-1)
+    return FixedShapeResult(w.T if ax == 0 else w, mu, kkt, kkt <= tol, steps.reshape(-1) + newton_polish * (mu > 0))
 
 
 def _path(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, mu: Tensor, steps: Tensor,
@@ -337,6 +340,7 @@ def _path(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, 
     torch.sub(v, tau, out=u)
     g = torch.clamp(u, lo, hi, out=t1).mul_(a).sum(ax, keepdim=True) - b
     done = g <= 0
+    idle = torch.zeros_like(steps)  # the steps a row was already done at
     tiny = torch.finfo(v.dtype).tiny
     d, event = ws[5], ws[0]
     for _ in range(path_steps):
@@ -344,8 +348,8 @@ def _path(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, 
         n, sa, saa = _sums(ws[2:5], ax).unbind(0)
         abar = sa / n.clamp_min(1)
         torch.sub(abar, a, out=d)  # du/dμ on this partition
-        slope = sa * abar - saa  # dg/dμ = −Σ_F (a − ā)² ≤ 0
-        to_root = g / (-slope).clamp_min(tiny)
+        descent = torch.addcmul(saa, sa, abar, value=-1)  # −dg/dμ = Σ_F (a − ā)² ≥ 0
+        to_root = g / descent.clamp_min(tiny)
         # when each coordinate changes side: a free one at the bound ahead ((lo − u)/d, (hi − u)/d: the larger), a
         # bound one where it frees (the smaller, if ≥ 0); d = 0 gives ±inf or nan: no event (no torch.where on
         # [n, K]: it is slow on CPU)
@@ -356,16 +360,19 @@ def _path(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, 
         rate = event.addcmul_(F, t_hi).reciprocal_().nan_to_num_(nan=0.0, posinf=math.inf)  # −0 → +0 (at a bound);
         top = rate.amax(ax, keepdim=True)  # rate > 0: an event ahead (inf: now)
         first = top.clamp_min(0).reciprocal()
-        root = to_root <= first
+        root = to_root <= first  # (true wherever no event is ahead and the root is finite)
         step = torch.where(done, 0.0, torch.minimum(to_root, first))
-        mu, tau = mu + step, tau - step * abar
+        mu, tau = mu + step, torch.addcmul(tau, step, abar, value=-1)
         u.addcmul_(d, step)
-        hit = torch.ge(rate, torch.where((top > 0) & ~(done | root), top, math.nan), out=t1)
-        both = torch.mul(F, hit, out=t2)
-        F.add_(hit).sub_(both, alpha=2)  # the hit coordinates change side: F + h − 2Fh
-        g = g + step * slope
-        steps = steps + (~done).long()
+        idle.add_(done)
         done = done | root
+        # the coordinates of the first event change side: F + h − 2Fh (a row with no event ahead and no finite root
+        # flips garbage: its μ is infinite, and its certificate fails)
+        hit = torch.ge(rate, torch.where(done, math.nan, top), out=t1)
+        both = torch.mul(F, hit, out=t2)
+        F.add_(hit).sub_(both, alpha=2)
+        g = torch.addcmul(g, step, descent, value=-1)
+    steps = steps + (path_steps - idle)
     act = mu > 0
     tau_x, mu_x = _exact_on_partition(v, lo, hi, a, b, u, act, 0.0, ws, ax)
     return torch.where(act, tau_x, tau), torch.where(act, mu_x, mu), steps
@@ -402,5 +409,5 @@ def bracket_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tenso
     ws[2] = (u > lo) & (u < hi)  # free
     tau, mu = _exact_on_partition(v, lo, hi, a, b[:, None], u, mu > 0, mu, ws, -1)
     w, mu, kkt = _polish(v, lo, hi, a, b[:, None], tau, mu, newton_polish, ws, -1)
-    kkt = kkt.reshape(-1)
-    return FixedShapeResult(w, mu.reshape(-1), kkt, kkt <= tol, torch.full_like(kkt, rounds, dtype=torch.long))
+    kkt, mu = kkt.reshape(-1), mu.reshape(-1)
+    return FixedShapeResult(w, mu, kkt, kkt <= tol, (rounds + newton_polish) * (mu > 0))

@@ -62,8 +62,10 @@ _METRICS = ("euclidean", "kl")
 # changes of large K. K = 16: 9 Newton steps with the safeguard of solvers.parametric._newton_iterate certify every
 # row of 24 draws (8 without it left 51 rows, 0–5 a draw, each draw then paying the ~1.5 ms bracketing retry; with it
 # 8 leave 1 in 12 draws), at the kernel time of the unsafeguarded 8 (side by side, one thread, eager: the 9th step
-# runs only on the ~7% of rows left after _SHRINK_AFTER); K = 32: 10 certify every row of 24 draws (9 leave 1)
-_FIXED_STEPS = ((4, (3, 4, 0)), (8, (3, 5, 2)), (16, (3, 0, 9)), (math.inf, (3, 0, 10)))
+# runs only on the ~7% of rows left after _SHRINK_AFTER); K = 32: 10 certify every row of 24 draws (9 leave 1).
+# K = 8: the same 9 leave 4 rows in 12 draws (the path's (3, 5, 2): 6) in a ~20% faster kernel; at K = 5–7 they leave
+# 13–142 (the path: 0–1), and the path steps stay
+_FIXED_STEPS = ((4, (3, 4, 0)), (7, (3, 5, 2)), (16, (3, 0, 9)), (math.inf, (3, 0, 10)))
 # eagerly, after this many semismooth Newton steps the certified rows stop and the others go on in a smaller batch
 # (measured, one thread, N = 4096: the kernel 5–10% faster at K = 16, 10–20% at K = 32; the same points)
 _SHRINK_AFTER = 5
@@ -619,7 +621,7 @@ def project(
         # in float64 (as the active set): float32 round-off moves ill-conditioned rows by far more than the tolerance
         data = tuple(t.double() for t in (vf, lo, hi, A[:, 0], b[:, 0]))
         fast = _fixed_shape(data, K)
-        w, info_mu, it = fast.w, fast.mu[:, None], fast.path_steps
+        w, info_mu, it = fast.w, fast.mu[:, None], fast.iterations
         rest = (~fast.certified).nonzero()[:, 0]  # the host synchronisation of this path (CPU: free)
         if rest.numel() * K > _BRACKET_MAX_ELEMENTS:  # many rows left: the kernel with more steps on them first
             w, info_mu, it, rest = _retry(_fixed_shape(tuple(t[rest] for t in data), K, retry=True), rest, w,
@@ -689,7 +691,7 @@ def _retry(again: FixedShapeResult, rest: Tensor, w: Tensor, mu: Tensor,
     """The rows ``rest`` solved again (``again``) written into ``(w, μ [N, 1], iterations)``; returns those and the
     rows still uncertified."""
     w, mu = w.index_put((rest,), again.w), mu.index_put((rest,), again.mu[:, None])
-    return w, mu, it.index_put((rest,), it[rest] + again.path_steps), rest[~again.certified]
+    return w, mu, it.index_put((rest,), it[rest] + again.iterations), rest[~again.certified]
 
 
 def _solve_in_graph(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fset: FeasibleSet, batch: torch.Size,
@@ -724,7 +726,7 @@ def _solve_in_graph(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fs
         stat = torch.where(res.certified, 0.0, res.kkt_residual).to(vf.dtype)
     elif A.shape[-2] == 2:  # (an empty set is not relaxed here: its least relaxation is an LP; it stays uncertified)
         res = project_box_two_halfspaces(*(x.double() for x in (vf, lo, hi, A, b)), tol=_tolerance(torch.float64))
-        w, mu, it = res.w.to(vf.dtype).clamp(lo, hi), res.mu.to(vf.dtype), res.path_steps
+        w, mu, it = res.w.to(vf.dtype).clamp(lo, hi), res.mu.to(vf.dtype), res.iterations
         status = torch.where(res.certified, status, int(Status.NUMERICAL))
         stat = torch.where(res.certified, 0.0, res.kkt_residual).to(vf.dtype)
     elif A.shape[-2] == 0:
@@ -747,7 +749,7 @@ def _solve_in_graph(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fs
         w = torch.where(again[:, None], long.w, fast.w).to(vf.dtype).clamp(lo, hi)
         w = torch.where((vertex & again & ~long.certified)[:, None], w_min, w) if not fset.hard_rows[0] else w
         mu = torch.where(again, long.mu, fast.mu)[:, None].to(vf.dtype)
-        it = fast.path_steps + torch.where(again, long.path_steps, 0)
+        it = fast.iterations + torch.where(again, long.iterations, 0)
         certified = fast.certified | long.certified | vertex
         status = torch.where(certified, status, int(Status.NUMERICAL))
         stat = torch.where(certified, 0.0, torch.where(again, long.kkt_residual, fast.kkt_residual)).to(vf.dtype)

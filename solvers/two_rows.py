@@ -30,8 +30,8 @@ from solvers.parametric import _COLUMNS_MAX_K, FixedShapeResult, _sums, project_
 
 __all__ = ["project_box_two_halfspaces"]
 
-# (newton_steps, path_steps, newton_polish) of the one-row kernel by K: solvers.projection's _FIXED_STEPS up to
-# K = 8; above, path steps too (measured, off-simplex rows where both rows are violated at w₀: certified 42% → 77%
+# (newton_steps, path_steps, newton_polish) of the one-row kernel by K: path steps at every K (up to K = 8 the
+# schedules solvers.projection's _FIXED_STEPS takes at K ≤ 7); above, path steps before Newton (measured, off-simplex rows where both rows are violated at w₀: certified 42% → 77%
 # at K = 16, 34% → 66% at K = 32; on-simplex 100% either way; time about the same)
 _KERNEL_STEPS = ((4, (3, 4, 0)), (8, (3, 5, 2)), (math.inf, (3, 4, 8)))
 _RIDGE = 1e-12  # relative ridge on the μ diagonal of J (parallel rows: J singular in the μ plane)
@@ -130,7 +130,7 @@ def project_box_two_halfspaces(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: 
 
     Returns a :class:`~solvers.parametric.FixedShapeResult` whose ``mu`` is ``[n, 2]`` (both rows' multipliers),
     ``kkt_residual [n]``, ``certified [n]`` (KKT residual ≤ ``tol``; uncertified rows need an exact fallback) and
-    ``path_steps [n]``: the one-row kernel's path steps on the row whose candidate is the answer or started the
+    ``iterations [n]``: the one-row kernel's iterations on the row whose candidate is the answer or started the
     Newton iterate kept, plus (for a Newton point) the Newton steps taken while that start was not yet certified.
     """
     n_rows, K = v.shape
@@ -182,5 +182,5 @@ def project_box_two_halfspaces(v: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: 
                        torch.stack([best_m1.reshape(-1), best_m2.reshape(-1)], -1)]).reshape(4, n_rows, 2)
     mu = mus.gather(0, pick[None, :, None].expand(1, n_rows, 2))[0]
     res = torch.minimum(best01, best23)
-    paths = torch.cat([one.path_steps, one.path_steps + newton.reshape(-1)]).reshape(4, n_rows)
+    paths = torch.cat([one.iterations, one.iterations + newton.reshape(-1)]).reshape(4, n_rows)
     return FixedShapeResult(w, mu, res, res <= tol, paths.gather(0, pick[None])[0])

@@ -60,7 +60,7 @@ def test_most_rows_outside_are_certified(K):
     N = v.shape[0]
     w0 = project(v, FeasibleSet(fs.lower, fs.upper, fs.A[..., :0, :], fs.b[..., :0]))  # box∩simplex, at μ = 0
     violated = (fs.A.expand(N, 1, K)[:, 0] * w0).sum(-1) > fs.b.expand(N, 1)[:, 0] + 1e-12
-    assert bool((res.path_steps[violated] >= 1).all())  # the path was taken wherever the row binds
+    assert bool((res.iterations[violated] >= 1).all())  # steps on μ wherever the row binds
     w, info = project(v, fs, return_info=True)
     assert torch.allclose(w[res.certified], res.w[res.certified], atol=1e-9, rtol=0)  # two certified points
 

@@ -47,7 +47,7 @@ def _check(v: torch.Tensor, fs: FeasibleSet, **kw):
     the exact active set of :func:`solvers.project` instead."""
     res = project_box_two_halfspaces(*_args(v, fs), tol=TOL, **kw)
     ok = res.certified
-    assert res.mu.shape == (v.shape[0], 2) and res.path_steps.dtype == torch.long
+    assert res.mu.shape == (v.shape[0], 2) and res.iterations.dtype == torch.long
     assert bool((res.kkt_residual[ok] <= TOL).all()) and bool((res.mu[ok] >= 0).all())
     if bool(ok.any()):
         wr = reference.project(v[ok], fs[ok])
