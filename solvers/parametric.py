@@ -260,7 +260,8 @@ def _polish(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor
                                                                mu_k)
     if stop:
         better = kkt_k < kkt
-        w.add_(ws[0].sub_(w).mul_(better.to(v.dtype)))
+        keep = better.to(v.dtype)
+        w.mul_(1 - keep).addcmul_(ws[0], keep)  # an exact select (x·1 + y·0 = x): w stays a clamp into [lo, hi]
         kkt, mu = torch.where(better, kkt_k, kkt), torch.where(better, mu_k, mu)
     if stop == steps:
         return w, mu, kkt
@@ -336,7 +337,7 @@ def _path(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, 
     """``path_steps`` steps along the path in ``μ`` from ``(τ, μ = 0)`` (free set 0/1 in slot 2; the rows with
     ``a·w₀ ≤ b`` stay), then ``(τ, μ)`` exact on the last partition where ``μ > 0`` (module doc, stage 2–3); returns
     ``(τ, μ, steps taken)``. (With no path step every ``μ`` is 0 and the exact finish changes nothing: skipped.)"""
-    F, Fa, u, t1, t2 = ws[2], ws[3], ws[6], ws[7], ws[8]
+    F, u, t1, t2, t3 = ws[2], ws[6], ws[7], ws[8], ws[3]  # (slots 3–4 are free between the moments' sums)
     torch.sub(v, tau, out=u)
     g = torch.clamp(u, lo, hi, out=t1).mul_(a).sum(ax, keepdim=True) - b
     done = g <= 0
@@ -353,11 +354,10 @@ def _path(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, 
         # when each coordinate changes side: a free one at the bound ahead ((lo − u)/d, (hi − u)/d: the larger), a
         # bound one where it frees (the smaller, if ≥ 0); d = 0 gives ±inf or nan: no event (no torch.where on
         # [n, K]: it is slow on CPU)
-        inv = torch.reciprocal(d, out=Fa)
-        t_lo, t_hi = torch.sub(lo, u, out=t1).mul_(inv), torch.sub(hi, u, out=t2).mul_(inv)
+        t_lo, t_hi = torch.sub(lo, u, out=t1).div_(d), torch.sub(hi, u, out=t2).div_(d)
         t_min = torch.minimum(t_lo, t_hi, out=event)
-        t_hi.copy_(torch.maximum(t_lo, t_hi, out=ws[4])).sub_(t_min)
-        rate = event.addcmul_(F, t_hi).reciprocal_().nan_to_num_(nan=0.0, posinf=math.inf)  # −0 → +0 (at a bound);
+        spread = torch.maximum(t_lo, t_hi, out=t3).sub_(t_min)
+        rate = event.addcmul_(F, spread).reciprocal_().nan_to_num_(nan=0.0, posinf=math.inf)  # −0 → +0 (at a bound);
         top = rate.amax(ax, keepdim=True)  # rate > 0: an event ahead (inf: now)
         first = top.clamp_min(0).reciprocal()
         root = to_root <= first  # (true wherever no event is ahead and the root is finite)
@@ -366,11 +366,10 @@ def _path(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, 
         u.addcmul_(d, step)
         idle.add_(done)
         done = done | root
-        # the coordinates of the first event change side: F + h − 2Fh (a row with no event ahead and no finite root
+        # the coordinates of the first event change side (a row with no event ahead and no finite root
         # flips garbage: its μ is infinite, and its certificate fails)
         hit = torch.ge(rate, torch.where(done, math.nan, top), out=t1)
-        both = torch.mul(F, hit, out=t2)
-        F.add_(hit).sub_(both, alpha=2)
+        F.sub_(hit).abs_()  # F xor hit (both 0/1)
         g = torch.addcmul(g, step, descent, value=-1)
     steps = steps + (path_steps - idle)
     act = mu > 0

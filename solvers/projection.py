@@ -543,7 +543,9 @@ def _validate(v: Tensor, fset: FeasibleSet, metric: str, allow_rows_kl: bool = F
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     if v.dim() < 1 or v.shape[-1] != fset.K:
         raise ValueError(f"v must have shape [..., K={fset.K}], got {tuple(v.shape)}")
-    if not holds(torch.isfinite(v).all(), "v contains NaN or inf"):
+    # eagerly a finite sum first (one cheap reduction; it rules out NaN and inf), the elementwise test where it is not
+    finite_sum = not torch.compiler.is_compiling() and bool(torch.isfinite(v.sum()))
+    if not finite_sum and not holds(torch.isfinite(v).all(), "v contains NaN or inf"):
         raise ValueError("v contains NaN or inf")
     try:
         ok = torch.broadcast_shapes(v.shape[:-1], fset.batch_shape) == v.shape[:-1]
@@ -629,7 +631,7 @@ def project(
         if 0 < rest.numel() * K <= _BRACKET_MAX_ELEMENTS:  # a few: the bracketing search
             w, info_mu, it, rest = _retry(bracket_box_halfspace(*(t[rest] for t in data), tol=_tolerance(torch.float64)),
                                           rest, w, info_mu, it)
-        w, info_mu = w.to(v.dtype).clamp(lo, hi), info_mu.to(v.dtype)
+        w, info_mu = w.to(v.dtype), info_mu.to(v.dtype)  # (w is a clamp into [lo, hi]: its cast stays inside)
         if not (rest.numel() or return_info or differentiate):
             return w.reshape(shape)  # every row carries its kernel certificate (KKT residual ≤ tol): done
         if rest.numel():

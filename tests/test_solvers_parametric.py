@@ -65,6 +65,18 @@ def test_most_rows_outside_are_certified(K):
     assert torch.allclose(w[res.certified], res.w[res.certified], atol=1e-9, rtol=0)  # two certified points
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K, logits", [(4, False), (8, True), (16, False)])
+def test_fixed_shape_path_meets_the_bounds_exactly(K, logits, dtype):
+    """Every point the kernel keeps is a clamp into [lo, hi] (the kept iterate is an exact select), so project()'s
+    fixed-shape path meets caps and floors with no tolerance, also after the cast back to float32."""
+    v, fs = _all_outside(np.random.default_rng(K), K, 1500, logits)
+    v, fs = v.to(dtype), fs.to(dtype=dtype)
+    w, info = project(v, fs, return_info=True)
+    assert bool((w >= fs.lower).all()) and bool((w <= fs.upper).all())
+    assert bool((info.status == int(Status.OPTIMAL)).all())
+
+
 def test_uncertified_rows_are_solved_exactly_by_the_fallbacks():
     """Off-simplex points (logits) leave some rows uncertified by the default steps: project() reruns the kernel
     with more steps on them, then the active set on what is left; every row ends exact and OPTIMAL."""
