@@ -39,6 +39,10 @@ _COLUMNS_MAX_K = 8  # up to this K the kernel works on [K, n] (columns = rows of
 # the semismooth Newton safeguard (_newton_iterate): a step of μ that goes back more than this fraction of the last
 # one bisects instead (K = 16, all-outside family b, 12 draws of 4096 rows, (3, 0, 9): 0.5, 0.75 and 1 certify all)
 _BACK = 0.75
+# the weight of the bound coordinates in the first semismooth Newton system where the free set's is singular (a start
+# at a vertex, |F| ≤ 1: one dominant teacher; the plain step is 0 there and the row stays put): measured, all-outside
+# family b, K = 8, 12 draws, (3, 0, 9): rows left 6 → 3, far-off logits 6660 → 5337 (solvers.two_rows uses 0.3 too)
+_DELTA = 0.3
 _BOX_SIMPLEX_STEPS = 4  # Newton steps of the box∩simplex projection before its exact step (3 certify on-simplex rows)
 
 
@@ -215,7 +219,8 @@ def _exact_on_partition(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor,
 
 
 def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor, mu: Tensor, ws: Tensor,
-                    ax: int, residual: bool = True, mu_prev: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
+                    ax: int, residual: bool = True, mu_prev: Tensor | None = None,
+                    totals: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
     """At ``(τ, μ)`` (one per row, size 1 along ``ax``): ``w = clamp(v − τ − μa, lo, hi)`` (stationary by
     construction; in slot 0), its KKT residual ``max(|Σw − 1|, max(g, 0), |min(μ, −g)|)`` (``g = a·w − b``), and
     the next semismooth Newton iterate: on the free coordinates (``w = u``) ``Σw − 1 = r`` and ``g`` move by
@@ -224,18 +229,24 @@ def _newton_iterate(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau
     off the simplex and restarted the path: 6-cycles), and, given the previous iterate's ``μ_prev``, a step that goes
     back past ``μ − _BACK·(μ − μ_prev)`` (the Newton steps reverse: a 2-cycle ``μ_prev ↔ μ`` between two partitions)
     ends at the midpoint ``(μ + μ_prev)/2`` (a heuristic bisection: it keeps no bracket, so it never excludes ``μ*``);
-    then ``Δτ`` from the first equation. An exact point stays a fixed point. Returns ``(kkt, τ', μ')`` (``kkt`` None
-    unless ``residual``)."""
+    then ``Δτ`` from the first equation. ``totals`` (``K, Σa, Σa²`` stacked): where the system is singular, ``Δμ``
+    from the system in which the bound coordinates weigh ``_DELTA`` (a start at a vertex moves). An exact point stays a
+    fixed point. Returns ``(kkt, τ', μ')`` (``kkt`` None unless ``residual``)."""
     w, u = ws[0], ws[6]
     torch.sub(v, tau, out=u).addcmul_(a, mu, value=-1.0)
     torch.clamp(u, lo, hi, out=w)
     torch.mul(a, w, out=ws[1])
     torch.eq(w, u, out=ws[2])
     _free_moments(ws)
-    sw, saw, n, sa, saa = _sums(ws[:5], ax).unbind(0)
+    sums = _sums(ws[:5], ax)
+    sw, saw, n, sa, saa = sums.unbind(0)
     r, g = sw - 1, saw - b
     kkt = torch.maximum(torch.maximum(r.abs(), g.clamp_min(0)), torch.minimum(mu, -g).abs()) if residual else None
-    _, dmu = _solve2(n, sa, saa, r, g, torch.maximum(g, mu) > 0, 0.0, x=False)
+    binds = torch.maximum(g, mu) > 0
+    dmu_else = 0.0
+    if totals is not None:  # where the system is singular (|F| ≤ 1: a vertex), the bound coordinates weigh _DELTA
+        _, dmu_else = _solve2(*torch.lerp(sums[2:], totals, _DELTA).unbind(0), r, g, binds, 0.0, x=False)
+    _, dmu = _solve2(n, sa, saa, r, g, binds, dmu_else, x=False)
     if mu_prev is not None:
         last = mu - mu_prev
         dmu = torch.where(torch.add(dmu, last, alpha=_BACK).mul_(last) < 0, last * -0.5, dmu)
@@ -250,8 +261,10 @@ def _polish(v: Tensor, lo: Tensor, hi: Tensor, a: Tensor, b: Tensor, tau: Tensor
     one's residual is smaller (an exact point is a fixed point). ``w`` is slot 5 of the workspace. ``shrink = (s,
     tol)`` (eager callers only: a host synchronisation): after ``s`` steps the rows already certified (residual ≤
     ``tol``) stop and the others go on alone, in a smaller batch. ``mu_prev``: the iterate before ``(τ, μ)`` (for the
-    safeguard of :func:`_newton_iterate`; its first step has none)."""
-    kkt, tau, mu_next = _newton_iterate(v, lo, hi, a, b, tau, mu, ws, ax, True, mu_prev)
+    safeguard of :func:`_newton_iterate`; its first step has none, and moves from a vertex: its ``totals``)."""
+    totals = None if mu_prev is not None else torch.cat([torch.full_like(tau, v.shape[ax])[None],  # K, Σa, Σa²
+                                                         _sums(ws[9:11], ax)])
+    kkt, tau, mu_next = _newton_iterate(v, lo, hi, a, b, tau, mu, ws, ax, True, mu_prev, totals)
     w = ws[5].copy_(ws[0])
     stop = shrink[0] if shrink is not None and shrink[0] < steps else steps
     mu_k = mu
