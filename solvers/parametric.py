@@ -16,7 +16,8 @@ elementwise steps (no sort, no data-dependent control flow, no host synchronisat
    coordinate that changes side, whichever comes first (exact, monotone in ``μ``; a few steps);
 3. the last partition fixes ``(τ, μ)`` by a 2×2 linear solve (exact on the root's piece), followed by semismooth
    Newton steps on ``(τ, μ)`` (the partition of ``u``, the same 2×2 system; an exact point is a fixed point),
-   safeguarded in ``μ`` against the cycles of a piecewise-linear Newton (:func:`_newton_iterate`).
+   safeguarded in ``μ`` against the cycles of a piecewise-linear Newton (:func:`_newton_iterate`); the first one
+   moves even from a vertex (one free coordinate: the system is singular), with the bound coordinates weighted.
 
 Each candidate is certified by the full KKT conditions: ``w = clamp(v − τ − μa)`` (stationarity, by
 construction), ``|Σw − 1|``, ``max(g, 0)`` and ``|min(μ, −g)|`` at most ``tol``, ``μ ≥ 0``. Rows not certified
