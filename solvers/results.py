@@ -91,7 +91,7 @@ class ProjectionResult(_ReprMixin):
     active: Tensor  #: BoolTensor[..., m]  rows with positive multiplier
     active_lower: Tensor  #: BoolTensor[..., K]
     active_upper: Tensor  #: BoolTensor[..., K]
-    iterations: Tensor  #: LongTensor[...]
+    iterations: Tensor  #: LongTensor[...]  steps on the multipliers (active set; fixed-shape: path and Newton)
     relaxation: Tensor  #: [...]  uniform relaxation t ≥ 0 of the soft rows (and box) bounds; 0 unless RELAXED
     multipliers: Tensor  #: [..., m]  row multipliers μ ≥ 0
 
