@@ -40,19 +40,23 @@ from torch import Tensor
 from solvers.isotonic import _run_ids, block_means, isotonic_decreasing
 from solvers.parametric import _euclid_box_simplex_u
 
-__all__ = ["ChainBoxResult", "project_chain_box"]
+__all__ = ["ChainBoxResult", "project_chain_box", "project_chain_box_halfspace"]
 
 
 @dataclass(frozen=True)
 class ChainBoxResult:
     """``w [n, K]``; ``chain_mu [n, K−1] ≥ 0``, the multipliers of the rows ``w[π_{k+1}] − w[π_k] ≤ 0``; ``tau [n]``,
-    that of ``Σw = 1``; ``kkt_residual [n]`` and ``certified [n]`` (``kkt_residual ≤ tol``)."""
+    that of ``Σw = 1``; ``kkt_residual [n]`` and ``certified [n]`` (``kkt_residual ≤ tol``); with a row ``a·w ≤ b``
+    (:func:`project_chain_box_halfspace`) its multiplier ``row_mu [n]`` and ``iterations [n]`` (the steps on it where
+    the row binds), else None."""
 
     w: Tensor
     chain_mu: Tensor
     tau: Tensor
     kkt_residual: Tensor
     certified: Tensor
+    row_mu: Tensor | None = None
+    iterations: Tensor | None = None
 
 
 def _segmented_cummin(x: Tensor, seg: Tensor) -> Tensor:
@@ -206,3 +210,68 @@ def project_chain_box(v: Tensor, lo: Tensor, hi: Tensor, perm: Tensor, links: Te
     mu = torch.where(better[:, None], mu_b, mu)
     w = torch.empty_like(x).scatter_(-1, perm, x)
     return ChainBoxResult(w, mu, tau, kkt, kkt <= tol)
+
+
+def _row_curvature(x: Tensor, lo: Tensor, hi: Tensor, links: Tensor, a: Tensor, tol: float) -> Tensor:
+    """``aᵀJa [n]`` with ``J`` the Jacobian of the chain∩box∩simplex projection at its solution ``x`` (chain order):
+    the projector onto the vectors constant on each free block (tight linked runs with no coordinate at a bound), 0
+    on the others, and summing to 0; so ``Σ_F ā² − (Σ_F ā)²/|F|`` with ``ā`` the block means of ``a`` and ``F`` the
+    free blocks' coordinates. ``−aᵀJa`` is the slope of ``a·P(v − λa)`` in ``λ``."""
+    same = links & (x[:, :-1] - x[:, 1:] <= tol)
+    fixed = block_means(((x <= lo + tol) | (x >= hi - tol)).to(x.dtype), same) > 0
+    free = (~fixed).to(x.dtype)
+    a_bar = block_means(a, same)
+    count = free.sum(-1)
+    return (free * a_bar.square()).sum(-1) - (free * a_bar).sum(-1).square() / count.clamp_min(1)
+
+
+def project_chain_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, perm: Tensor, links: Tensor, a: Tensor, b: Tensor,
+                                *, tol: float, steps: int = 12, refine: int = 3) -> ChainBoxResult:
+    """Projection of ``v [n, K]`` onto the set of :func:`project_chain_box` cut by one row ``a·w ≤ b`` (``a [n, K]``,
+    ``b [n]``), by a fixed sequence of batched tensor ops (no host synchronisation; compiles with
+    ``torch.compile(fullgraph=True)``): ``w = P(v − λa)`` with ``P`` the chain∩box∩simplex projection
+    (:func:`project_chain_box`) and ``λ ≥ 0`` the root of the nonincreasing, piecewise linear ``φ(λ) = a·P(v − λa) −
+    b``, by ``steps`` Newton steps (slope ``−aᵀJa``, :func:`_row_curvature`; exact once inside the root's linear
+    piece) safeguarded by a bracket (Illinois false position inside it; before it closes, the larger of ``2λ`` and
+    ``λ + φ/‖a − ā‖²``, a step that cannot pass the root: ``|φ'| ≤ ‖a − ā‖²``; a curvature below ``1e-9·‖a − ā‖²``
+    counts as flat). Certificate: ``P``'s KKT residual at
+    ``v − λa`` (its stationarity is the whole problem's with row multiplier ``λ``), ``max(φ, 0)`` and
+    ``|min(λ, −φ)|``; the best iterate of each row is kept. An empty set (``b`` below the row's least value on the
+    chain set) leaves its rows uncertified (``λ`` grows without a root)."""
+    def solve(lam: Tensor) -> tuple[ChainBoxResult, Tensor, Tensor]:
+        res = project_chain_box(torch.addcmul(v, lam[:, None], a, value=-1.0), lo, hi, perm, links, tol=tol,
+                                refine=refine)
+        phi = (a * res.w).sum(-1) - b
+        row = torch.maximum(phi.clamp_min(0), torch.minimum(lam, -phi).abs())  # primal and complementarity
+        return res, phi, torch.maximum(res.kkt_residual, row)
+
+    lam = v.new_zeros(v.shape[0])
+    res, phi, kkt = solve(lam)
+    w, chain_mu, tau, lam_kept, kkt_kept = res.w, res.chain_mu, res.tau, lam, kkt  # the best iterate of each row
+    ends, values = torch.stack([lam, torch.full_like(lam, torch.inf)]), torch.stack([phi, torch.zeros_like(phi)])
+    l_p, h_p, a_p = (t.gather(-1, perm) for t in (lo, hi, a))
+    safe = (a - a.mean(-1, keepdim=True)).square().sum(-1)  # ≥ |φ'| everywhere
+    flat = 1e-9 * safe  # a curvature below this is round-off: φ is flat there (Newton undefined)
+    iterations = torch.zeros_like(lam, dtype=torch.long)
+    moved = None
+    for _ in range(steps):
+        binds = phi > 0  # λ too small: the lower end moves
+        moves = torch.stack([binds, ~binds])
+        if moved is not None:  # Illinois: an end kept twice in a row has its value halved
+            values = torch.where(moves | moved, values, values / 2)
+        ends, values, moved = torch.where(moves, lam, ends), torch.where(moves, phi, values), moves
+        (t_lo, t_hi), (f_lo, f_hi) = ends.unbind(0), values.unbind(0)
+        curv = _row_curvature(res.w.gather(-1, perm), l_p, h_p, links, a_p, tol)
+        newton = lam + phi / torch.where(curv > flat, curv, 0.0)  # (flat: ±inf or nan, never inside the bracket)
+        falsi = torch.addcmul(t_lo, t_hi - t_lo, f_lo / (f_lo - f_hi).clamp_min(torch.finfo(v.dtype).tiny))
+        grow = torch.maximum(2 * lam, lam + phi / safe)
+        step = (kkt > tol) & (phi.abs() > 0)
+        lam = torch.where(step, torch.where((newton > t_lo) & (newton < t_hi), newton,
+                                            torch.where(t_hi < torch.inf, falsi, grow)), lam)
+        iterations = iterations + step.long()
+        res, phi, kkt = solve(lam)
+        better = kkt < kkt_kept
+        w, chain_mu = torch.where(better[:, None], res.w, w), torch.where(better[:, None], res.chain_mu, chain_mu)
+        tau, lam_kept = torch.where(better, res.tau, tau), torch.where(better, lam, lam_kept)
+        kkt_kept = torch.minimum(kkt, kkt_kept)
+    return ChainBoxResult(w, chain_mu, tau, kkt_kept, kkt_kept <= tol, lam_kept, iterations)

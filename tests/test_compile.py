@@ -1,6 +1,6 @@
 """``solvers.project`` and ``SafeDistiller.targets`` inside ``torch.compile(fullgraph=True)`` (box∩simplex, caps,
-floors and the per-token ``unsafe_mass`` row, a second row; or an ordinal chain alone): zero graph breaks, the eager
-results,
+floors and the per-token ``unsafe_mass`` row, a second row; or an ordinal chain, alone or with one row): zero graph
+breaks, the eager results,
 uncertified and relaxed rows flagged, counted after the graph and corrected; a CUDA graph of the step (skipped
 without CUDA)."""
 import math
@@ -96,6 +96,30 @@ def test_chain_set_has_no_graph_break_and_matches_eager():
     assert bool((info.status == int(Status.OPTIMAL)).all()) and info.success
     torch.testing.assert_close(w, w_e, rtol=0, atol=1e-10)
     assert float(info.kkt_residual.max()) <= 1e-9
+
+
+def test_chain_and_a_row_have_no_graph_break_and_match_eager():
+    """A safety order and the per-token unsafe-mass row (K − 1 chain rows and one more): the fixed-shape chain kernel
+    inside a safeguarded Newton search on the row's multiplier; rows it cannot certify (here the sets the row empties,
+    which eager relaxes by an LP) are flagged NUMERICAL."""
+    rng = np.random.default_rng(5)
+    K, N = 5, 48
+    scores = torch.tensor(rng.permutation(K), dtype=F64)
+    fs = FeasibleSet.simplex(K, dtype=F64).cap(int(scores.argmin()), 0.35).floor(int(scores.argmax()), 0.1)
+    a = torch.tensor(rng.uniform(0, 0.3, (N, K)))
+    fs = fs.order_by(scores).halfspace(a, torch.tensor(rng.uniform(0.05, 0.2, N)), name="unsafe")
+    v = torch.cat([torch.softmax(torch.tensor(rng.normal(size=(N // 2, K)) * 1.5), -1),
+                   torch.tensor(rng.normal(size=(N // 2, K)) * 2.0)])  # on and off the simplex
+    w, info = _compiled(_project_info)(v, fs)  # (fullgraph=True: a graph break would raise)
+    w_e, info_e = _project_info(v, fs)
+    ok = info.status == int(Status.OPTIMAL)
+    assert bool((info_e.status[ok] == int(Status.OPTIMAL)).all()) and bool(info.active[ok, -1].any())
+    torch.testing.assert_close(w[ok], w_e[ok], rtol=0, atol=1e-10)
+    torch.testing.assert_close(info.multipliers[ok, -1], info_e.multipliers[ok, -1], rtol=0, atol=1e-7)  # (the
+    assert float(info.kkt_residual[ok].max()) <= 1e-9  # chain's multipliers are not unique where its rows meet bounds)
+    relaxed = info_e.status == int(Status.RELAXED)
+    assert bool(relaxed.any()) and bool((info.status[relaxed] == int(Status.NUMERICAL)).all())
+    assert float((~ok & ~relaxed).double().mean()) <= 0.05  # solvable rows left uncertified: few
 
 
 @pytest.mark.slow
@@ -201,6 +225,16 @@ def test_targets_with_a_safety_order_have_no_graph_break_and_match_eager():
     d, batch = _distiller(None, ConfidenceSoftmax(beta=3.0))
     t, _ = _compiled_targets_match_eager(d, batch, 1e-10)
     w = t.weights[batch["mask"]]  # safe ≥ mid ≥ risky on every token
+    assert bool((w[..., 0] >= w[..., 1] - 1e-12).all()) and bool((w[..., 1] >= w[..., 2] - 1e-12).all())
+
+
+def test_targets_with_a_safety_order_and_unsafe_mass_have_no_graph_break_and_match_eager():
+    """The flagship spec: caps and floors, ``safety_order`` and ``unsafe_mass`` together (a chain and one row)."""
+    d, batch = _distiller(0.5, ConfidenceSoftmax(beta=3.0), extra=(C.safety_order(),))
+    t, _ = _compiled_targets_match_eager(d, batch, 1e-10)
+    stats = projection_stats(t.projection)
+    assert stats["uncertified_tokens"] == 0 and stats["active"]["unsafe_mass"] > 0
+    w = t.weights[batch["mask"]]
     assert bool((w[..., 0] >= w[..., 1] - 1e-12).all()) and bool((w[..., 1] >= w[..., 2] - 1e-12).all())
 
 
