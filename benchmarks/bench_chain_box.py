@@ -101,7 +101,8 @@ def _rows(args: argparse.Namespace) -> None:
         res, exact = kernel(), project(v, fs)
         cert = res.certified.double().mean().item()
         err = (res.w - exact).abs().amax(-1)[res.certified].max().item()
-        t_soft, t_proj, t_kernel = (_per_call(f) for f in (lambda: torch.softmax(v, -1), lambda: project(v, fs), kernel))
+        t_soft, t_proj = _per_call(lambda: torch.softmax(v, -1)), _per_call(lambda: project(v, fs))
+        t_kernel = _per_call(kernel)
         print(f"{K:>3} {t_soft * 1e3:>8.3f} {t_proj * 1e3:>8.2f} {t_kernel * 1e3:>9.1f} {t_kernel / t_soft:>8.0f} "
               f"{t_kernel / t_proj:>7.1f} {cert:>8.4f} {err:>9.1e}")
         results.append(dict(K=K, N=args.N, softmax_s=t_soft, project_s=t_proj, kernel_s=t_kernel, certified=cert,

@@ -587,8 +587,8 @@ def project(
     only what is still left reaches the general path (host synchronisations: reading those counts). ``max_iter``
     bounds the active-set steps per row (default ``4·(2K + m + 1)``); rows beyond it get the cvxpy reference
     (``MAX_ITER``). Inside ``torch.compile`` (box∩simplex with at most two rows and no chain, or with its chain and at
-    most one other row; Euclidean) it runs without a host synchronisation or a data-dependent shape: see :func:`_solve_in_graph` (rows it
-    cannot certify are flagged ``NUMERICAL``; data checks are device-side asserts).
+    most one other row; Euclidean) it runs without a host synchronisation or a data-dependent shape: see
+    :func:`_solve_in_graph` (rows it cannot certify are flagged ``NUMERICAL``; data checks are device-side asserts).
     """
     if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16):  # half precision cannot meet the
         out = project(v.float(), fset, metric, return_info, max_iter, on_all_empty)  # tolerance: solved in float32
@@ -703,8 +703,8 @@ def _retry(again: FixedShapeResult, rest: Tensor, w: Tensor, mu: Tensor,
 def _solve_in_graph(vf: Tensor, lo: Tensor, hi: Tensor, A: Tensor, b: Tensor, fset: FeasibleSet, batch: torch.Size,
                     metric: str, tol: float, check_empty: bool) -> tuple[Tensor, ...]:
     """:func:`project` inside a ``torch.compile`` graph, for box∩simplex with at most two rows (no chain), or with its
-    ordinal chain and at most one other row (Euclidean): fixed shapes, no host synchronisation. The box is relaxed where ``Σ lower > 1``
-    or ``Σ upper < 1`` (both closed forms of :func:`_relax_box` on every row); a soft row by the least ``t = max(0,
+    ordinal chain and at most one other row (Euclidean): fixed shapes, no host synchronisation. The box is relaxed
+    where ``Σ lower > 1`` or ``Σ upper < 1`` (both closed forms of :func:`_relax_box` on every row); a soft row by the least ``t = max(0,
     min_{w∈box∩Δ} a·w − b)`` (the greedy fill of :func:`_argmin_linear`, exact with one row: the relaxed set is the
     face of box∩Δ minimising ``a·w``), so emptiness is decided without a synchronisation (``RELAXED``,
     ``relaxation = t``). Without a row, ``w`` is the exact breakpoint search; with one, the fixed-shape kernel with

@@ -31,8 +31,9 @@ from solvers.parametric import _COLUMNS_MAX_K, FixedShapeResult, _sums, project_
 __all__ = ["project_box_two_halfspaces"]
 
 # (newton_steps, path_steps, newton_polish) of the one-row kernel by K: path steps at every K (up to K = 8 the
-# schedules solvers.projection's _FIXED_STEPS takes at K ≤ 7); above, path steps before Newton (measured, off-simplex rows where both rows are violated at w₀: certified 42% → 77%
-# at K = 16, 34% → 66% at K = 32; on-simplex 100% either way; time about the same)
+# schedules solvers.projection's _FIXED_STEPS takes at K ≤ 7; above, path steps before Newton: measured, off-simplex
+# rows where both rows are violated at w₀: certified 42% → 77% at K = 16, 34% → 66% at K = 32; on-simplex 100%
+# either way; time about the same)
 _KERNEL_STEPS = ((4, (3, 4, 0)), (8, (3, 5, 2)), (math.inf, (3, 4, 8)))
 _RIDGE = 1e-12  # relative ridge on the μ diagonal of J (parallel rows: J singular in the μ plane)
 _DELTA = 0.3  # the weight of the bound coordinates in J where J on the free set is singular
