@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from solvers.isotonic import _run_ids, block_means, isotonic_decreasing
-from solvers.parametric import _euclid_box_simplex_u
+from solvers.parametric import _bracket_step, _euclid_box_simplex_u
 
 __all__ = ["ChainBoxResult", "project_chain_box", "project_chain_box_halfspace"]
 
@@ -162,25 +162,21 @@ def _refine(y: Tensor, lo: Tensor, hi: Tensor, links: Tensor, tau: Tensor, steps
     it), then ``x`` at the last ``τ``: exact once the block structure is the solution's."""
     data = _bounded_iso_data(y, lo, hi, links)
     L, H = data[2], data[3]
-    t_lo, f_lo = y.amin(-1) - 1, H.sum(-1) - 1
-    t_hi, f_hi = y.amax(-1), L.sum(-1) - 1
+    ends = torch.stack([y.amin(-1) - 1, y.amax(-1)])  # [t_lo, t_hi]: f(t_lo) ≥ 0 ≥ f(t_hi)
+    values = torch.stack([H.sum(-1), L.sum(-1)]) - 1
     scale = y.abs().amax(-1, keepdim=True).clamp_min(1.0)
-    prev = torch.zeros_like(tau, dtype=torch.bool)  # the side of the last step (read from the second step on)
-    for k in range(steps):
+    moved = None
+    for _ in range(steps):
         x = _bounded_iso(*data, tau)
         f = x.sum(-1) - 1
         up = f > 0  # too much mass: τ increases
-        if k:  # the same end moved twice: halve the other end's value (Illinois)
-            f_lo, f_hi = torch.where(up | ~prev, f_lo, 0.5 * f_lo), torch.where(~up | prev, f_hi, 0.5 * f_hi)
-        t_lo, f_lo = torch.where(up, tau, t_lo), torch.where(up, f, f_lo)
-        t_hi, f_hi = torch.where(up, t_hi, tau), torch.where(up, f_hi, f)
-        prev = up
+        ends, values, moved, falsi = _bracket_step(ends, values, moved, tau, f, up)
+        t_lo, t_hi = ends.unbind(0)
         meet = block_means(y, links & (x[:, :-1] == x[:, 1:])) - x  # the τ where each block's mean meets its value
         moving = ((meet - tau[:, None]).abs() <= tol * scale).to(y.dtype).sum(-1)
         newton = tau + f / moving.clamp_min(1)
         release = torch.where(up, torch.where(meet > tau[:, None], meet, torch.inf).amin(-1),
                               torch.where(meet < tau[:, None], meet, -torch.inf).amax(-1))  # nearest clamped block
-        falsi = t_lo + f_lo * (t_hi - t_lo) / torch.where(f_lo > f_hi, f_lo - f_hi, 1.0)
         step = torch.where((release > t_lo) & (release < t_hi), release, falsi)
         tau = torch.where((moving > 0) & (newton >= t_lo) & (newton <= t_hi), newton, step)
     return _bounded_iso(*data, tau).clamp(lo, hi), tau
@@ -255,15 +251,10 @@ def project_chain_box_halfspace(v: Tensor, lo: Tensor, hi: Tensor, perm: Tensor,
     iterations = torch.zeros_like(lam, dtype=torch.long)
     moved = None
     for _ in range(steps):
-        binds = phi > 0  # λ too small: the lower end moves
-        moves = torch.stack([binds, ~binds])
-        if moved is not None:  # Illinois: an end kept twice in a row has its value halved
-            values = torch.where(moves | moved, values, values / 2)
-        ends, values, moved = torch.where(moves, lam, ends), torch.where(moves, phi, values), moves
-        (t_lo, t_hi), (f_lo, f_hi) = ends.unbind(0), values.unbind(0)
+        ends, values, moved, falsi = _bracket_step(ends, values, moved, lam, phi, phi > 0)  # φ > 0: λ too small
+        t_lo, t_hi = ends.unbind(0)
         curv = _row_curvature(res.w.gather(-1, perm), l_p, h_p, links, a_p, tol)
         newton = lam + phi / torch.where(curv > flat, curv, 0.0)  # (flat: ±inf or nan, never inside the bracket)
-        falsi = torch.addcmul(t_lo, t_hi - t_lo, f_lo / (f_lo - f_hi).clamp_min(torch.finfo(v.dtype).tiny))
         grow = torch.maximum(2 * lam, lam + phi / safe)
         step = (kkt > tol) & (phi.abs() > 0)
         lam = torch.where(step, torch.where((newton > t_lo) & (newton < t_hi), newton,

@@ -157,32 +157,41 @@ def _sums(stack: Tensor, ax: int) -> Tensor:
     return stack.sum(1 if ax == 0 else -1, keepdim=True)
 
 
+def _bracket_step(ends: Tensor, values: Tensor, moved: Tensor | None, x: Tensor, f: Tensor,
+                  up: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One update of the brackets ``[t_lo, t_hi]`` of a nonincreasing ``f`` (``f(t_lo) ≥ 0 ≥ f(t_hi)``), their ends and
+    values stacked (``ends``, ``values [2, …]``: one op updates both): ``x`` replaces the lower end where ``up``
+    (``f(x) > 0``), else the upper; an end kept twice in a row has its value halved (Illinois: false position then
+    converges superlinearly). ``moved``: the previous update's ``moves`` (None at the first). Returns ``(ends, values,
+    moves, falsi)``, ``falsi`` the false-position point inside the new bracket. (Row-sized bookkeeping costs its
+    dispatch, not its data.)"""
+    moves = torch.stack([up, ~up])
+    if moved is not None:
+        values = torch.where(moves | moved, values, values / 2)
+    ends, values = torch.where(moves, x, ends), torch.where(moves, f, values)
+    (t_lo, t_hi), (f_lo, f_hi) = ends.unbind(0), values.unbind(0)
+    falsi = torch.addcmul(t_lo, t_hi - t_lo, f_lo / (f_lo - f_hi).clamp_min(torch.finfo(f.dtype).tiny))
+    return ends, values, moves, falsi
+
+
 def _newton_tau(v: Tensor, lo: Tensor, hi: Tensor, steps: int, ws: Tensor, ax: int) -> Tensor:
     """``τ`` (one per row: size 1 along the teacher axis ``ax``) with ``Σ clamp(v − τ, lo, hi) = 1`` after ``steps``
-    safeguarded Newton steps (module doc; the false-position safeguard is Illinois's). Uses slots 0, 1 and 6 of
-    ``ws``. (The row-sized bookkeeping costs its dispatch, not its data: the bracket's two ends are stacked, so one op
-    updates both.)"""
+    safeguarded Newton steps (module doc; the false-position safeguard is Illinois's, :func:`_bracket_step`: 8 steps
+    certify every far-off logits row where nothing is free, plain false position 3–5 leave ~25%). Uses slots 0, 1
+    and 6 of ``ws``."""
     w, free, u = ws[0], ws[1], ws[6]
     ends = torch.stack([torch.sub(v, hi, out=u).amin(ax, keepdim=True),  # [t_lo, t_hi]: f(t_lo) ≥ 0 ≥ f(t_hi)
                         torch.sub(v, lo, out=u).amax(ax, keepdim=True)])
     values = torch.stack([hi.sum(ax, keepdim=True), lo.sum(ax, keepdim=True)]).sub_(1)  # [f(t_lo), f(t_hi)]
     tau = (v.sum(ax, keepdim=True) - 1) / v.shape[ax]
-    tiny = torch.finfo(v.dtype).tiny
     moved = None
     for _ in range(steps):
         torch.sub(v, tau, out=u)
         torch.eq(torch.clamp(u, lo, hi, out=w), u, out=free)  # ties count free: a shorter step, never a wrong one
         f, n = _sums(ws[:2], ax).unbind(0)
         f = f - 1
-        up = f > 0  # too much mass: τ increases
-        moves = torch.stack([up, ~up])  # the end τ replaces: the lower where f(τ) > 0
-        # Illinois: an end kept twice in a row has its value halved (false position then converges superlinearly
-        # where nothing is free, e.g. far-off logits: 8 steps certify every row, plain 3–5 leave ~25%)
-        if moved is not None:
-            values = torch.where(moves | moved, values, values / 2)
-        ends, values, moved = torch.where(moves, tau, ends), torch.where(moves, f, values), moves
-        (t_lo, t_hi), (f_lo, f_hi) = ends.unbind(0), values.unbind(0)
-        falsi = torch.addcmul(t_lo, t_hi - t_lo, f_lo / (f_lo - f_hi).clamp_min(tiny))  # (f_lo ≥ 0 ≥ f_hi)
+        ends, values, moved, falsi = _bracket_step(ends, values, moved, tau, f, f > 0)  # f > 0: τ increases
+        t_lo, t_hi = ends.unbind(0)
         newton = tau + f / n  # ±inf or nan where nothing is free: never inside the bracket
         tau = torch.where(newton.clamp(t_lo, t_hi) == newton, newton, falsi)
     return tau
